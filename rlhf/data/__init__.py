@@ -1,0 +1,1 @@
+"""Data: reading datasets, recognising their format, tokenizing, masking, packing."""
