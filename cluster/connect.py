@@ -1,0 +1,31 @@
+"""Connect to a Ray cluster, or start an embedded local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from cluster.config import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+
+def connect(config: ClusterConfig) -> str:
+    """Make sure this process is connected to Ray; return ``"existing"``, ``"remote"`` or ``"local"``.
+
+    Order: an already initialised Ray; ``config.address``; ``RAY_ADDRESS``; otherwise an
+    embedded local cluster with ``config.local_num_cpus`` logical CPUs (more than the
+    physical cores is fine: actors, Serve replicas and the trainer controller must fit).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return "remote"
+    log.info("starting an embedded local Ray cluster (%d logical CPUs)", config.local_num_cpus)
+    ray.init(num_cpus=config.local_num_cpus, include_dashboard=False, log_to_driver=True)
+    return "local"

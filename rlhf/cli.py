@@ -1,0 +1,165 @@
+"""The ``rlhf`` command line: one subcommand per job, each ``--config FILE`` plus ``key=value`` overrides.
+
+The CLI is a thin layer over the Python API: it loads a typed config tree
+(:mod:`rlhf.configtree`), calls the job's ``run``, and turns the project's own errors
+(bad config, bad data, a model that cannot load, a failed job) into one clear line on
+stderr with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rlhf import configtree
+from rlhf.config import JOBS
+
+EXAMPLES_DIR = Path(__file__).parent / "configs"
+
+JOB_SUMMARIES = {
+    "sft": "supervised fine-tuning (Ray Train + DeepSpeed)",
+    "rm": "reward-model training on preference pairs",
+    "dpo": "DPO-family preference training (dpo, ipo, cdpo, simpo, orpo, kto)",
+    "ppo": "RLHF with PPO, GRPO, RLOO or REINFORCE++ on Ray actors",
+    "serve": "an OpenAI-compatible Ray Serve endpoint hosting vLLM replicas",
+}
+
+
+def _runner(job: str) -> Callable[[Any], dict[str, Any]] | None:
+    """The job's ``run`` function, or None where this version does not have the job yet."""
+    if job == "sft":
+        from rlhf.jobs.sft import run
+
+        return run
+    return None
+
+
+def _add_job(sub: argparse._SubParsersAction, job: str) -> None:
+    cls = JOBS[job]
+    example = EXAMPLES_DIR / f"{job}.yaml"
+    parser = sub.add_parser(
+        job,
+        help=JOB_SUMMARIES[job],
+        description=f"{JOB_SUMMARIES[job]}.\n\nExample: rlhf {job} --config {example} train.max_steps=10",
+        epilog="configuration keys (set in the YAML file or as key=value):\n" + configtree.help_text(cls),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, help="YAML config file (keys below); omitted keys keep their defaults")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. engine.zero_stage=2")
+    parser.set_defaults(job=job)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rlhf`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="rlhf",
+        description="Post-training of LLMs on a Ray cluster: SFT, reward models, DPO-family and RLHF, served by vLLM.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = sub.add_parser(
+        "init-model",
+        help="build a tiny Llama-style model and a locally trained tokenizer",
+        description="Build a tiny Llama-style causal LM with random weights and a byte-level BPE tokenizer "
+        "trained on the bundled corpus, saved in Hugging Face format. Nothing is downloaded.",
+    )
+    init.add_argument("output_dir", type=Path, help="directory to write the model and tokenizer to")
+    init.add_argument("--hidden-size", type=int, default=128, help="hidden size (default 128)")
+    init.add_argument("--num-layers", type=int, default=2, help="decoder layers (default 2)")
+    init.add_argument(
+        "--num-heads", type=int, default=2, help="attention heads; hidden/heads must be 64-ish (default 2)"
+    )
+    init.add_argument("--intermediate-size", type=int, default=256, help="MLP width (default 256)")
+    init.add_argument("--vocab-size", type=int, default=1024, help="largest tokenizer vocabulary (default 1024)")
+    init.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
+
+    for job in JOBS:
+        _add_job(sub, job)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the pipeline end to end on an embedded local Ray cluster",
+        description="init-model, then a short SFT run on the bundled data; prints before/after figures.",
+    )
+    demo.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="where the demo writes (runs/demo)")
+    demo.add_argument("--workers", type=int, default=2, help="data-parallel training workers (default 2)")
+    return parser
+
+
+def _init_model(args: argparse.Namespace) -> None:
+    from rlhf.models.init_model import TinyModelSpec, init_model
+
+    spec = TinyModelSpec(
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        vocab_size=args.vocab_size,
+        seed=args.seed,
+    )
+    path = init_model(args.output_dir, spec)
+    print(f"wrote a tiny model and tokenizer to {path}")
+
+
+def _run_job(args: argparse.Namespace) -> None:
+    import yaml
+
+    config = configtree.load(JOBS[args.job], args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(configtree.to_dict(config), sort_keys=False), end="")
+        return
+    run = _runner(args.job)
+    if run is None:
+        raise NotAvailableError(
+            f"`rlhf {args.job}` is not in this version yet; its configuration is (see `rlhf {args.job} --help`)"
+        )
+    summary = run(config)
+    print(yaml.safe_dump(summary, sort_keys=False), end="")
+
+
+class NotAvailableError(RuntimeError):
+    """A subcommand whose job this version does not ship yet."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from rlhf.data.errors import DataError
+    from rlhf.jobs.runner import JobError
+    from rlhf.models.loading import ModelLoadError
+
+    return (configtree.ConfigError, DataError, JobError, ModelLoadError, NotAvailableError, ValueError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rlhf`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "init-model":
+            _init_model(args)
+        elif args.command == "demo":
+            from rlhf.demo import run_demo
+
+            run_demo(args.output_dir, args.workers)
+        else:
+            _run_job(args)
+    except _user_errors() as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The typed configuration of every job: one frozen tree per job, composed of component slices.
+
+Each component receives only its own slice (``model``, ``data``, ``engine``, ``train``,
+``cluster``, ...). YAML files and ``key=value`` overrides become these trees through
+:mod:`rlhf.configtree`, which refuses unknown keys and wrong types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cluster.config import ClusterConfig
+from rlhf.data.config import DataConfig
+from rlhf.engine import EngineConfig
+from rlhf.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Length of training, logging and outputs of a training job."""
+
+    output_dir: str = field(default="runs/sft", metadata={"help": "run directory: final model, metrics, checkpoints"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (empty: num_epochs over the data)"})
+    num_epochs: float = field(default=1.0, metadata={"help": "passes over the training data when max_steps is empty"})
+    log_every: int = field(default=1, metadata={"help": "report metrics every N optimizer steps"})
+    seed: int = field(default=0, metadata={"help": "seed of model initialisation, data order and dropout"})
+
+    def __post_init__(self) -> None:
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning: next-token loss on responses (prompt tokens masked)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the model to fine-tune"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training data"})
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "training engine"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training length and outputs"})
+    cluster: ClusterConfig = field(default_factory=ClusterConfig, metadata={"help": "where it runs"})
+
+
+@dataclass(frozen=True)
+class RewardLossConfig:
+    """Bradley-Terry loss of a reward model."""
+
+    margin: float = field(default=0.0, metadata={"help": "required reward margin between chosen and rejected"})
+    center_rewards_coefficient: float = field(
+        default=0.0, metadata={"help": "weight of a penalty on the mean squared reward (keeps rewards centred)"}
+    )
+
+
+@dataclass(frozen=True)
+class RMConfig:
+    """Reward-model training on preference pairs (Bradley-Terry)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "base model; a scalar head is added"})
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(path="bundled:preference", eval_split="test"),
+        metadata={"help": "preference data (prompt/chosen/rejected)"},
+    )
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "training engine"})
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(output_dir="runs/rm"), metadata={"help": "training length and outputs"}
+    )
+    cluster: ClusterConfig = field(default_factory=ClusterConfig, metadata={"help": "where it runs"})
+    loss: RewardLossConfig = field(default_factory=RewardLossConfig, metadata={"help": "reward loss"})
+
+
+@dataclass(frozen=True)
+class PreferenceLossConfig:
+    """Which DPO-family loss and its coefficients."""
+
+    loss: Literal["dpo", "ipo", "cdpo", "simpo", "orpo", "kto"] = field(
+        default="dpo", metadata={"help": "preference loss"}
+    )
+    beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "cdpo: assumed probability that a label is flipped"})
+    simpo_gamma_beta_ratio: float = field(default=0.5, metadata={"help": "simpo: target margin gamma divided by beta"})
+    desirable_weight: float = field(default=1.0, metadata={"help": "kto: weight of desirable examples"})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "kto: weight of undesirable examples"})
+    reference: Literal["precomputed", "live"] = field(
+        default="precomputed",
+        metadata={"help": "reference log-probs computed once before training, or by a reference model held during it"},
+    )
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimisation and its family (IPO, cDPO, SimPO, ORPO, KTO)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "policy (and reference) model"})
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(path="bundled:preference", eval_split="test"),
+        metadata={"help": "preference data (unpaired prompt/completion/label for kto)"},
+    )
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "training engine"})
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(output_dir="runs/dpo"), metadata={"help": "training length and outputs"}
+    )
+    cluster: ClusterConfig = field(default_factory=ClusterConfig, metadata={"help": "where it runs"})
+    preference: PreferenceLossConfig = field(default_factory=PreferenceLossConfig, metadata={"help": "the loss"})
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Generation of rollouts by the vLLM replicas."""
+
+    num_replicas: int = field(default=1, metadata={"help": "vLLM replicas generating rollouts"})
+    group_size: int = field(default=4, metadata={"help": "responses sampled per prompt"})
+    prompts_per_step: int = field(default=8, metadata={"help": "prompts per RL step"})
+    max_new_tokens: int = field(default=32, metadata={"help": "maximum generated tokens per response"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    """KL control against the reference policy."""
+
+    coefficient: float = field(default=0.05, metadata={"help": "initial KL coefficient"})
+    estimator: Literal["k1", "k2", "k3"] = field(default="k1", metadata={"help": "per-token KL estimator"})
+    placement: Literal["reward", "loss"] = field(
+        default="reward", metadata={"help": "KL as a penalty in the reward, or as a term of the policy loss"}
+    )
+    target: float | None = field(default=None, metadata={"help": "adaptive coefficient target KL (empty: fixed)"})
+    horizon: int = field(default=10000, metadata={"help": "adaptive controller horizon in samples"})
+
+
+@dataclass(frozen=True)
+class PPOAlgorithmConfig:
+    """The RL algorithm: advantage estimator and policy-loss settings."""
+
+    estimator: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = field(
+        default="ppo", metadata={"help": "advantage estimator; only ppo creates a value (critic) group"}
+    )
+    gamma: float = field(default=1.0, metadata={"help": "discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda (ppo)"})
+    clip_low: float = field(default=0.2, metadata={"help": "policy ratio clip below 1"})
+    clip_high: float = field(default=0.2, metadata={"help": "policy ratio clip above 1"})
+    value_clip: float = field(default=0.2, metadata={"help": "value clip range (ppo)"})
+    aggregation: Literal["token", "sequence"] = field(default="token", metadata={"help": "loss aggregation"})
+    ppo_epochs: int = field(default=1, metadata={"help": "passes over each batch of experience"})
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """RLHF on Ray actors: policy, reference, reward and value groups, rollouts from vLLM replicas."""
+
+    policy: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the policy (and reference) model"})
+    reward: str = field(
+        default="rlhf.data.bundled:positive_word_reward",
+        metadata={"help": "reward: a reward-model directory, a Python function module:function, or an http(s) URL"},
+    )
+    value: ModelConfig | None = field(default=None, metadata={"help": "value model (empty: from the reward model or policy)"})
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(path="bundled:prompts", format="prompt"),
+        metadata={"help": "prompts"},
+    )
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "training engine of policy and value"})
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(output_dir="runs/ppo"), metadata={"help": "training length and outputs"}
+    )
+    cluster: ClusterConfig = field(default_factory=ClusterConfig, metadata={"help": "where it runs"})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "rollout generation"})
+    kl: KLConfig = field(default_factory=KLConfig, metadata={"help": "KL control"})
+    algorithm: PPOAlgorithmConfig = field(default_factory=PPOAlgorithmConfig, metadata={"help": "RL algorithm"})
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """An OpenAI-compatible Ray Serve endpoint hosting vLLM replicas."""
+
+    model: str = field(default="tiny", metadata={"help": "model directory or hub id (a run's final/ directory)"})
+    model_name: str | None = field(default=None, metadata={"help": "name clients use (empty: from the directory)"})
+    adapters: dict[str, str] = field(default_factory=dict, metadata={"help": "LoRA adapters: name -> adapter directory"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8000, metadata={"help": "port to listen on"})
+    api_keys: tuple[str, ...] = field(default=(), metadata={"help": "accepted bearer API keys (empty: no auth)"})
+    min_replicas: int = field(default=1, metadata={"help": "fewest vLLM replicas (autoscaling lower bound)"})
+    max_replicas: int = field(default=1, metadata={"help": "most vLLM replicas (autoscaling upper bound)"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per replica (GPU only)"})
+    max_model_len: int = field(default=1024, metadata={"help": "context length of the replicas"})
+    max_tokens_limit: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask for"})
+    max_request_bytes: int = field(default=1_000_000, metadata={"help": "largest request body accepted"})
+
+
+JOBS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "serve": ServeConfig}

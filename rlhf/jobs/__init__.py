@@ -1,0 +1,1 @@
+"""The jobs: ``sft`` (and, built on the same pieces, ``rm``, ``dpo`` and ``ppo``)."""

@@ -1,0 +1,79 @@
+"""Metrics from the workers to the driver: a small actor the rank-0 worker writes to.
+
+The driver polls it while the trainer runs, shows a progress bar with rate and ETA,
+and appends every record to ``metrics.jsonl``. It works the same on one machine or
+many, since nothing depends on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+
+class MetricsSink:
+    """Holds metric records until the driver drains them (used as a Ray actor)."""
+
+    def __init__(self) -> None:
+        self._records: list[dict[str, Any]] = []
+
+    def put(self, record: dict[str, Any]) -> None:
+        """Add one record (a flat dict of numbers and strings)."""
+        self._records.append(record)
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Return and forget the records received since the last drain."""
+        records, self._records = self._records, []
+        return records
+
+
+class ProgressMonitor:
+    """Driver side: polls a :class:`MetricsSink` actor in a thread; bar + ``metrics.jsonl``."""
+
+    def __init__(self, sink: Any, metrics_path: Path, total_steps: int | None, description: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.sink = sink
+        self.metrics_path = metrics_path
+        self.records: list[dict[str, Any]] = []
+        self.bar = tqdm(total=total_steps, desc=description, unit="step", dynamic_ncols=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ProgressMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+        self.bar.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self._poll()
+
+    def _poll(self) -> None:
+        import ray
+
+        try:
+            records = ray.get(self.sink.drain.remote(), timeout=30)
+        except Exception:  # the cluster is shutting down; the last poll after fit() catches up
+            return
+        if not records:
+            return
+        with self.metrics_path.open("a") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+        for record in records:
+            self.records.append(record)
+            if record.get("kind") == "train":
+                if self.bar.total is None and "total_steps" in record:
+                    self.bar.total = record["total_steps"]
+                self.bar.n = record["step"]
+                shown = {k: record[k] for k in ("loss", "grad_norm") if k in record}
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+                self.bar.refresh()

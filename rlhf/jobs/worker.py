@@ -1,0 +1,68 @@
+"""Worker-side plumbing shared by the training jobs: rank, reductions, reporting."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """This process's place in the data-parallel group."""
+
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0, which reports metrics and writes outputs."""
+        return self.rank == 0
+
+
+def worker_info() -> WorkerInfo:
+    """Rank and world size of the current process (a lone process is rank 0 of 1)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return WorkerInfo(dist.get_rank(), dist.get_world_size())
+    return WorkerInfo(0, 1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_reduce_sum(*values: Any) -> list[float]:
+    """Sum each value (number or 0-dim tensor) over all ranks; returns floats in the same order."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+class Reporter:
+    """Sends metric records from rank 0 to the driver's :class:`~rlhf.jobs.progress.MetricsSink`."""
+
+    def __init__(self, sink: Any, info: WorkerInfo) -> None:
+        self.sink = sink
+        self.info = info
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Send ``record`` (rank 0 only; other ranks' calls do nothing)."""
+        if self.info.is_main and self.sink is not None:
+            self.sink.put.remote(record)
+
+
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """Move every tensor of ``batch`` to ``device``."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
