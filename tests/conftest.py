@@ -1,0 +1,22 @@
+"""Shared fixtures: a stable cache, the tiny local model, offline hub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+os.environ.setdefault("RLHF_CACHE", str(ROOT / ".cache" / "rlhf"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The tiny local model (built once per cache)."""
+    from rlhf.models.loading import resolve
+
+    return Path(resolve("tiny"))
