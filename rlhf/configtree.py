@@ -148,11 +148,10 @@ def _unknown_key_message(cls: type, prefix: str, key: str, root: type) -> str:
     """Name the unknown key and the nearest valid one: in this section first, then anywhere in the tree."""
     here = [prefix + f.name for f in dataclasses.fields(cls)]
     everywhere = [k for k, *_ in describe(root)]
-    near = difflib.get_close_matches(prefix + key, here, n=1, cutoff=0.6) or difflib.get_close_matches(
-        prefix + key, everywhere, n=1, cutoff=0.6
-    )
-    if not near:  # a key put in the wrong section: match on its last part anywhere in the tree
-        near = [k for k in everywhere if k.rsplit(".", 1)[-1] == key][:1]
+    # a key put in the wrong section first, then a misspelling here, then one anywhere
+    near = [k for k in everywhere if k.rsplit(".", 1)[-1] == key][:1]
+    near = near or difflib.get_close_matches(prefix + key, here, n=1, cutoff=0.6)
+    near = near or difflib.get_close_matches(prefix + key, everywhere, n=1, cutoff=0.6)
     hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys here: {', '.join(here)}"
     return f"unknown config key '{prefix}{key}'{hint}"
 

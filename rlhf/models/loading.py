@@ -54,8 +54,10 @@ def resolve(name_or_path: str) -> str:
 
 
 def _explain(kind: str, name: str, exc: Exception) -> ModelLoadError:
-    local = Path(name).exists()
-    where = "local directory" if local else "hub id (no such local directory)"
+    path = Path(name).expanduser()
+    if name.startswith(("/", ".", "~")) and not path.exists():
+        return ModelLoadError(f"model directory {name} does not exist (needed to load the {kind})")
+    where = "local directory" if path.exists() else "hub id (no local directory of that name)"
     return ModelLoadError(f"cannot load {kind} from {name!r} ({where}): {type(exc).__name__}: {exc}")
 
 
