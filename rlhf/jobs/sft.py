@@ -34,7 +34,8 @@ def forward_loss(engine: Any, batch: dict[str, Any], num_tokens: float) -> Any:
     from rlhf.algos import sft_loss
 
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = engine(**inputs).logits
+    # no KV cache: transformers detects packed rows (restarting position_ids) only without one
+    logits = engine(**inputs, use_cache=False).logits
     loss, _ = sft_loss(logits, batch["labels"], num_tokens=num_tokens)
     return loss
 

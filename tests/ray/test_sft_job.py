@@ -1,0 +1,99 @@
+"""``rlhf sft`` as a Ray Train job on an embedded local cluster: 2 workers, ZeRO-2, gloo.
+
+One run is shared by the module; each test reads a different part of its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from rlhf import configtree
+from rlhf.cli import EXAMPLES_DIR
+from rlhf.config import SFTConfig
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sft_run(ray_cluster, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    from rlhf.jobs import sft
+
+    out = tmp_path_factory.mktemp("sft") / "run"
+    config = configtree.load(
+        SFTConfig,
+        EXAMPLES_DIR / "sft.yaml",
+        [f"model.name_or_path={tiny_model_dir}", f"train.output_dir={out}", f"train.max_steps={STEPS}"],
+    )
+    return sft.run(config), out
+
+
+def test_loss_falls_on_held_out_data(sft_run: tuple[dict, Path]) -> None:
+    summary, _ = sft_run
+    assert summary["steps"] == STEPS
+    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 2.0, summary
+    assert summary["last_loss"] < summary["first_loss"] - 2.0, summary
+
+
+def test_metrics_jsonl_has_every_step_once(sft_run: tuple[dict, Path]) -> None:
+    _, out = sft_run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == list(range(1, STEPS + 1))
+    first = next(r for r in records if r["kind"] == "train")
+    assert {"loss", "tokens", "grad_norm", "lr", "tokens_per_second"} <= first.keys()
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, STEPS]
+    assert (out / "config.yaml").is_file()
+
+
+def test_final_model_loads_in_transformers_and_answers_in_the_template(sft_run: tuple[dict, Path]) -> None:
+    from rlhf.demo import sample
+
+    summary, _ = sft_run
+    answer = sample(summary["final_model"], "Describe the cat.")
+    # the response template "The <thing> is <adjective> and <adjective>." after 20 steps
+    assert re.match(r"^The\b.*\bis\b.*\band\b", answer), answer
+
+
+def test_bad_data_is_refused_before_any_worker_starts(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import ray
+
+    from rlhf.data.errors import DataError
+    from rlhf.jobs import sft
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n')
+    config = configtree.load(
+        SFTConfig,
+        None,
+        [f"model.name_or_path={tiny_model_dir}", f"data.path={bad}", f"train.output_dir={tmp_path / 'o'}"],
+    )
+    started = ray.is_initialized()
+    with pytest.raises(DataError, match=r"bad.jsonl line 2"):
+        sft.run(config)
+    assert ray.is_initialized() == started  # no cluster was started for it
+
+
+def test_unwritable_output_dir_is_refused_before_any_worker_starts(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from rlhf.jobs import sft
+    from rlhf.jobs.runner import JobError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = configtree.load(
+        SFTConfig, None, [f"model.name_or_path={tiny_model_dir}", f"train.output_dir={blocker / 'run'}"]
+    )
+    with pytest.raises(JobError, match="train.output_dir .* is not writable"):
+        sft.run(config)
