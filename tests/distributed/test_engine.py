@@ -43,10 +43,13 @@ def _global_batches(model_dir: str) -> list[list[dict]]:
     return [examples[i * GLOBAL_BATCH : (i + 1) * GLOBAL_BATCH] for i in range(STEPS)]
 
 
-def _train(
-    model_dir: str, zero_stage: int, micro_batch_size: int, accumulation: int, export_dir: str | None
-) -> list[float]:
-    """Train STEPS steps; this rank reads a strided share of each global batch in micro-batches."""
+def _train(model_dir: str, run: dict) -> list[float]:
+    """Train STEPS steps; this rank reads a strided share of each global batch in micro-batches.
+
+    ``run``: ``zero_stage``, ``mbs``, ``gas`` and optionally ``export`` (a directory for the final
+    model), ``offload`` (optimizer offload) and ``resume`` (save a checkpoint halfway, load it into
+    a fresh engine whose model starts from other weights, and continue from there).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf.data.collate import collate_sft
@@ -57,26 +60,33 @@ def _train(
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    mbs, gas = run["mbs"], run["gas"]
     config = EngineConfig(
-        zero_stage=zero_stage,
-        micro_batch_size=micro_batch_size,
-        gradient_accumulation_steps=accumulation,
+        zero_stage=run["zero_stage"],
+        micro_batch_size=mbs,
+        gradient_accumulation_steps=gas,
         learning_rate=1e-3,
-        lr_scheduler="constant",
+        lr_scheduler="cosine",
+        warmup_steps=1,
+        offload_optimizer=run.get("offload", False),
     )
     engine = TrainingEngine(model, config, total_steps=STEPS)  # joins the process group
     info = worker_info()
     losses = []
-    for batch in _global_batches(model_dir):
+    for step, batch in enumerate(_global_batches(model_dir)):
+        if run.get("resume") and step == STEPS // 2:
+            engine.save_checkpoint(run["resume"], {"step": step})
+            fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            fresh.model.embed_tokens.weight.data.normal_()  # everything must come from the checkpoint
+            engine = TrainingEngine(fresh, config, total_steps=STEPS)
+            assert engine.load_checkpoint(run["resume"])["step"] == step
+            assert engine.global_step == step
         mine = batch[info.rank :: info.world_size]
-        assert len(mine) == micro_batch_size * accumulation
-        micro = [
-            collate_sft(mine[i * micro_batch_size : (i + 1) * micro_batch_size], tokenizer.pad_token_id)
-            for i in range(accumulation)
-        ]
+        assert len(mine) == mbs * gas
+        micro = [collate_sft(mine[i * mbs : (i + 1) * mbs], tokenizer.pad_token_id) for i in range(gas)]
         losses.append(train_step(engine, micro)["loss"])
-    if export_dir:
-        engine.export(export_dir, tokenizer)
+    if run.get("export"):
+        engine.export(run["export"], tokenizer)
     return losses
 
 
@@ -84,9 +94,7 @@ def _rank_main(rank: int, world_size: int, port: int, model_dir: str, runs: list
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
-    results = {
-        run["name"]: _train(model_dir, run["zero_stage"], run["mbs"], run["gas"], run.get("export")) for run in runs
-    }
+    results = {run["name"]: _train(model_dir, run) for run in runs}
     if rank == 0:
         Path(out).write_text(json.dumps(results))
 
@@ -111,6 +119,11 @@ def two_rank_runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
         for stage in (0, 1, 2, 3)
     ]
     runs.append({"name": "zero2_accumulate", "zero_stage": 2, "mbs": 1, "gas": 4})
+    runs.append({"name": "zero2_offload", "zero_stage": 2, "mbs": 4, "gas": 1, "offload": True})
+    runs += [
+        {"name": f"zero{stage}_resumed", "zero_stage": stage, "mbs": 4, "gas": 1, "resume": str(tmp / f"ckpt{stage}")}
+        for stage in (2, 3)
+    ]
     return _launch(2, tiny_model_dir, runs, tmp), tmp
 
 
@@ -157,3 +170,16 @@ def test_zero3_export_gathers_full_weights(two_rank_runs: tuple[dict, Path]) -> 
     for name, tensor in zero0.items():
         assert zero3[name].shape == tensor.shape, name
         torch.testing.assert_close(zero3[name], tensor, atol=1e-4, rtol=0, msg=name)
+
+
+def test_optimizer_offload_matches_zero0(two_rank_runs: tuple[dict, Path]) -> None:
+    results, _ = two_rank_runs
+    assert results["zero2_offload"] == pytest.approx(results["zero0"], abs=TOLERANCE)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_checkpoint_resume_continues_the_same_trajectory(two_rank_runs: tuple[dict, Path], stage: int) -> None:
+    """Save halfway, load into a fresh engine with other weights: the same losses as without a break
+    (weights, AdamW moments and the LR schedule all come back)."""
+    results, _ = two_rank_runs
+    assert results[f"zero{stage}_resumed"] == pytest.approx(results[f"zero{stage}"], abs=TOLERANCE)
