@@ -154,7 +154,9 @@ class PPOConfig:
         default="rlhf.data.bundled:positive_word_reward",
         metadata={"help": "reward: a reward-model directory, a Python function module:function, or an http(s) URL"},
     )
-    value: ModelConfig | None = field(default=None, metadata={"help": "value model (empty: from the reward model or policy)"})
+    value: ModelConfig | None = field(
+        default=None, metadata={"help": "value model (empty: from the reward model or policy)"}
+    )
     data: DataConfig = field(
         default_factory=lambda: DataConfig(path="bundled:prompts", format="prompt"),
         metadata={"help": "prompts"},
@@ -175,7 +177,9 @@ class ServeConfig:
 
     model: str = field(default="tiny", metadata={"help": "model directory or hub id (a run's final/ directory)"})
     model_name: str | None = field(default=None, metadata={"help": "name clients use (empty: from the directory)"})
-    adapters: dict[str, str] = field(default_factory=dict, metadata={"help": "LoRA adapters: name -> adapter directory"})
+    adapters: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "LoRA adapters: name -> adapter directory"}
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=8000, metadata={"help": "port to listen on"})
     api_keys: tuple[str, ...] = field(default=(), metadata={"help": "accepted bearer API keys (empty: no auth)"})

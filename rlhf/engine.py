@@ -180,6 +180,7 @@ class TrainingEngine:
         return self.engine.global_steps
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Forward pass through the wrapped model."""
         return self.engine(*args, **kwargs)
 
     def train(self) -> None:

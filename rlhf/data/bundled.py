@@ -24,14 +24,50 @@ from pathlib import Path
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 
 THINGS = [
-    "cat", "dog", "garden", "river", "city", "forest", "song", "book", "house", "morning",
-    "mountain", "ocean", "bridge", "market", "teacher", "friend", "train", "window", "lamp", "storm",
+    "cat",
+    "dog",
+    "garden",
+    "river",
+    "city",
+    "forest",
+    "song",
+    "book",
+    "house",
+    "morning",
+    "mountain",
+    "ocean",
+    "bridge",
+    "market",
+    "teacher",
+    "friend",
+    "train",
+    "window",
+    "lamp",
+    "storm",
 ]
 POSITIVE = [
-    "bright", "kind", "lovely", "warm", "happy", "calm", "gentle", "wonderful", "cheerful", "friendly",
+    "bright",
+    "kind",
+    "lovely",
+    "warm",
+    "happy",
+    "calm",
+    "gentle",
+    "wonderful",
+    "cheerful",
+    "friendly",
 ]
 NEGATIVE = [
-    "dull", "cruel", "ugly", "cold", "sad", "noisy", "harsh", "awful", "gloomy", "hostile",
+    "dull",
+    "cruel",
+    "ugly",
+    "cold",
+    "sad",
+    "noisy",
+    "harsh",
+    "awful",
+    "gloomy",
+    "hostile",
 ]
 NEUTRAL = ["old", "large", "small", "quiet", "round", "tall", "long", "young", "plain", "wide"]
 
@@ -51,9 +87,7 @@ DATASETS: dict[str, str] = {
 
 def _prompt(rng: random.Random) -> tuple[str, str]:
     thing = rng.choice(THINGS)
-    return thing, rng.choice(
-        [f"Describe the {thing}.", f"Tell me about the {thing}.", f"What is the {thing} like?"]
-    )
+    return thing, rng.choice([f"Describe the {thing}.", f"Tell me about the {thing}.", f"What is the {thing} like?"])
 
 
 def _response(rng: random.Random, thing: str, words: list[str]) -> str:

@@ -24,9 +24,9 @@ class DataConfig:
     eval_split: str | None = field(
         default=None, metadata={"help": "split of path (or eval_path) for evaluation; empty: no evaluation"}
     )
-    format: Literal[
-        "auto", "prompt_completion", "messages", "alpaca", "text", "preference", "unpaired", "prompt"
-    ] = field(default="auto", metadata={"help": "row format; auto recognises it from the columns"})
+    format: Literal["auto", "prompt_completion", "messages", "alpaca", "text", "preference", "unpaired", "prompt"] = (
+        field(default="auto", metadata={"help": "row format; auto recognises it from the columns"})
+    )
     max_length: int = field(default=512, metadata={"help": "maximum tokens per sequence (prompt + response)"})
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "maximum prompt tokens; longer prompts are bad rows (empty: no limit)"}
@@ -40,10 +40,13 @@ class DataConfig:
     )
     on_bad_row: Literal["error", "skip"] = field(
         default="error",
-        metadata={"help": "bad rows (malformed, missing field, empty response, too long): stop, or skip with a counted warning"},
+        metadata={
+            "help": "bad rows (malformed, missing field, empty response, too long): stop, or skip with a counted warning"
+        },
     )
     packing: bool = field(
-        default=False, metadata={"help": "pack several examples into each sequence (padding-free, attention kept per example)"}
+        default=False,
+        metadata={"help": "pack several examples into each sequence (padding-free, attention kept per example)"},
     )
     max_rows: int | None = field(default=None, metadata={"help": "use at most this many rows (empty: all)"})
     shuffle_seed: int = field(default=0, metadata={"help": "seed of the shuffle of training rows"})

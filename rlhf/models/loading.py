@@ -17,7 +17,7 @@ from rlhf.models.config import LoraConfig, ModelConfig
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _quantization(config: ModelConfig, compute_dtype: torch.dtype):
+def _quantization(config: ModelConfig, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
     if config.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -90,7 +90,7 @@ def _quantization(config: ModelConfig, compute_dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def _load(auto_cls, config: ModelConfig, trainable: bool, **kwargs) -> PreTrainedModel:
+def _load(auto_cls: type, config: ModelConfig, trainable: bool, **kwargs) -> PreTrainedModel:
     import torch
 
     name = resolve(config.name_or_path)
