@@ -1,0 +1,1 @@
+"""Ray Serve applications hosting vLLM replicas: production inference and RLHF rollouts."""
