@@ -1,0 +1,1 @@
+"""Side-by-side measurements against peers and against the machine's limit (``make bench``)."""
