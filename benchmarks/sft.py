@@ -42,7 +42,9 @@ def run_rlhf(model_dir: str, packing: bool) -> Measurement:
     from rlhf.data.encode import build_examples
     from rlhf.engine import EngineConfig, TrainingEngine
     from rlhf.jobs.batching import step_indices
-    from rlhf.jobs.sft import collate, train_step
+    from rlhf.jobs.loop import train_step
+    from rlhf.jobs.sft import SFTObjective
+    from rlhf.models.config import ModelConfig
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = DataConfig(path="bundled:sft_prompt_completion", max_length=MAX_LENGTH, packing=packing)
@@ -51,11 +53,12 @@ def run_rlhf(model_dir: str, packing: bool) -> Measurement:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = EngineConfig(micro_batch_size=BATCH, learning_rate=LEARNING_RATE, lr_scheduler="constant")
     engine = TrainingEngine(model, config, total_steps=STEPS)
+    objective = SFTObjective(ModelConfig(name_or_path=model_dir), tokenizer.pad_token_id)
     tokens, seconds = 0, 0.0
     for step in range(STEPS):
         chosen = [examples[i] for i in step_indices(len(examples), step, BATCH, 1, seed=0)[0]]
         started = time.perf_counter()
-        train_step(engine, [collate(chosen, tokenizer.pad_token_id)])
+        train_step(engine, objective, [objective.collate(chosen)])
         if step >= WARMUP:
             seconds += time.perf_counter() - started
             tokens += sum(len(e["input_ids"]) for e in chosen)

@@ -1,7 +1,7 @@
 """The training engine on 2 processes over gloo: ZeRO 1, 2 and 3 follow ZeRO-0's loss trajectory,
 and the loss/gradient contract makes accumulation and data-parallel splits exact.
 
-Every run uses the SFT job's own ``train_step`` on the same global batches (8 examples per
+Every run uses the jobs' own ``train_step`` with the SFT objective on the same global batches (8 examples per
 optimizer step from the bundled SFT data), fp32, no dropout. Tolerance: losses agree within
 1e-4 absolute (reduction order is the only difference; observed differences are ~1e-6).
 """
@@ -52,10 +52,11 @@ def _train(model_dir: str, run: dict) -> list[float]:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf.data.collate import collate_sft
     from rlhf.engine import EngineConfig, TrainingEngine
-    from rlhf.jobs.sft import train_step
+    from rlhf.jobs.loop import train_step
+    from rlhf.jobs.sft import SFTObjective
     from rlhf.jobs.worker import worker_info
+    from rlhf.models.config import ModelConfig
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -72,6 +73,7 @@ def _train(model_dir: str, run: dict) -> list[float]:
     )
     engine = TrainingEngine(model, config, total_steps=STEPS)  # joins the process group
     info = worker_info()
+    objective = SFTObjective(ModelConfig(name_or_path=model_dir), tokenizer.pad_token_id)
     losses = []
     for step, batch in enumerate(_global_batches(model_dir)):
         if run.get("resume") and step == STEPS // 2:
@@ -83,8 +85,8 @@ def _train(model_dir: str, run: dict) -> list[float]:
             assert engine.global_step == step
         mine = batch[info.rank :: info.world_size]
         assert len(mine) == mbs * gas
-        micro = [collate_sft(mine[i * mbs : (i + 1) * mbs], tokenizer.pad_token_id) for i in range(gas)]
-        losses.append(train_step(engine, micro)["loss"])
+        micro = [objective.collate(mine[i * mbs : (i + 1) * mbs]) for i in range(gas)]
+        losses.append(train_step(engine, objective, micro)["loss"])
     if run.get("export"):
         engine.export(run["export"], tokenizer)
     return losses

@@ -53,7 +53,7 @@ def test_metrics_jsonl_has_every_step_once(sft_run: tuple[dict, Path]) -> None:
     steps = [r["step"] for r in records if r["kind"] == "train"]
     assert steps == list(range(1, STEPS + 1))
     first = next(r for r in records if r["kind"] == "train")
-    assert {"loss", "tokens", "grad_norm", "lr", "tokens_per_second"} <= first.keys()
+    assert {"loss", "items", "grad_norm", "lr", "items_per_second"} <= first.keys()
     assert [r["step"] for r in records if r["kind"] == "eval"] == [0, STEPS]
     assert (out / "config.yaml").is_file()
 

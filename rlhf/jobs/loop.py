@@ -1,0 +1,216 @@
+"""The one training loop of the data-parallel jobs (``sft``, ``rm``, ``dpo``).
+
+A job is an :class:`Objective` (what to train: model, batches, loss) plus this loop
+(how: shards, steps, evaluation, export). The loop is the same for every job, so a new
+loss is a new objective, never a copied loop.
+
+Per worker: ``shard -> build model -> objective.prepare (e.g. DPO's reference log-probs)
+-> engine -> evaluate -> steps -> evaluate -> export``. Each optimizer step shares one
+denominator (tokens or pairs of the whole global batch), so results do not depend on
+how the batch is split over ranks and micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+
+class Objective(Protocol):
+    """What a data-parallel job trains; the loop calls these in order."""
+
+    data_kind: str  # which examples rlhf.data.encode.build_examples makes: sft, preference, unpaired
+
+    def build_model(self) -> torch.nn.Module:
+        """The trainable model, freshly loaded."""
+        ...
+
+    def prepare(self, model: torch.nn.Module, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Add what the loss needs before training (e.g. reference log-probs) to this rank's examples."""
+        ...
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """One micro-batch of tensors."""
+        ...
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """Items this micro-batch adds to the global denominator (scored tokens, pairs)."""
+        ...
+
+    def loss(
+        self, model: Callable[..., Any], batch: dict[str, torch.Tensor], denominator: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This micro-batch's share of the global loss, and metrics as means over its items."""
+        ...
+
+
+def train_step(engine: Any, objective: Objective, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches; global loss and metrics, and engine stats."""
+    from rlhf.jobs.worker import all_reduce_sum, to_device
+
+    counts = [objective.count(b) for b in micro_batches]
+    (denominator,) = all_reduce_sum(sum(counts))
+    step_loss = 0.0
+    weighted: dict[str, float] = {}
+    stats: dict[str, float] | None = None
+    for batch, count in zip(micro_batches, counts, strict=True):
+        loss, metrics = objective.loss(engine, to_device(batch, engine.device), denominator)
+        engine.backward(loss)
+        stats = engine.step() or stats
+        step_loss += float(loss.detach())
+        for name, value in metrics.items():
+            weighted[name] = weighted.get(name, 0.0) + float(value) * count
+    names = sorted(weighted)
+    global_loss, *sums = all_reduce_sum(step_loss, *(weighted[n] for n in names))
+    means = {name: total / max(denominator, 1) for name, total in zip(names, sums, strict=True)}
+    return {"loss": global_loss, "items": denominator, **means, **(stats or {})}
+
+
+def evaluate(engine: Any, objective: Objective, batches: list[dict[str, Any]]) -> dict[str, float]:
+    """Held-out loss and metrics over all ranks' shards, prefixed ``eval_``."""
+    from rlhf.jobs.worker import all_reduce_sum, to_device
+
+    engine.eval()
+    total_loss, weighted, items = 0.0, {}, 0
+    with torch.no_grad():
+        for batch in batches:  # a denominator of 1 gives plain sums
+            count = objective.count(batch)
+            loss, metrics = objective.loss(engine, to_device(batch, engine.device), 1.0)
+            total_loss += float(loss)
+            items += count
+            for name, value in metrics.items():
+                weighted[name] = weighted.get(name, 0.0) + float(value) * count
+    engine.train()
+    names = sorted(weighted)
+    total_loss, items, *sums = all_reduce_sum(total_loss, items, *(weighted[n] for n in names))
+    result = {"eval_loss": total_loss / max(items, 1)}
+    result |= {f"eval_{name}": value / max(items, 1) for name, value in zip(names, sums, strict=True)}
+    return result
+
+
+def run_worker(args: dict[str, Any], config_cls: type, make_objective: Callable[[Any, Any], Objective]) -> None:
+    """The body of every Ray Train worker: ``make_objective(config, tokenizer)`` says what to train."""
+    import ray
+
+    from rlhf import configtree
+    from rlhf.data.collate import shard
+    from rlhf.engine import TrainingEngine
+    from rlhf.jobs.batching import step_indices
+    from rlhf.jobs.worker import Reporter, seed_everything, worker_info
+    from rlhf.models.loading import load_tokenizer
+
+    config = configtree.from_dict(config_cls, args["config"])
+    info = worker_info()
+    reporter = Reporter(args["sink"], info)
+    seed_everything(config.train.seed)
+    tokenizer = load_tokenizer(config.model)
+    objective = make_objective(config, tokenizer)
+    model = objective.build_model()
+    train_examples = objective.prepare(model, shard(ray.get(args["train"]), info.rank, info.world_size))
+    eval_examples = []
+    if args["eval"] is not None:
+        eval_examples = objective.prepare(model, shard(ray.get(args["eval"]), info.rank, info.world_size))
+    total_steps = args["total_steps"]
+    engine = TrainingEngine(model, config.engine, total_steps)
+    mbs, gas = config.engine.micro_batch_size, config.engine.gradient_accumulation_steps
+    eval_batches = [objective.collate(eval_examples[i : i + mbs]) for i in range(0, len(eval_examples), mbs)]
+
+    if eval_batches:
+        reporter.log({"kind": "eval", "step": 0, **evaluate(engine, objective, eval_batches)})
+    for step in range(total_steps):
+        started = time.perf_counter()
+        indices = step_indices(len(train_examples), step, mbs, gas, config.train.seed)
+        micro_batches = [objective.collate([train_examples[i] for i in idx]) for idx in indices]
+        metrics = train_step(engine, objective, micro_batches)
+        seconds = time.perf_counter() - started
+        if (step + 1) % config.train.log_every == 0 or step + 1 == total_steps:
+            reporter.log(
+                {"kind": "train", "step": step + 1, "total_steps": total_steps, **metrics,
+                 "step_seconds": seconds, "items_per_second": metrics["items"] / seconds}
+            )  # fmt: skip
+    if eval_batches:
+        reporter.log({"kind": "eval", "step": total_steps, **evaluate(engine, objective, eval_batches)})
+    engine.export(Path(config.train.output_dir).resolve() / "final", tokenizer, config.model)
+
+
+def total_steps(config: Any, num_examples: int) -> int:
+    """Optimizer steps of the run: ``train.max_steps``, or ``num_epochs`` over each rank's shard."""
+    from rlhf.jobs.batching import steps_per_epoch
+
+    if config.train.max_steps is not None:
+        return config.train.max_steps
+    workers, mbs, gas = (
+        config.cluster.num_workers,
+        config.engine.micro_batch_size,
+        config.engine.gradient_accumulation_steps,
+    )
+    per_epoch = steps_per_epoch(num_examples // workers, mbs, gas)
+    if per_epoch == 0:
+        raise ValueError(
+            f"{num_examples} training examples over {workers} workers cannot fill one step of "
+            f"engine.micro_batch_size {mbs} x engine.gradient_accumulation_steps {gas}"
+        )
+    return max(1, int(per_epoch * config.train.num_epochs))
+
+
+def prepare_data(config: Any, tokenizer: Any, kind: str) -> tuple[list[dict], list[dict] | None]:
+    """Tokenize train and eval examples on the driver (bad data fails here, before any worker starts)."""
+    from dataclasses import replace
+
+    from rlhf.data.encode import build_examples
+
+    data = config.data
+    train = build_examples(data, tokenizer, kind)
+    evaluation = None
+    if data.eval_split or data.eval_path:
+        unpacked = replace(data, packing=False)  # evaluation scores each example on its own
+        split, path = data.eval_split or data.split, data.eval_path or data.path
+        evaluation = build_examples(unpacked, tokenizer, kind, split=split, path=path)
+    return train, evaluation
+
+
+def run_job(config: Any, name: str, kind: str, worker: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Driver of a data-parallel job: validate, tokenize once, run the workers, summarize."""
+    import ray
+
+    from cluster.connect import connect
+    from rlhf.jobs.runner import prepare_output_dir, run_training
+    from rlhf.models.loading import load_tokenizer
+
+    prepare_output_dir(config.train.output_dir)
+    tokenizer = load_tokenizer(config.model)
+    train, evaluation = prepare_data(config, tokenizer, kind)
+    steps = total_steps(config, len(train))
+    connect(config.cluster)
+    payload = {"train": ray.put(train), "eval": ray.put(evaluation) if evaluation else None, "total_steps": steps}
+    records = run_training(worker, config, payload, name, steps)
+    return summarize(records, Path(config.train.output_dir).resolve())
+
+
+def summarize(records: list[dict[str, Any]], output_dir: Path) -> dict[str, Any]:
+    """Before/after figures of a run from its metric records: first/last train loss, every eval metric."""
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    summary: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "final_model": str(output_dir / "final"),
+        "steps": len(train),
+    }
+    if train:
+        summary |= {"first_loss": train[0]["loss"], "last_loss": train[-1]["loss"]}
+    if len(evals) >= 2:
+        for key in evals[0]:
+            if key.startswith("eval_"):
+                summary[f"{key}_before"] = evals[0][key]
+                summary[f"{key}_after"] = evals[-1][key]
+    return summary
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped to stay finite."""
+    return math.exp(min(loss, 50.0))
