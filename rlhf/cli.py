@@ -33,9 +33,13 @@ def _runner(job: str) -> Callable[[Any], dict[str, Any]] | None:
     """The job's ``run`` function, or None where this version does not have the job yet."""
     if job == "sft":
         from rlhf.jobs.sft import run
-
-        return run
-    return None
+    elif job == "rm":
+        from rlhf.jobs.rm import run
+    elif job == "dpo":
+        from rlhf.jobs.dpo import run
+    else:
+        return None
+    return run
 
 
 def _add_job(sub: argparse._SubParsersAction, job: str) -> None:
