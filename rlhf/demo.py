@@ -1,8 +1,9 @@
 """``rlhf demo``: the pipeline end to end on an embedded local Ray cluster, on a CPU, in minutes.
 
-Stages today: build the tiny model, then supervised fine-tuning on the bundled toy-world
-data with 2 data-parallel workers (DeepSpeed ZeRO-2 over gloo). It prints the held-out
-loss before and after, and what the model answers to a prompt before and after.
+Stages today: build the tiny model; supervised fine-tuning on the bundled toy-world data;
+a reward model on the bundled preference pairs; DPO from the SFT model on the same pairs.
+Each training stage runs 2 data-parallel Ray Train workers (DeepSpeed ZeRO-2 over gloo)
+and prints its before/after figures.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 from rlhf import configtree
-from rlhf.config import SFTConfig
+from rlhf.config import DPOConfig, RMConfig, SFTConfig
 
 EXAMPLE_PROMPT = "Describe the cat."
 
@@ -29,35 +30,54 @@ def sample(model_dir: str | Path, prompt: str = EXAMPLE_PROMPT, max_new_tokens: 
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
+def _config(cls: type, job: str, output_dir: Path, model: Path | str, workers: int):
+    from rlhf.cli import EXAMPLES_DIR
+
+    overrides = [
+        f"model.name_or_path={model}",
+        f"train.output_dir={output_dir / job}",
+        f"cluster.num_workers={workers}",
+    ]
+    return configtree.load(cls, EXAMPLES_DIR / f"{job}.yaml", overrides)
+
+
 def run_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
     """Run every stage this version has; print and return the before/after figures."""
-    from rlhf.cli import EXAMPLES_DIR
-    from rlhf.jobs import sft
+    from rlhf.data.bundled import positive_word_reward
+    from rlhf.jobs import dpo, rm, sft
     from rlhf.models.init_model import init_model
 
     started = time.perf_counter()
     output_dir = Path(output_dir).resolve()
-    print(f"[1/2] init-model -> {output_dir / 'tiny-model'}", flush=True)
+    print(f"[1/4] init-model -> {output_dir / 'tiny-model'}", flush=True)
     model_dir = init_model(output_dir / "tiny-model")
     before = sample(model_dir)
 
-    print(f"[2/2] sft: {workers} Ray Train workers, DeepSpeed ZeRO-2, bundled prompt/completion data", flush=True)
-    config = configtree.load(
-        SFTConfig,
-        EXAMPLES_DIR / "sft.yaml",
-        [f"model.name_or_path={model_dir}", f"train.output_dir={output_dir / 'sft'}", f"cluster.num_workers={workers}"],
-    )
-    summary = sft.run(config)
-    after = sample(summary["final_model"])
+    print(f"[2/4] sft: {workers} Ray Train workers, DeepSpeed ZeRO-2, bundled prompt/completion data", flush=True)
+    sft_summary = sft.run(_config(SFTConfig, "sft", output_dir, model_dir, workers))
+    after_sft = sample(sft_summary["final_model"])
+
+    print("[3/4] reward model on the bundled preference pairs", flush=True)
+    rm_summary = rm.run(_config(RMConfig, "rm", output_dir, sft_summary["final_model"], workers))
+
+    print("[4/4] dpo from the SFT model on the same pairs", flush=True)
+    dpo_summary = dpo.run(_config(DPOConfig, "dpo", output_dir, sft_summary["final_model"], workers))
+    after_dpo = sample(dpo_summary["final_model"])
     elapsed = time.perf_counter() - started
 
     print("\n=== demo summary ===")
-    print(f"sft held-out loss : {summary['eval_loss_before']:.3f} -> {summary['eval_loss_after']:.3f}")
-    print(f"sft training loss : {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} ({summary['steps']} steps)")
-    print(f"prompt            : {EXAMPLE_PROMPT}")
-    print(f"  before SFT      : {before!r}")
-    print(f"  after SFT       : {after!r}")
-    print(f"final model       : {summary['final_model']}")
-    print(f"metrics           : {output_dir / 'sft' / 'metrics.jsonl'}")
-    print(f"wall time         : {elapsed:.0f} s")
-    return {**summary, "sample_before": before, "sample_after": after, "seconds": elapsed}
+    print(f"sft  held-out loss        : {sft_summary['eval_loss_before']:.3f} -> {sft_summary['eval_loss_after']:.3f}")
+    print(
+        f"rm   held-out accuracy    : {rm_summary['eval_accuracy_before']:.2f} -> {rm_summary['eval_accuracy_after']:.2f}"
+    )
+    print(
+        f"dpo  reward accuracy      : {dpo_summary['eval_rewards/accuracy_before']:.2f} -> "
+        f"{dpo_summary['eval_rewards/accuracy_after']:.2f} "
+        f"(margin {dpo_summary['eval_rewards/margin_before']:.2f} -> {dpo_summary['eval_rewards/margin_after']:.2f})"
+    )
+    print(f"prompt                    : {EXAMPLE_PROMPT}")
+    for name, answer in (("base model", before), ("after SFT", after_sft), ("after DPO", after_dpo)):
+        print(f"  {name:<23} : {answer!r} (rule-based reward {positive_word_reward(answer):+.2f})")
+    print(f"run directories           : {output_dir}/{{sft,rm,dpo}} (final/, metrics.jsonl, config.yaml)")
+    print(f"wall time                 : {elapsed:.0f} s")
+    return {"sft": sft_summary, "rm": rm_summary, "dpo": dpo_summary, "seconds": elapsed}
