@@ -24,11 +24,29 @@ class TrainConfig:
     max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (empty: num_epochs over the data)"})
     num_epochs: float = field(default=1.0, metadata={"help": "passes over the training data when max_steps is empty"})
     log_every: int = field(default=1, metadata={"help": "report metrics every N optimizer steps"})
+    eval_every: int | None = field(
+        default=None, metadata={"help": "evaluate on held-out data every N steps (always before and after)"}
+    )
+    save_every: int | None = field(
+        default=None, metadata={"help": "write a resumable checkpoint every N steps (always at the end)"}
+    )
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept (the oldest are deleted)"})
+    max_failures: int = field(
+        default=3, metadata={"help": "worker failures recovered from the latest checkpoint before the run fails"}
+    )
+    resume: Literal["auto", "never"] = field(
+        default="auto",
+        metadata={"help": "an output_dir with checkpoints: auto resumes from the latest; never refuses to start"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of model initialisation, data order and dropout"})
 
     def __post_init__(self) -> None:
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        for name in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
 
 
 @dataclass(frozen=True)

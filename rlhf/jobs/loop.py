@@ -107,6 +107,7 @@ def run_worker(args: dict[str, Any], config_cls: type, make_objective: Callable[
     config = configtree.from_dict(config_cls, args["config"])
     info = worker_info()
     reporter = Reporter(args["sink"], info)
+    reporter.announce()
     seed_everything(config.train.seed)
     tokenizer = load_tokenizer(config.model)
     objective = make_objective(config, tokenizer)
@@ -117,25 +118,61 @@ def run_worker(args: dict[str, Any], config_cls: type, make_objective: Callable[
         eval_examples = objective.prepare(model, shard(ray.get(args["eval"]), info.rank, info.world_size))
     total_steps = args["total_steps"]
     engine = TrainingEngine(model, config.engine, total_steps)
+    start_step = restore(engine)
+    train = config.train
     mbs, gas = config.engine.micro_batch_size, config.engine.gradient_accumulation_steps
     eval_batches = [objective.collate(eval_examples[i : i + mbs]) for i in range(0, len(eval_examples), mbs)]
 
-    if eval_batches:
-        reporter.log({"kind": "eval", "step": 0, **evaluate(engine, objective, eval_batches)})
-    for step in range(total_steps):
+    def log_eval(step: int) -> None:
+        if eval_batches:
+            reporter.log({"kind": "eval", "step": step, **evaluate(engine, objective, eval_batches)})
+
+    if start_step == 0:
+        log_eval(0)
+    for step in range(start_step, total_steps):
         started = time.perf_counter()
-        indices = step_indices(len(train_examples), step, mbs, gas, config.train.seed)
+        indices = step_indices(len(train_examples), step, mbs, gas, train.seed)
         micro_batches = [objective.collate([train_examples[i] for i in idx]) for idx in indices]
         metrics = train_step(engine, objective, micro_batches)
         seconds = time.perf_counter() - started
-        if (step + 1) % config.train.log_every == 0 or step + 1 == total_steps:
+        done = step + 1
+        if done % train.log_every == 0 or done == total_steps:
             reporter.log(
-                {"kind": "train", "step": step + 1, "total_steps": total_steps, **metrics,
+                {"kind": "train", "step": done, "total_steps": total_steps, **metrics,
                  "step_seconds": seconds, "items_per_second": metrics["items"] / seconds}
             )  # fmt: skip
-    if eval_batches:
-        reporter.log({"kind": "eval", "step": total_steps, **evaluate(engine, objective, eval_batches)})
+        if train.eval_every and done % train.eval_every == 0 and done < total_steps:
+            log_eval(done)
+        if (train.save_every and done % train.save_every == 0) or done == total_steps:
+            save(engine, done, info.is_main)
+    log_eval(total_steps)
     engine.export(Path(config.train.output_dir).resolve() / "final", tokenizer, config.model)
+
+
+def restore(engine: Any) -> int:
+    """Load the latest Ray Train checkpoint (after a worker failure or a re-run), if any; return its step."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        return int(engine.load_checkpoint(directory)["step"])
+
+
+def save(engine: Any, step: int, is_main: bool) -> None:
+    """Write a resumable checkpoint (every rank's shard, optimizer, schedule, RNG) through Ray Train."""
+    import json
+    import tempfile
+
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save_checkpoint(directory, {"step": step})
+        if is_main:
+            (Path(directory) / "progress.json").write_text(json.dumps({"step": step}))
+        checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}")
 
 
 def total_steps(config: Any, num_examples: int) -> int:
@@ -179,13 +216,16 @@ def run_job(config: Any, name: str, kind: str, worker: Callable[[dict[str, Any]]
     import ray
 
     from cluster.connect import connect
-    from rlhf.jobs.runner import prepare_output_dir, run_training
+    from rlhf.jobs.runner import check_resume, prepare_output_dir, run_training
     from rlhf.models.loading import load_tokenizer
 
     prepare_output_dir(config.train.output_dir)
+    if config.train.resume == "never":
+        check_resume(config, name, total_steps=10**12)  # refuse before any work
     tokenizer = load_tokenizer(config.model)
     train, evaluation = prepare_data(config, tokenizer, kind)
     steps = total_steps(config, len(train))
+    check_resume(config, name, steps)
     connect(config.cluster)
     payload = {"train": ray.put(train), "eval": ray.put(evaluation) if evaluation else None, "total_steps": steps}
     records = run_training(worker, config, payload, name, steps)

@@ -7,6 +7,7 @@ back through a small actor and land in ``<output_dir>/metrics.jsonl``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -55,7 +56,7 @@ def run_training(
     travels as plain data and is rebuilt, typed, on every worker.
     """
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.connect import connect
@@ -75,16 +76,63 @@ def run_training(
             backend="nccl" if use_gpu else "gloo", timeout_s=int(config.engine.collective_timeout_s)
         ),
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=str(output_dir / "ray")),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(output_dir / "ray"),
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+        ),
     )
     metrics_path = output_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
+    if latest_checkpoint_step(output_dir, name) is None:  # a fresh run; a resumed one appends
+        metrics_path.unlink(missing_ok=True)
     with ProgressMonitor(sink, metrics_path, total_steps, name) as monitor:
         try:
             trainer.fit()
         except Exception as exc:
             raise JobError(f"{name} failed: {_root_cause(exc)}") from exc
     return monitor.records
+
+
+def checkpoint_root(output_dir: Path, name: str) -> Path:
+    """Where Ray Train keeps the checkpoints of job ``name`` in ``output_dir``."""
+    return output_dir / "ray" / name
+
+
+def latest_checkpoint_step(output_dir: Path, name: str) -> int | None:
+    """The optimizer step of the newest checkpoint of job ``name`` in ``output_dir``, or None."""
+    steps = []
+    for progress in checkpoint_root(output_dir, name).glob("checkpoint_*/progress.json"):
+        try:
+            steps.append(int(json.loads(progress.read_text())["step"]))
+        except (ValueError, KeyError, OSError):
+            continue  # a checkpoint being written, or a foreign file
+    return max(steps) if steps else None
+
+
+def check_resume(config: Any, name: str, total_steps: int) -> int | None:
+    """Apply ``train.resume`` to an output_dir that already has checkpoints; return the step resumed from.
+
+    Refuses (JobError) with ``resume=never``, and when the checkpoint already reached
+    ``total_steps``, so a re-run never silently restarts from zero or trains zero steps.
+    """
+    output_dir = Path(config.train.output_dir).expanduser().resolve()
+    step = latest_checkpoint_step(output_dir, name)
+    if step is None:
+        return None
+    where = checkpoint_root(output_dir, name)
+    if config.train.resume == "never":
+        raise JobError(
+            f"train.output_dir {output_dir} already has a checkpoint at step {step} ({where}) and train.resume=never; "
+            "use another output_dir, delete it, or set train.resume=auto to continue"
+        )
+    if step >= total_steps:
+        raise JobError(
+            f"train.output_dir {output_dir} already holds a run trained for {step} steps of {total_steps}; "
+            "raise train.max_steps to train further, or use another output_dir"
+        )
+    log.info("resuming %s from its checkpoint at step %d of %d", name, step, total_steps)
+    return step
 
 
 def _root_cause(exc: BaseException) -> str:

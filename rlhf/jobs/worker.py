@@ -57,6 +57,16 @@ class Reporter:
         self.sink = sink
         self.info = info
 
+    def announce(self) -> None:
+        """Every rank reports its process id and host once per start (restarts announce again)."""
+        import os
+        import socket
+
+        if self.sink is not None:
+            self.sink.put.remote(
+                {"kind": "worker", "rank": self.info.rank, "pid": os.getpid(), "host": socket.gethostname()}
+            )
+
     def log(self, record: dict[str, Any]) -> None:
         """Send ``record`` (rank 0 only; other ranks' calls do nothing)."""
         if self.info.is_main and self.sink is not None:
