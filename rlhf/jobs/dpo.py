@@ -86,6 +86,10 @@ class PreferenceObjective:
         """Pairs."""
         return batch["input_ids"].shape[0] // 2
 
+    def derived_eval_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Nothing beyond reward accuracy, margins and log-probs."""
+        return {}
+
     def loss(self, model: Any, batch: dict[str, torch.Tensor], denominator: float) -> tuple[torch.Tensor, dict]:
         """This micro-batch's share of the chosen loss over the global pair count."""
         from rlhf.algos import dpo_loss, ipo_loss, orpo_loss, simpo_loss

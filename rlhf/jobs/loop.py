@@ -48,6 +48,10 @@ class Objective(Protocol):
         """This micro-batch's share of the global loss, and metrics as means over its items."""
         ...
 
+    def derived_eval_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Metrics computed from the aggregated held-out ones (e.g. perplexity); may be empty."""
+        ...
+
 
 def train_step(engine: Any, objective: Objective, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches; global loss and metrics, and engine stats."""
@@ -90,7 +94,7 @@ def evaluate(engine: Any, objective: Objective, batches: list[dict[str, Any]]) -
     total_loss, items, *sums = all_reduce_sum(total_loss, items, *(weighted[n] for n in names))
     result = {"eval_loss": total_loss / max(items, 1)}
     result |= {f"eval_{name}": value / max(items, 1) for name, value in zip(names, sums, strict=True)}
-    return result
+    return result | objective.derived_eval_metrics(result)
 
 
 def run_worker(args: dict[str, Any], config_cls: type, make_objective: Callable[[Any, Any], Objective]) -> None:

@@ -1,7 +1,8 @@
 """Metrics from the workers to the driver: a small actor the rank-0 worker writes to.
 
 The driver polls it while the trainer runs, shows a progress bar with rate and ETA,
-and appends every record to ``metrics.jsonl``. It works the same on one machine or
+appends every record to ``metrics.jsonl``, writes TensorBoard scalars to
+``tensorboard/``, and at the end draws the curves to ``curves.png``. It works the same on one machine or
 many, since nothing depends on a shared filesystem.
 """
 
@@ -32,12 +33,16 @@ class MetricsSink:
 class ProgressMonitor:
     """Driver side: polls a :class:`MetricsSink` actor in a thread; bar + ``metrics.jsonl``."""
 
-    def __init__(self, sink: Any, metrics_path: Path, total_steps: int | None, description: str) -> None:
+    def __init__(self, sink: Any, output_dir: Path, total_steps: int | None, description: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
         self.sink = sink
-        self.metrics_path = metrics_path
+        self.output_dir = output_dir
+        self.metrics_path = output_dir / "metrics.jsonl"
+        self.description = description
         self.records: list[dict[str, Any]] = []
+        self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
         self.bar = tqdm(total=total_steps, desc=description, unit="step", dynamic_ncols=True)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -51,6 +56,15 @@ class ProgressMonitor:
         self._thread.join()
         self._poll()
         self.bar.close()
+        self.tensorboard.close()
+        from rlhf.jobs.plots import plot_curves
+
+        history = (
+            [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
+            if self.metrics_path.exists()
+            else []
+        )
+        plot_curves(history, self.output_dir / "curves.png", f"{self.description}: {self.output_dir}")
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
@@ -70,6 +84,10 @@ class ProgressMonitor:
                 f.write(json.dumps(record) + "\n")
         for record in records:
             self.records.append(record)
+            if record.get("kind") in ("train", "eval"):
+                for key, value in record.items():
+                    if isinstance(value, int | float) and key not in ("step", "total_steps"):
+                        self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
             if record.get("kind") == "train":
                 if self.bar.total is None and "total_steps" in record:
                     self.bar.total = record["total_steps"]

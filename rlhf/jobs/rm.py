@@ -44,6 +44,10 @@ class RewardObjective:
         """Pairs."""
         return batch["input_ids"].shape[0] // 2
 
+    def derived_eval_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Nothing beyond accuracy and margins."""
+        return {}
+
     def loss(self, model: Any, batch: dict[str, torch.Tensor], denominator: float) -> tuple[torch.Tensor, dict]:
         """Bradley-Terry loss of this micro-batch's pairs over the global pair count."""
         from rlhf.algos import bradley_terry_loss

@@ -86,7 +86,7 @@ def run_training(
     metrics_path = output_dir / "metrics.jsonl"
     if latest_checkpoint_step(output_dir, name) is None:  # a fresh run; a resumed one appends
         metrics_path.unlink(missing_ok=True)
-    with ProgressMonitor(sink, metrics_path, total_steps, name) as monitor:
+    with ProgressMonitor(sink, output_dir, total_steps, name) as monitor:
         try:
             trainer.fit()
         except Exception as exc:

@@ -43,6 +43,12 @@ class SFTObjective:
         """Scored label tokens (after the next-token shift)."""
         return int((batch["labels"][:, 1:] != -100).sum())
 
+    def derived_eval_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Held-out perplexity, exp(token-mean NLL)."""
+        from rlhf.jobs.loop import perplexity
+
+        return {"eval_perplexity": perplexity(metrics["eval_loss"])}
+
     def loss(self, model: Any, batch: dict[str, torch.Tensor], denominator: float) -> tuple[torch.Tensor, dict]:
         """This micro-batch's NLL sum over the global token count."""
         from rlhf.algos import sft_loss
@@ -68,10 +74,6 @@ def worker(args: dict[str, Any]) -> None:
 
 def run(config: SFTConfig) -> dict[str, Any]:
     """Run SFT; return a summary with the train and held-out loss and perplexity before and after."""
-    from rlhf.jobs.loop import perplexity, run_job
+    from rlhf.jobs.loop import run_job
 
-    summary = run_job(config, "sft", SFTObjective.data_kind, worker)
-    for when in ("before", "after"):
-        if f"eval_loss_{when}" in summary:
-            summary[f"eval_perplexity_{when}"] = perplexity(summary[f"eval_loss_{when}"])
-    return summary
+    return run_job(config, "sft", SFTObjective.data_kind, worker)

@@ -36,6 +36,7 @@ def test_loss_falls_on_held_out_data(sft_run: tuple[dict, Path]) -> None:
     assert summary["steps"] == STEPS
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 2.0, summary
     assert summary["last_loss"] < summary["first_loss"] - 2.0, summary
+    assert summary["eval_perplexity_after"] < summary["eval_perplexity_before"] / 5, summary
 
 
 def test_metrics_jsonl_has_every_step_once(sft_run: tuple[dict, Path]) -> None:
@@ -88,3 +89,14 @@ def test_unwritable_output_dir_is_refused_before_any_worker_starts(tiny_model_di
     )
     with pytest.raises(JobError, match="train.output_dir .* is not writable"):
         sft.run(config)
+
+
+def test_tensorboard_and_png_curves_are_written(sft_run: tuple[dict, Path]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out = sft_run
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert len(events.Scalars("train/loss")) == STEPS
+    assert [e.step for e in events.Scalars("eval/eval_perplexity")] == [0, STEPS]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
