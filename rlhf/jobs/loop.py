@@ -223,7 +223,7 @@ def run_job(config: Any, name: str, kind: str, worker: Callable[[dict[str, Any]]
     from rlhf.jobs.runner import check_resume, prepare_output_dir, run_training
     from rlhf.models.loading import load_tokenizer
 
-    prepare_output_dir(config.train.output_dir)
+    output_dir = prepare_output_dir(config.train.output_dir)
     if config.train.resume == "never":
         check_resume(config, name, total_steps=10**12)  # refuse before any work
     tokenizer = load_tokenizer(config.model)
@@ -232,8 +232,8 @@ def run_job(config: Any, name: str, kind: str, worker: Callable[[dict[str, Any]]
     check_resume(config, name, steps)
     connect(config.cluster)
     payload = {"train": ray.put(train), "eval": ray.put(evaluation) if evaluation else None, "total_steps": steps}
-    records = run_training(worker, config, payload, name, steps)
-    return summarize(records, Path(config.train.output_dir).resolve())
+    records = run_training(worker, config, output_dir, payload, name, steps)
+    return summarize(records, output_dir)
 
 
 def summarize(records: list[dict[str, Any]], output_dir: Path) -> dict[str, Any]:

@@ -46,12 +46,14 @@ def write_config(config: Any, output_dir: Path) -> None:
 def run_training(
     worker_fn: Callable[[dict[str, Any]], None],
     config: Any,
+    output_dir: Path,
     payload: dict[str, Any],
     name: str,
     total_steps: int | None,
 ) -> list[dict[str, Any]]:
     """Run ``worker_fn`` on ``config.cluster.num_workers`` Ray Train workers; return the metric records.
 
+    The caller has connected to Ray and checked ``output_dir`` (:func:`prepare_output_dir`).
     ``payload`` holds object refs (the tokenized data) each worker reads; the config
     travels as plain data and is rebuilt, typed, on every worker.
     """
@@ -59,12 +61,9 @@ def run_training(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.connect import connect
     from rlhf.jobs.progress import MetricsSink, ProgressMonitor
 
-    output_dir = prepare_output_dir(config.train.output_dir)
     write_config(config, output_dir)
-    connect(config.cluster)
     sink = ray.remote(MetricsSink).options(num_cpus=0).remote()
     cluster = config.cluster
     use_gpu = cluster.gpus_per_worker > 0
