@@ -177,6 +177,12 @@ def save(engine: Any, step: int, is_main: bool) -> None:
             (Path(directory) / "progress.json").write_text(json.dumps({"step": step}))
         checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}")
+    # The controller registers reported checkpoints asynchronously; a failure in that window would
+    # otherwise fall back to the previous checkpoint. Training resumes only once this one is committed.
+    if is_main:
+        from ray.train import CheckpointConsistencyMode
+
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
 
 def total_steps(config: Any, num_examples: int) -> int:
