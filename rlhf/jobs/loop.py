@@ -15,10 +15,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+from rlhf.jobs.storage import RunStorage, export_to, redact
 
 
 class Objective(Protocol):
@@ -150,7 +153,8 @@ def run_worker(args: dict[str, Any], config_cls: type, make_objective: Callable[
         if (train.save_every and done % train.save_every == 0) or done == total_steps:
             save(engine, done, info.is_main)
     log_eval(total_steps)
-    engine.export(Path(config.train.output_dir).resolve() / "final", tokenizer, config.model)
+    storage = RunStorage(config.train.output_dir)
+    export_to(storage, lambda directory: engine.export(directory, tokenizer, config.model), "final")
 
 
 def restore(engine: Any) -> int:
@@ -207,8 +211,6 @@ def total_steps(config: Any, num_examples: int) -> int:
 
 def prepare_data(config: Any, tokenizer: Any, kind: str) -> tuple[list[dict], list[dict] | None]:
     """Tokenize train and eval examples on the driver (bad data fails here, before any worker starts)."""
-    from dataclasses import replace
-
     from rlhf.data.encode import build_examples
 
     data = config.data
@@ -229,7 +231,9 @@ def run_job(config: Any, name: str, kind: str, worker: Callable[[dict[str, Any]]
     from rlhf.jobs.runner import check_resume, prepare_output_dir, run_training
     from rlhf.models.loading import load_tokenizer
 
-    output_dir = prepare_output_dir(config.train.output_dir)
+    storage = prepare_output_dir(config.train.output_dir)
+    # workers resolve nothing themselves: a relative path means the driver's directory on every node
+    config = replace(config, train=replace(config.train, output_dir=storage.location))
     if config.train.resume == "never":
         check_resume(config, name, total_steps=10**12)  # refuse before any work
     tokenizer = load_tokenizer(config.model)
@@ -238,17 +242,17 @@ def run_job(config: Any, name: str, kind: str, worker: Callable[[dict[str, Any]]
     check_resume(config, name, steps)
     connect(config.cluster)
     payload = {"train": ray.put(train), "eval": ray.put(evaluation) if evaluation else None, "total_steps": steps}
-    records = run_training(worker, config, output_dir, payload, name, steps)
-    return summarize(records, output_dir)
+    records = run_training(worker, config, storage, payload, name, steps)
+    return summarize(records, storage)
 
 
-def summarize(records: list[dict[str, Any]], output_dir: Path) -> dict[str, Any]:
+def summarize(records: list[dict[str, Any]], storage: RunStorage) -> dict[str, Any]:
     """Before/after figures of a run from its metric records: first/last train loss, every eval metric."""
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     summary: dict[str, Any] = {
-        "output_dir": str(output_dir),
-        "final_model": str(output_dir / "final"),
+        "output_dir": str(storage),
+        "final_model": redact(storage.child("final")),
         "steps": len(train),
     }
     if train:

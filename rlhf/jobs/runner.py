@@ -7,14 +7,13 @@ back through a small actor and land in ``<output_dir>/metrics.jsonl``.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rlhf import configtree
+from rlhf.jobs.storage import RunStorage, redact
 
 log = logging.getLogger(__name__)
 
@@ -23,17 +22,15 @@ class JobError(RuntimeError):
     """A job that could not start or did not finish; the message says why."""
 
 
-def prepare_output_dir(output_dir: str) -> Path:
-    """Create ``output_dir`` and check it is writable, before anything is launched."""
-    path = Path(output_dir).expanduser().resolve()
+def prepare_output_dir(output_dir: str) -> RunStorage:
+    """Create ``output_dir`` (a path or a storage URI) and check it is writable, before anything is launched."""
+    storage = RunStorage(output_dir)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise JobError(f"train.output_dir {output_dir!r} is not writable: {exc.strerror or exc}") from None
-    return path
+        storage.check_writable()
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[-1]
+        raise JobError(f"train.output_dir {redact(output_dir)!r} is not writable: {reason}") from None
+    return storage
 
 
 def write_config(config: Any, output_dir: Path) -> None:
@@ -46,14 +43,14 @@ def write_config(config: Any, output_dir: Path) -> None:
 def run_training(
     worker_fn: Callable[[dict[str, Any]], None],
     config: Any,
-    output_dir: Path,
+    storage: RunStorage,
     payload: dict[str, Any],
     name: str,
     total_steps: int | None,
 ) -> list[dict[str, Any]]:
     """Run ``worker_fn`` on ``config.cluster.num_workers`` Ray Train workers; return the metric records.
 
-    The caller has connected to Ray and checked ``output_dir`` (:func:`prepare_output_dir`).
+    The caller has connected to Ray and checked the output location (:func:`prepare_output_dir`).
     ``payload`` holds object refs (the tokenized data) each worker reads; the config
     travels as plain data and is rebuilt, typed, on every worker.
     """
@@ -63,6 +60,7 @@ def run_training(
 
     from rlhf.jobs.progress import MetricsSink, ProgressMonitor
 
+    output_dir = storage.staging
     write_config(config, output_dir)
     sink = ray.remote(MetricsSink).options(num_cpus=0).remote()
     cluster = config.cluster
@@ -77,36 +75,28 @@ def run_training(
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
-            storage_path=str(output_dir / "ray"),
+            storage_path=storage.child("ray"),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
         ),
     )
     metrics_path = output_dir / "metrics.jsonl"
-    if latest_checkpoint_step(output_dir, name) is None:  # a fresh run; a resumed one appends
+    if storage.latest_checkpoint_step(name) is None:  # a fresh run; a resumed one appends
         metrics_path.unlink(missing_ok=True)
-    with ProgressMonitor(sink, output_dir, total_steps, name) as monitor:
-        try:
-            trainer.fit()
-        except Exception as exc:
-            raise JobError(f"{name} failed: {_root_cause(exc)}") from exc
+    elif storage.remote:
+        storage.download(metrics_path, "metrics.jsonl")
+    try:
+        with ProgressMonitor(sink, output_dir, total_steps, name) as monitor:
+            try:
+                trainer.fit()
+            except Exception as exc:
+                raise JobError(f"{name} failed: {_root_cause(exc)}") from exc
+    finally:
+        if storage.remote:
+            for artefact in ("config.yaml", "metrics.jsonl", "curves.png", "tensorboard"):
+                if (output_dir / artefact).exists():
+                    storage.upload(output_dir / artefact, artefact)
     return monitor.records
-
-
-def checkpoint_root(output_dir: Path, name: str) -> Path:
-    """Where Ray Train keeps the checkpoints of job ``name`` in ``output_dir``."""
-    return output_dir / "ray" / name
-
-
-def latest_checkpoint_step(output_dir: Path, name: str) -> int | None:
-    """The optimizer step of the newest checkpoint of job ``name`` in ``output_dir``, or None."""
-    steps = []
-    for progress in checkpoint_root(output_dir, name).glob("checkpoint_*/progress.json"):
-        try:
-            steps.append(int(json.loads(progress.read_text())["step"]))
-        except (ValueError, KeyError, OSError):
-            continue  # a checkpoint being written, or a foreign file
-    return max(steps) if steps else None
 
 
 def check_resume(config: Any, name: str, total_steps: int) -> int | None:
@@ -115,11 +105,12 @@ def check_resume(config: Any, name: str, total_steps: int) -> int | None:
     Refuses (JobError) with ``resume=never``, and when the checkpoint already reached
     ``total_steps``, so a re-run never silently restarts from zero or trains zero steps.
     """
-    output_dir = Path(config.train.output_dir).expanduser().resolve()
-    step = latest_checkpoint_step(output_dir, name)
+    storage = RunStorage(config.train.output_dir)
+    output_dir = str(storage)
+    step = storage.latest_checkpoint_step(name)
     if step is None:
         return None
-    where = checkpoint_root(output_dir, name)
+    where = storage.child("ray", name) if not storage.remote else f"{output_dir}/ray/{name}"
     if config.train.resume == "never":
         raise JobError(
             f"train.output_dir {output_dir} already has a checkpoint at step {step} ({where}) and train.resume=never; "
