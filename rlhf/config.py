@@ -97,7 +97,13 @@ class PreferenceLossConfig:
     beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward"})
     label_smoothing: float = field(default=0.1, metadata={"help": "cdpo: assumed probability that a label is flipped"})
     simpo_gamma_beta_ratio: float = field(default=0.5, metadata={"help": "simpo: target margin gamma divided by beta"})
-    desirable_weight: float = field(default=1.0, metadata={"help": "kto: weight of desirable examples"})
+    desirable_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "kto: weight of desirable examples (the paper keeps weight x count of desirable over that of "
+            "undesirable in [1, 4/3])"
+        },
+    )
     undesirable_weight: float = field(default=1.0, metadata={"help": "kto: weight of undesirable examples"})
     reference: Literal["precomputed", "live"] = field(
         default="precomputed",

@@ -1,5 +1,7 @@
 """``rlhf dpo``: DPO and its family (IPO, cDPO, SimPO, ORPO) on preference pairs, a Ray Train job.
 
+``preference.loss=kto`` trains on unpaired rows instead, with its own objective (:mod:`rlhf.jobs.kto`).
+
 Reference log-probs (DPO, IPO, cDPO) are computed once, before training, by the initial
 policy itself on each rank's shard, and kept with the examples: no reference model is
 held during training. With ``preference.reference=live`` a frozen copy of the initial
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 
 from rlhf.config import DPOConfig, PreferenceLossConfig
+from rlhf.jobs.kto import UnpairedObjective
 from rlhf.models.config import ModelConfig
 
 NEEDS_REFERENCE = {"dpo", "ipo", "cdpo"}
@@ -28,7 +31,7 @@ class PreferenceObjective:
 
     def __init__(self, model: ModelConfig, preference: PreferenceLossConfig, pad_token_id: int) -> None:
         if preference.loss == "kto":
-            raise ValueError("preference.loss=kto is not in this version yet; use dpo, ipo, cdpo, simpo or orpo")
+            raise ValueError("kto trains on unpaired completions: use rlhf.jobs.kto.UnpairedObjective")
         self.model_config = model
         self.config = preference
         self.pad_token_id = pad_token_id
@@ -120,8 +123,10 @@ class PreferenceObjective:
         return loss, metrics
 
 
-def make_objective(config: DPOConfig, tokenizer: Any) -> PreferenceObjective:
-    """The preference objective for ``config``."""
+def make_objective(config: DPOConfig, tokenizer: Any) -> PreferenceObjective | UnpairedObjective:
+    """The objective of ``config.preference.loss``: pairs, or unpaired completions for kto."""
+    if config.preference.loss == "kto":
+        return UnpairedObjective(config.model, config.preference, tokenizer.pad_token_id, config.data.max_length)
     return PreferenceObjective(config.model, config.preference, tokenizer.pad_token_id)
 
 
@@ -133,9 +138,8 @@ def worker(args: dict[str, Any]) -> None:
 
 
 def run(config: DPOConfig) -> dict[str, Any]:
-    """Train with the configured preference loss; the summary has reward accuracy and margins before/after."""
+    """Train with the configured preference loss; the summary has reward margins (and, for pairs, accuracy) before/after."""
     from rlhf.jobs.loop import run_job
 
-    if config.preference.loss == "kto":
-        raise ValueError("preference.loss=kto is not in this version yet; use dpo, ipo, cdpo, simpo or orpo")
-    return run_job(config, "dpo", PreferenceObjective.data_kind, worker)
+    kind = UnpairedObjective.data_kind if config.preference.loss == "kto" else PreferenceObjective.data_kind
+    return run_job(config, "dpo", kind, worker)

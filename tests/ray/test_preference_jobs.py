@@ -72,10 +72,3 @@ def test_precomputed_reference_equals_live_reference(ray_cluster, tiny_model_dir
         )
         runs[reference] = _train_losses(out)
     assert runs["precomputed"] == pytest.approx(runs["live"], abs=1e-5)
-
-
-def test_kto_is_refused_clearly_until_it_ships(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from rlhf.jobs import dpo
-
-    with pytest.raises(ValueError, match="kto is not in this version yet"):
-        dpo.run(_config(DPOConfig, "dpo.yaml", tiny_model_dir, tmp_path / "kto", "preference.loss=kto"))
