@@ -55,7 +55,60 @@ def _add_job(sub: argparse._SubParsersAction, job: str) -> None:
     parser.add_argument("--config", type=Path, help="YAML config file (keys below); omitted keys keep their defaults")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. engine.zero_stage=2")
+    if job == "serve":
+        _add_serve_flags(parser)
     parser.set_defaults(job=job)
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model directory or hub id to serve (a run's final/ directory); sets model")
+    parser.add_argument(
+        "--adapter", action="append", default=[], metavar="NAME=DIR", help="a LoRA adapter served as NAME (repeatable)"
+    )
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accept this bearer key (repeatable; also $RLHF_API_KEYS, comma-separated); none: no auth",
+    )
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    parser.add_argument(
+        "--export", type=Path, metavar="FILE", help="write a Serve config for `serve deploy` to FILE and exit"
+    )
+
+
+def _serve_overrides(args: argparse.Namespace) -> list[str]:
+    """The serve flags as config overrides (flags win over the config file)."""
+    overrides = []
+    if args.model:
+        overrides.append(f"model={args.model}")
+    if args.host:
+        overrides.append(f"host={args.host}")
+    if args.port is not None:
+        overrides.append(f"port={args.port}")
+    return overrides
+
+
+def _serve(args: argparse.Namespace, config: Any) -> None:
+    from dataclasses import replace
+
+    adapters = dict(config.adapters)
+    for item in args.adapter:
+        name, sep, directory = item.partition("=")
+        if not sep or not name or not directory:
+            raise configtree.ConfigError(f"--adapter {item!r} is not of the form NAME=DIR")
+        adapters[name] = directory
+    config = replace(config, adapters=adapters, api_keys=(*config.api_keys, *args.api_key))
+    if args.export:
+        from serving.server import export
+
+        print(f"wrote {export(config, args.export)}; deploy it with: serve deploy {args.export}")
+        return
+    from serving.server import serve_forever
+
+    serve_forever(config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,9 +167,13 @@ def _init_model(args: argparse.Namespace) -> None:
 def _run_job(args: argparse.Namespace) -> None:
     import yaml
 
-    config = configtree.load(JOBS[args.job], args.config, args.overrides)
+    overrides = [*args.overrides, *(_serve_overrides(args) if args.job == "serve" else [])]
+    config = configtree.load(JOBS[args.job], args.config, overrides)
     if args.print_config:
         print(yaml.safe_dump(configtree.to_dict(config), sort_keys=False), end="")
+        return
+    if args.job == "serve":
+        _serve(args, config)
         return
     run = _runner(args.job)
     if run is None:
@@ -136,7 +193,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from rlhf.jobs.runner import JobError
     from rlhf.models.loading import ModelLoadError
 
-    return (configtree.ConfigError, DataError, JobError, ModelLoadError, NotAvailableError, ValueError)
+    return (configtree.ConfigError, DataError, JobError, ModelLoadError, NotAvailableError, ValueError, TimeoutError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

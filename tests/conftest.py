@@ -20,3 +20,13 @@ def tiny_model_dir() -> Path:
     from rlhf.models.loading import resolve
 
     return Path(resolve("tiny"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded Ray cluster for the session (8 logical CPUs: workers, actors and Serve replicas fit)."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

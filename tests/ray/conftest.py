@@ -1,22 +1,11 @@
-"""One embedded Ray cluster for the whole ray tier."""
+"""Ray Train settings for the job tests (the shared cluster fixture is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import os
-
-import pytest
 
 # Ray Train's controller registers reported checkpoints (and notices dead workers) at this
 # interval, 2 s by default. The tiny models here train a step in ~0.1 s, so the tests poll
 # 10x faster to keep "a checkpoint is durable within a step of being written" true, as it
 # is with real step times.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()

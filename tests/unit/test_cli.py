@@ -68,6 +68,6 @@ def test_init_model_writes_a_loadable_model(tmp_path: Path) -> None:
 
 
 def test_jobs_not_in_this_version_say_so_clearly() -> None:
-    result = _run("serve")
+    result = _run("ppo")
     assert result.returncode == 2
     assert "not in this version yet" in result.stderr and "Traceback" not in result.stderr

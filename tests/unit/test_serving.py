@@ -1,0 +1,174 @@
+"""The serving layer without a live endpoint: request guard, config mapping, export, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf.config import ServeConfig
+from serving.guard import Guard, Limits, check_body, check_key
+
+LIMITS = Limits(max_request_bytes=4096, max_tokens=64, models=("tiny", "positive"))
+
+
+def test_check_key() -> None:
+    assert check_key(None, ()) is None  # auth off
+    assert "missing" in check_key(None, ("k",))
+    assert "missing" in check_key("Basic abc", ("k",))
+    assert check_key("Bearer wrong", ("k",)) == "invalid API key"
+    assert check_key("Bearer k2", ("k1", "k2")) is None
+    assert check_key("bearer k1", ("k1",)) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{oops", None),
+        (b"[1, 2]", None),
+        (json.dumps({"model": "other", "prompt": "x"}).encode(), "model"),
+        (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 0}).encode(), "max_tokens"),
+        (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 65}).encode(), "max_tokens"),
+        (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": "5"}).encode(), "max_tokens"),
+        (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": True}).encode(), "max_tokens"),
+        (json.dumps({"model": "tiny", "prompt": ""}).encode(), "prompt"),
+        (json.dumps({"model": "tiny"}).encode(), "prompt"),
+    ],
+)
+def test_check_body_refuses_completions(body: bytes, param: str | None) -> None:
+    refused = check_body("/v1/completions", body, LIMITS)
+    assert refused is not None and refused[1] == param, refused
+
+
+def test_check_body_chat_and_acceptance() -> None:
+    chat = "/v1/chat/completions"
+    assert check_body(chat, json.dumps({"model": "tiny", "messages": []}).encode(), LIMITS)[1] == "messages"
+    assert check_body(chat, json.dumps({"model": "tiny", "max_completion_tokens": 99}).encode(), LIMITS)[1] == (
+        "max_completion_tokens"
+    )
+    ok = {"model": "positive", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64}
+    assert check_body(chat, json.dumps(ok).encode(), LIMITS) is None
+    assert check_body("/v1/completions", json.dumps({"prompt": ["a", "b"]}).encode(), LIMITS) is None
+
+
+def test_guard_refuses_before_the_app_is_reached() -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    reached: list[str] = []
+
+    async def handler(request):
+        reached.append(request.url.path)
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/v1/completions", handler, methods=["POST"]), Route("/v1/models", handler)])
+    app.add_middleware(Guard, keys=("k",), limits=LIMITS)
+    client = TestClient(app)
+    good = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
+    assert client.get("/v1/models").status_code == 401
+    assert client.post("/v1/completions", json=good, headers={"Authorization": "Bearer no"}).status_code == 401
+    auth = {"Authorization": "Bearer k"}
+    assert client.post("/v1/completions", json={**good, "max_tokens": 999}, headers=auth).status_code == 400
+    assert client.post("/v1/completions", json={**good, "model": "x"}, headers=auth).status_code == 404
+    big = client.post("/v1/completions", json={**good, "prompt": "x" * 5000}, headers=auth)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "too_large"
+    assert reached == [], "a refused request reached the app"
+    assert client.post("/v1/completions", json=good, headers=auth).status_code == 200
+    assert client.get("/v1/models", headers=auth).status_code == 200
+    assert reached == ["/v1/completions", "/v1/models"]
+
+
+def test_model_name_and_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.app import api_keys, model_name
+
+    assert model_name(ServeConfig(model="runs/sft/final")) == "sft"
+    assert model_name(ServeConfig(model="/models/my-model")) == "my-model"
+    assert model_name(ServeConfig(model="org/hub-model")) == "hub-model"
+    assert model_name(ServeConfig(model="x", model_name="named")) == "named"
+    monkeypatch.setenv("RLHF_API_KEYS", "a, b,,a")
+    assert api_keys(ServeConfig(api_keys=("c", "a"))) == ("c", "a", "b")
+
+
+def test_llm_config_maps_replicas_adapters_and_context(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from serving.app import llm_config
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 12}))
+    config = ServeConfig(
+        model=str(tiny_model_dir), adapters={"pos": str(adapter)}, min_replicas=1, max_replicas=3, max_model_len=300
+    )
+    llm = llm_config(config, gpu=False)
+    engine = llm.engine_kwargs
+    assert engine["max_model_len"] == 300 and engine["enable_lora"] and engine["max_lora_rank"] == 16
+    assert engine["lora_modules"] == [{"name": "pos", "path": str(adapter.resolve())}]
+    assert llm.deployment_config["autoscaling_config"]["min_replicas"] == 1
+    assert llm.deployment_config["autoscaling_config"]["max_replicas"] == 3
+    fixed = llm_config(ServeConfig(model=str(tiny_model_dir), min_replicas=2, max_replicas=2), gpu=True)
+    assert fixed.deployment_config["num_replicas"] == 2 and fixed.engine_kwargs["tensor_parallel_size"] == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
+        ({"max_tokens_limit": 5000}, "max_tokens_limit"),
+        ({"adapters": {"a": "/no/such/dir"}}, "adapters.a"),
+    ],
+)
+def test_undeployable_configs_are_refused_naming_the_key(tiny_model_dir: Path, overrides: dict, message: str) -> None:
+    from serving.app import ServeError, build_app
+
+    with pytest.raises(ServeError, match=message):
+        build_app(ServeConfig(model=str(tiny_model_dir), **overrides), gpu=False)
+
+
+def test_export_writes_a_serve_deploy_config_whose_builder_builds(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from ray.serve.deployment import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    out = tmp_path / "serve.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "rlhf.cli", "serve", "--model", str(tiny_model_dir), "--api-key", "secret",
+         "--export", str(out), "max_replicas=2"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    document = yaml.safe_load(out.read_text())
+    schema = ServeDeploySchema.model_validate(document)
+    app = schema.applications[0]
+    assert app.import_path == "serving.app:app_builder"
+    assert "secret" not in out.read_text(), "API keys must not be written to the exported file"
+    from serving.app import app_builder
+
+    assert isinstance(app_builder(app.args), Application)
+
+
+def test_ray_llm_internals_this_module_relies_on() -> None:
+    """serving/app.py and serving/ingress.py use these internal pieces of ray.serve.llm; fail loudly if they move."""
+    import inspect
+
+    from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, to_model_metadata
+    from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init, make_fastapi_ingress
+    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
+
+    assert {"_get_configured_serve_handle", "_get_model_id", "model", "models"} <= set(dir(OpenAiIngress))
+    assert "app" in inspect.signature(make_fastapi_ingress).parameters
+    assert callable(init) and callable(build_llm_deployment) and callable(to_model_metadata)
+    assert {"id", "object", "owned_by", "permission", "metadata"} <= set(ModelCard.model_fields)
+
+
+def test_serve_cli_errors_are_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "rlhf.cli", "serve", "--adapter", "no-equals-sign", "--export", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--adapter 'no-equals-sign' is not of the form NAME=DIR" in result.stderr
+    assert "Traceback" not in result.stderr
