@@ -1,10 +1,16 @@
-"""Shared pieces of the benchmarks: the machine's matmul peak, model FLOPs, the results file."""
+"""Shared pieces of the benchmarks: the machine's matmul peak, model FLOPs, stage timers, TRL's settings."""
 
 from __future__ import annotations
 
 import platform
 import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
@@ -42,3 +48,91 @@ def machine() -> str:
     import torch
 
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+class StageTimer:
+    """Wall-clock seconds per named stage, summed over the timed steps.
+
+    Stages may nest; each total is inclusive of the stages inside it. While ``enabled`` is
+    false (warm-up steps) nothing is recorded. Accelerator work is synchronised at both ends
+    of a stage, so the time lands in the stage that queued it.
+    """
+
+    def __init__(self) -> None:
+        import torch
+
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.enabled = False
+        self.accelerator = torch.cuda.is_available()
+
+    def synchronize(self) -> None:
+        """Wait for queued accelerator work, so that the clock sees it (nothing to wait for on CPU)."""
+        import torch
+
+        if self.accelerator and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        self.synchronize()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.synchronize()
+            self.seconds[stage] += time.perf_counter() - started
+
+    def time_optimizer_steps(self, optimizer: Any, stage: str) -> None:
+        """Time every ``step()`` of ``optimizer`` (the innermost torch optimizer of any wrappers) as ``stage``."""
+        while hasattr(optimizer, "optimizer"):  # DeepSpeed's and accelerate's wrappers keep the torch one there
+            optimizer = optimizer.optimizer
+        started: list[float] = []
+
+        def before(*_: Any) -> None:
+            if self.enabled:
+                self.synchronize()
+                started.append(time.perf_counter())
+
+        def after(*_: Any) -> None:
+            if started:
+                self.synchronize()
+                self.seconds[stage] += time.perf_counter() - started.pop()
+
+        optimizer.register_step_pre_hook(before)
+        optimizer.register_step_post_hook(after)
+
+
+def trl_training_args() -> dict[str, Any]:
+    """TRL trainer settings shared by the benchmarks: like for like with rlhf on this CPU.
+
+    TRL's configs default to ``gradient_checkpointing=True`` and ``bf16=True`` (autocast), unlike
+    ``transformers.TrainingArguments``; rlhf trains in fp32 without checkpointing here, so both are off.
+    """
+    return {
+        "use_cpu": True,
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "logging_steps": 10**6,
+        "save_strategy": "no",
+        "report_to": [],
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+
+
+def isolated(function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``function(*args, **kwargs)`` run in a fresh Python process (spawned), its result sent back.
+
+    Each measured side runs alone: rlhf's engine creates a process group and sets ``RANK`` /
+    ``WORLD_SIZE``, and a TRL trainer started later in the same process would take itself for
+    a distributed run and wrap its model in DDP; thread pools, caches and imports do not leak
+    from one side into the other either. ``function`` must be importable (module level).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args, **kwargs).result()

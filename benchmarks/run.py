@@ -1,12 +1,21 @@
-"""``make bench``: run every benchmark and write ``benchmarks/RESULTS.md``."""
+"""``make bench``: run every benchmark and write ``benchmarks/RESULTS.md``.
+
+``python -m benchmarks.run --quick`` runs a few steps of each (a smoke test; its figures mean
+little); ``--only dpo`` (or ``sft``) runs one benchmark. Either prints the sections and leaves
+the results file alone.
+"""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import logging
 
-from benchmarks import sft
+from benchmarks import dpo, sft
 from benchmarks.common import RESULTS, machine, matmul_peak_flops
+
+BENCHMARKS = {"sft": sft.report, "dpo": dpo.report}
+QUICK_STEPS, QUICK_WARMUP = 20, 5
 
 
 def main() -> None:
@@ -15,25 +24,39 @@ def main() -> None:
 
     import transformers
 
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a few steps each; print, do not write RESULTS.md")
+    parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run only these benchmarks")
+    options = parser.parse_args()
+
     logging.basicConfig(level=logging.WARNING)
     transformers.logging.set_verbosity_error()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # inherited by the processes that run each side (see benchmarks.common.isolated)
+    quiet = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
+    quiet |= {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    for name, value in quiet.items():
+        os.environ.setdefault(name, value)
     from rlhf.models.loading import resolve
 
     model_dir = resolve("tiny")
     peak = matmul_peak_flops()
+    length = {"steps": QUICK_STEPS, "warmup": QUICK_WARMUP} if options.quick else {}
     sections = [
         "# Benchmark results",
         "",
         f"Written by `make bench` on {datetime.date.today().isoformat()}; machine: {machine()}; "
         f"measured fp32 matmul peak: {peak / 1e9:,.1f} GFLOP/s. Shared machines are noisy: "
         "compare the ratios measured within one run, not absolute figures across runs.",
-        "",
-        sft.report(model_dir, peak),
-        "",
     ]
-    RESULTS.write_text("\n".join(sections))
-    print(RESULTS.read_text())
+    for name, report in BENCHMARKS.items():
+        if options.only is None or name in options.only:
+            sections += ["", report(model_dir, peak, **length)]
+    text = "\n".join([*sections, ""])
+    if options.quick or options.only:
+        print(text)
+        return
+    RESULTS.write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

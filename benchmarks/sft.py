@@ -1,9 +1,9 @@
 """SFT tokens/s per worker: rlhf's training engine against TRL's SFTTrainer.
 
 Same tiny model, same bundled prompt/completion data, same maximum sequence length,
-micro-batch, learning rate and number of steps; one worker each, on this machine's CPU,
-in one process one after the other. Tokens are the real (non-padding) input tokens.
-The first WARMUP steps of each are not timed. Each side runs padded and packed
+micro-batch, learning rate and number of steps; fp32 and no gradient checkpointing on both
+sides; one worker each, on this machine's CPU, each in a fresh process, one after the other.
+Tokens are the real (non-padding) input tokens. The first WARMUP steps of each are not timed. Each side runs padded and packed
 (TRL: ``packing=True``, its padding-free best-fit packing; rlhf: ``data.packing``).
 """
 
@@ -33,7 +33,7 @@ class Measurement:
         return self.tokens / self.seconds
 
 
-def run_rlhf(model_dir: str, packing: bool) -> Measurement:
+def run_rlhf(model_dir: str, packing: bool, steps: int = STEPS, warmup: int = WARMUP) -> Measurement:
     """rlhf: the DeepSpeed training engine and the SFT job's own step function, one rank."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -52,20 +52,20 @@ def run_rlhf(model_dir: str, packing: bool) -> Measurement:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = EngineConfig(micro_batch_size=BATCH, learning_rate=LEARNING_RATE, lr_scheduler="constant")
-    engine = TrainingEngine(model, config, total_steps=STEPS)
+    engine = TrainingEngine(model, config, total_steps=steps)
     objective = SFTObjective(ModelConfig(name_or_path=model_dir), tokenizer.pad_token_id)
     tokens, seconds = 0, 0.0
-    for step in range(STEPS):
+    for step in range(steps):
         chosen = [examples[i] for i in step_indices(len(examples), step, BATCH, 1, seed=0)[0]]
         started = time.perf_counter()
         train_step(engine, objective, [objective.collate(chosen)])
-        if step >= WARMUP:
+        if step >= warmup:
             seconds += time.perf_counter() - started
             tokens += sum(len(e["input_ids"]) for e in chosen)
     return Measurement(f"rlhf{' packed' if packing else ''}", tokens, seconds)
 
 
-def run_trl(model_dir: str, packing: bool) -> Measurement:
+def run_trl(model_dir: str, packing: bool, steps: int = STEPS, warmup: int = WARMUP) -> Measurement:
     """TRL's SFTTrainer on the same rows, completion-only loss, CPU."""
     import json
 
@@ -74,6 +74,7 @@ def run_trl(model_dir: str, packing: bool) -> Measurement:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from benchmarks.common import trl_training_args
     from rlhf.data.bundled import bundled_path
 
     rows = [json.loads(line) for line in bundled_path("sft_prompt_completion").read_text().splitlines()]
@@ -93,7 +94,7 @@ def run_trl(model_dir: str, packing: bool) -> Measurement:
             self.before = self.trainer._total_train_tokens
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step > WARMUP:
+            if state.global_step > warmup:
                 self.seconds += time.perf_counter() - self.started
                 self.tokens += self.trainer._total_train_tokens - self.before
 
@@ -101,18 +102,13 @@ def run_trl(model_dir: str, packing: bool) -> Measurement:
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
             output_dir=out,
-            use_cpu=True,
             per_device_train_batch_size=BATCH,
-            max_steps=STEPS,
+            max_steps=steps,
             max_length=MAX_LENGTH,
             packing=packing,
             learning_rate=LEARNING_RATE,
             lr_scheduler_type="constant",
-            logging_steps=10**6,
-            save_strategy="no",
-            report_to=[],
-            dataloader_num_workers=0,
-            disable_tqdm=True,
+            **trl_training_args(),
         )
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[timer]
@@ -122,14 +118,15 @@ def run_trl(model_dir: str, packing: bool) -> Measurement:
     return Measurement(f"TRL SFTTrainer{' packed' if packing else ''}", timer.tokens, timer.seconds)
 
 
-def report(model_dir: str, peak_flops: float) -> str:
+def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = WARMUP) -> str:
     """Run all four configurations and return the markdown section."""
-    from benchmarks.common import training_flops_per_token
+    from benchmarks.common import isolated, training_flops_per_token
 
     flops_per_token = training_flops_per_token(model_dir, MAX_LENGTH)
     rows = []
     for packing in (False, True):
-        ours, theirs = run_rlhf(model_dir, packing), run_trl(model_dir, packing)
+        ours = isolated(run_rlhf, model_dir, packing, steps, warmup)
+        theirs = isolated(run_trl, model_dir, packing, steps, warmup)
         for m in (ours, theirs):
             mfu = m.tokens_per_second * flops_per_token / peak_flops
             rows.append(f"| {m.name} | {m.tokens} | {m.seconds:.2f} | {m.tokens_per_second:,.0f} | {mfu:.2%} |")
@@ -141,7 +138,8 @@ def report(model_dir: str, peak_flops: float) -> str:
             "## SFT throughput per worker: rlhf vs TRL SFTTrainer",
             "",
             f"Tiny model, bundled prompt/completion data, max length {MAX_LENGTH}, micro-batch {BATCH}, "
-            f"{STEPS} steps ({WARMUP} warm-up steps not timed), fp32, one worker on this CPU. "
+            f"{steps} steps ({warmup} warm-up steps not timed), fp32 and no gradient checkpointing on both sides, "
+            "one worker on this CPU. "
             "MFU = model FLOPs/s (6 x weights + attention per token) / measured fp32 matmul peak.",
             "",
             "| run | tokens timed | seconds | tokens/s | MFU |",

@@ -1,0 +1,373 @@
+"""DPO pairs/s per worker: rlhf's DPO path against TRL's DPOTrainer, and where the time goes.
+
+Same tiny model, same bundled preference pairs, same maximum sequence length, micro-batch,
+learning rate, beta and number of steps; sigmoid DPO with reference log-probs precomputed
+once before training on both sides (rlhf: ``preference.reference=precomputed``, TRL:
+``precompute_ref_log_probs=True``, both in batches of 16 pairs); fp32, no gradient
+checkpointing; one worker each, on this machine's CPU, each in a fresh process, one after
+the other.
+
+A timed step is the whole optimizer step, data included: for rlhf, sampling and collating
+the micro-batch plus ``rlhf.jobs.loop.train_step`` (the job's own step function, with
+``PreferenceObjective`` and ``TrainingEngine``); for TRL, the time between two
+``on_step_end`` callbacks (its data loader, ``training_step``, clipping, optimizer and
+scheduler). The first WARMUP steps of each are not timed. The reference precompute is
+timed on its own (it runs once per run, not per step).
+
+Stages are timed by thin wrappers around the calls the step makes (rlhf: the engine's
+forward, ``backward`` and ``step``, the objective's ``loss``; TRL: ``compute_loss`` and
+``training_step`` of a ``DPOTrainer`` subclass, and callbacks at step begin and end).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from benchmarks.common import StageTimer
+
+STEPS = 120
+WARMUP = 10
+BATCH = 8
+MAX_LENGTH = 128
+LEARNING_RATE = 5e-4
+BETA = 0.1
+REFERENCE_BATCH = 16  # pairs per reference forward; rlhf's PreferenceObjective.prepare uses 16
+
+# Stages of one step, in report order: (key, label). Not every side has every stage.
+STAGES = [
+    ("data", "data: sample + collate"),
+    ("forward+loss", "forward + log-probs + DPO loss + metrics"),
+    ("forward", "  of which the model's forward"),
+    ("backward", "backward"),
+    ("all-reduce", "  of which DeepSpeed's `allreduce_gradients` (runs on 1 rank too)"),
+    ("optimizer", "optimizer step (clip, AdamW, schedule)"),
+    ("adamw", "  of which AdamW's step()"),
+    ("other", "other (metric reductions, bookkeeping)"),
+]
+
+
+@dataclass
+class Measurement:
+    """Throughput of one side: timed training steps, and the one-off reference precompute."""
+
+    name: str
+    pairs: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+    reference_pairs: int = 0
+    reference_tokens: int = 0
+    reference_seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)  # seconds over the timed steps
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.pairs / self.seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+
+class _TimedEngine:
+    """A ``TrainingEngine`` whose forward, backward and optimizer step are timed; otherwise the same.
+
+    Inside them, AdamW's ``step()`` (through torch's optimizer hooks) and DeepSpeed's gradient
+    all-reduce, which runs in ``backward`` even on a single rank, are timed too.
+    """
+
+    def __init__(self, engine: Any, timer: StageTimer) -> None:
+        self.engine = engine
+        self.timer = timer
+        self.device = engine.device
+        timer.time_optimizer_steps(engine.optimizer, "adamw")
+        deepspeed_engine = engine.engine
+        all_reduce = deepspeed_engine.allreduce_gradients
+
+        def timed_all_reduce(*args: Any, **kwargs: Any) -> Any:
+            with timer("all-reduce"):
+                return all_reduce(*args, **kwargs)
+
+        # an instance attribute: DeepSpeed's backward looks the method up on the engine object
+        deepspeed_engine.allreduce_gradients = timed_all_reduce
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.timer("forward"):
+            return self.engine(*args, **kwargs)
+
+    def backward(self, loss: Any) -> None:
+        with self.timer("backward"):
+            self.engine.backward(loss)
+
+    def step(self) -> dict[str, float] | None:
+        with self.timer("optimizer"):
+            return self.engine.step()
+
+
+class _TimedObjective:
+    """A ``PreferenceObjective`` whose loss (forward, log-probs, DPO loss, metrics) is timed."""
+
+    def __init__(self, objective: Any, timer: StageTimer) -> None:
+        self.objective = objective
+        self.timer = timer
+
+    def count(self, batch: dict) -> int:
+        return self.objective.count(batch)
+
+    def loss(self, model: Any, batch: dict, denominator: float) -> tuple[Any, dict]:
+        with self.timer("forward+loss"):
+            return self.objective.loss(model, batch, denominator)
+
+
+def run_rlhf(model_dir: str, steps: int = STEPS, warmup: int = WARMUP, zero_stage: int = 0) -> Measurement:
+    """rlhf: the DPO job's objective, reference precompute, step function and DeepSpeed engine, one rank."""
+    from rlhf.config import PreferenceLossConfig
+    from rlhf.data.config import DataConfig
+    from rlhf.data.encode import build_examples
+    from rlhf.engine import EngineConfig, TrainingEngine
+    from rlhf.jobs.batching import step_indices
+    from rlhf.jobs.dpo import PreferenceObjective
+    from rlhf.jobs.loop import train_step
+    from rlhf.jobs.worker import seed_everything
+    from rlhf.models.config import ModelConfig
+    from rlhf.models.loading import load_tokenizer
+
+    model_config = ModelConfig(name_or_path=model_dir)
+    tokenizer = load_tokenizer(model_config)
+    examples = build_examples(DataConfig(path="bundled:preference", max_length=MAX_LENGTH), tokenizer, "preference")
+    seed_everything(0)
+    objective = PreferenceObjective(model_config, PreferenceLossConfig(loss="dpo", beta=BETA), tokenizer.pad_token_id)
+    model = objective.build_model()
+    name = "rlhf" if zero_stage == 0 else f"rlhf ZeRO-{zero_stage}"
+    result = Measurement(name)
+
+    started = time.perf_counter()
+    examples = objective.prepare(model, examples)  # what run_worker does before building the engine
+    result.reference_seconds = time.perf_counter() - started
+    result.reference_pairs = len(examples)
+    result.reference_tokens = sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in examples)
+
+    config = EngineConfig(
+        zero_stage=zero_stage,
+        precision="fp32",
+        micro_batch_size=BATCH,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler="constant",
+    )
+    timer = StageTimer()
+    engine = _TimedEngine(TrainingEngine(model, config, total_steps=steps), timer)
+    timed_objective = _TimedObjective(objective, timer)
+    for step in range(steps):
+        timer.enabled = step >= warmup
+        started = time.perf_counter()
+        with timer("data"):
+            indices = step_indices(len(examples), step, BATCH, 1, seed=0)
+            chosen = [[examples[i] for i in idx] for idx in indices]
+            micro_batches = [objective.collate(c) for c in chosen]
+        train_step(engine, timed_objective, micro_batches)
+        if timer.enabled:
+            result.seconds += time.perf_counter() - started
+            result.steps += 1
+            for pairs in chosen:
+                result.pairs += len(pairs)
+                result.tokens += sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in pairs)
+    result.stages = dict(timer.seconds)
+    result.stages["other"] = result.seconds - sum(
+        result.stages[k] for k in ("data", "forward+loss", "backward", "optimizer")
+    )
+    return result
+
+
+def run_trl(model_dir: str, steps: int = STEPS, warmup: int = WARMUP) -> Measurement:
+    """TRL's DPOTrainer on the same pairs: sigmoid loss, precomputed reference log-probs, CPU."""
+    import json
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from benchmarks.common import trl_training_args
+    from rlhf.data.bundled import bundled_path
+
+    rows = [json.loads(line) for line in bundled_path("preference").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    result = Measurement("TRL DPOTrainer")
+    timer = StageTimer()
+    marks: dict[str, float] = {}
+
+    class TimedDPOTrainer(DPOTrainer):
+        def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+            started = time.perf_counter()
+            dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+            result.reference_seconds += time.perf_counter() - started
+            result.reference_pairs += len(dataset)
+            result.reference_tokens += sum(
+                2 * len(p) + len(c) + len(r)
+                for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
+            )
+            return dataset
+
+        def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None):
+            if timer.enabled:
+                result.pairs += inputs["input_ids"].shape[0] // 2
+                result.tokens += int(inputs["attention_mask"].sum())
+            with timer("forward+loss"):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def training_step(self, *args: Any, **kwargs: Any) -> Any:
+            with timer("training_step"):
+                loss = super().training_step(*args, **kwargs)
+            marks["training_step_end"] = time.perf_counter()
+            return loss
+
+    class StepTimer(TrainerCallback):
+        """Step k is timed from the end of step k-1 to the end of step k, so it includes fetching its batch."""
+
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            timer.time_optimizer_steps(optimizer, "adamw")
+            marks["end"] = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            timer.enabled = state.global_step >= warmup  # global_step counts the steps already done
+            marks["begin"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            if timer.enabled:
+                result.seconds += now - marks["end"]
+                result.steps += 1
+                timer.seconds["data"] += marks["begin"] - marks["end"]
+                timer.seconds["optimizer"] += now - marks["training_step_end"]
+            marks["end"] = now
+
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=BATCH,
+            max_steps=steps,
+            max_length=MAX_LENGTH,
+            learning_rate=LEARNING_RATE,
+            lr_scheduler_type="constant",
+            beta=BETA,
+            loss_type=["sigmoid"],
+            precompute_ref_log_probs=True,
+            precompute_ref_batch_size=REFERENCE_BATCH,
+            **trl_training_args(),
+        )
+        trainer = TimedDPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[StepTimer()],
+        )
+        trainer.train()
+    stages = dict(timer.seconds)
+    stages["backward"] = stages.pop("training_step") - stages["forward+loss"]  # training_step = loss + backward
+    stages["other"] = result.seconds - sum(stages[k] for k in ("data", "forward+loss", "backward", "optimizer"))
+    result.stages = stages
+    return result
+
+
+def _stage_rows(sides: list[Measurement]) -> list[str]:
+    rows = []
+    for key, label in [*STAGES, ("total", "**whole step**")]:
+        cells = []
+        for m in sides:
+            seconds = m.seconds if key == "total" else m.stages.get(key)
+            if seconds is None:
+                cells += ["–", ""]
+            else:
+                cells += [f"{1000 * seconds / m.steps:.2f}", f"{seconds / m.seconds:.0%}"]
+        rows.append(f"| {label} | {' | '.join(cells)} |")
+    return rows
+
+
+def _difference(ours: Measurement, theirs: Measurement) -> str:
+    """Per-step difference of each stage both sides have, in ms (positive: rlhf spends longer)."""
+    parts = []
+    for key, label in STAGES:
+        if key in ours.stages and key in theirs.stages:
+            delta = 1000 * (ours.stages[key] / ours.steps - theirs.stages[key] / theirs.steps)
+            parts.append(f"{label.strip()} {delta:+.2f} ms")
+    total = 1000 * (ours.seconds / ours.steps - theirs.seconds / theirs.steps)
+    return f"Per step, {ours.name} minus {theirs.name}: " + ", ".join(parts) + f"; whole step {total:+.2f} ms."
+
+
+def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = WARMUP) -> str:
+    """Run both sides and return the markdown section."""
+    from benchmarks.common import isolated, training_flops_per_token
+
+    ours = isolated(run_rlhf, model_dir, steps, warmup)
+    ours_zero2 = isolated(run_rlhf, model_dir, steps, warmup, zero_stage=2)
+    theirs = isolated(run_trl, model_dir, steps, warmup)
+    mean_length = round(ours.tokens / (2 * ours.pairs))
+    train_flops = training_flops_per_token(model_dir, mean_length)  # forward + backward: 6 x weights + attention
+    forward_flops = train_flops / 3  # the reference pass is a forward only
+    rows, reference_rows = [], []
+    for m in (ours, ours_zero2, theirs):
+        mfu = m.tokens_per_second * train_flops / peak_flops
+        rows.append(
+            f"| {m.name} | {m.pairs} | {m.seconds:.2f} | {m.pairs_per_second:,.0f} | {m.tokens_per_second:,.0f} | {mfu:.2%} |"
+        )
+    for m in (ours, theirs):  # the ZeRO stage does not touch the reference pass
+        reference_per_second = m.reference_pairs / m.reference_seconds
+        reference_mfu = m.reference_tokens / m.reference_seconds * forward_flops / peak_flops
+        reference_rows.append(
+            f"| {m.name} | {m.reference_pairs} | {m.reference_seconds:.2f} | {reference_per_second:,.0f} | "
+            f"{reference_mfu:.2%} | {m.reference_seconds / (m.seconds / m.steps):.0f} |"
+        )
+    ratio = ours.pairs_per_second / theirs.pairs_per_second
+    rows.append(f"| **ratio rlhf / TRL** | | | **{ratio:.2f}x** | | |")
+    rows.append(
+        f"| **ratio rlhf ZeRO-2 / TRL** | | | **{ours_zero2.pairs_per_second / theirs.pairs_per_second:.2f}x** | | |"
+    )
+    reference_ratio = (ours.reference_pairs / ours.reference_seconds) / (
+        theirs.reference_pairs / theirs.reference_seconds
+    )
+    reference_rows.append(f"| **ratio rlhf / TRL** | | | **{reference_ratio:.2f}x** | | |")
+    return "\n".join(
+        [
+            "## DPO throughput per worker: rlhf vs TRL DPOTrainer",
+            "",
+            f"Tiny model, bundled preference pairs (mean {mean_length} tokens per sequence), max length {MAX_LENGTH}, "
+            f"micro-batch {BATCH} pairs, sigmoid DPO with beta {BETA}, {steps} steps ({warmup} warm-up steps not "
+            "timed), fp32, no gradient checkpointing, one worker on this CPU. Reference log-probs are precomputed "
+            f"once before training on both sides (batches of {REFERENCE_BATCH} pairs), so a step is one policy "
+            "forward and backward over the chosen and rejected rows of its pairs. rlhf runs its DPO job's own "
+            "`PreferenceObjective`, `train_step` and `TrainingEngine` (ZeRO-0, and ZeRO-2 as in "
+            "`rlhf/configs/dpo.yaml`); TRL runs `DPOTrainer` with `precompute_ref_log_probs=True`. A timed step "
+            "includes fetching and collating its batch. MFU = model FLOPs/s (6 x weights + attention per real "
+            "token; a third of that for the forward-only reference pass) / measured fp32 matmul peak.",
+            "",
+            "| run | pairs timed | seconds | pairs/s | tokens/s | MFU |",
+            "|---|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            "Reference log-probs, computed once before training over all training pairs (forward only, no grad; "
+            "TRL's time includes writing them to its datasets cache file). The last column is that time in "
+            "training steps of the same run:",
+            "",
+            "| run | pairs | seconds | pairs/s | MFU | in training steps |",
+            "|---|---:|---:|---:|---:|---:|",
+            *reference_rows,
+            "",
+            "Where the time of a training step goes (ms per timed step, and share of the step). rlhf's stages are "
+            "timed around the engine's forward, `backward` and `step` and the objective's `loss`; TRL's around "
+            "`compute_loss` and `training_step` (backward = `training_step` - `compute_loss`), its data loader "
+            "being the time from the previous step's end to `on_step_begin`, and its optimizer stage the rest of "
+            "the step (clipping, optimizer, scheduler, `zero_grad`, token and FLOP counters).",
+            "",
+            f"| stage | {ours.name} ms | share | {ours_zero2.name} ms | share | {theirs.name} ms | share |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            *_stage_rows([ours, ours_zero2, theirs]),
+            "",
+            _difference(ours, theirs),
+        ]
+    )
