@@ -29,6 +29,14 @@ JOB_SUMMARIES = {
 }
 
 
+EXAMPLE_OVERRIDES = {
+    "sft": "train.max_steps=10",
+    "rm": "train.max_steps=10",
+    "dpo": "preference.loss=ipo",
+    "serve": "--model runs/demo/dpo/final",
+}
+
+
 def _runner(job: str) -> Callable[[Any], dict[str, Any]] | None:
     """The job's ``run`` function, or None where this version does not have the job yet."""
     if job == "sft":
@@ -48,7 +56,7 @@ def _add_job(sub: argparse._SubParsersAction, job: str) -> None:
     parser = sub.add_parser(
         job,
         help=JOB_SUMMARIES[job],
-        description=f"{JOB_SUMMARIES[job]}.\n\nExample: rlhf {job} --config {example} train.max_steps=10",
+        description=f"{JOB_SUMMARIES[job]}.\n\nExample: rlhf {job} --config {example} {EXAMPLE_OVERRIDES.get(job, '')}",
         epilog="configuration keys (set in the YAML file or as key=value):\n" + configtree.help_text(cls),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

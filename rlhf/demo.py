@@ -1,9 +1,10 @@
 """``rlhf demo``: the pipeline end to end on an embedded local Ray cluster, on a CPU, in minutes.
 
 Stages today: build the tiny model; supervised fine-tuning on the bundled toy-world data;
-a reward model on the bundled preference pairs; DPO from the SFT model on the same pairs.
-Each training stage runs 2 data-parallel Ray Train workers (DeepSpeed ZeRO-2 over gloo)
-and prints its before/after figures.
+a reward model on the bundled preference pairs; DPO from the SFT model on the same pairs;
+then the DPO model is served (Ray Serve + vLLM) and asked a question through the
+``openai`` client. Each training stage runs 2 data-parallel Ray Train workers (DeepSpeed
+ZeRO-2 over gloo) and prints its before/after figures.
 """
 
 from __future__ import annotations
@@ -49,20 +50,23 @@ def run_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
 
     started = time.perf_counter()
     output_dir = Path(output_dir).resolve()
-    print(f"[1/4] init-model -> {output_dir / 'tiny-model'}", flush=True)
+    print(f"[1/5] init-model -> {output_dir / 'tiny-model'}", flush=True)
     model_dir = init_model(output_dir / "tiny-model")
     before = sample(model_dir)
 
-    print(f"[2/4] sft: {workers} Ray Train workers, DeepSpeed ZeRO-2, bundled prompt/completion data", flush=True)
+    print(f"[2/5] sft: {workers} Ray Train workers, DeepSpeed ZeRO-2, bundled prompt/completion data", flush=True)
     sft_summary = sft.run(_config(SFTConfig, "sft", output_dir, model_dir, workers))
     after_sft = sample(sft_summary["final_model"])
 
-    print("[3/4] reward model on the bundled preference pairs", flush=True)
+    print("[3/5] reward model on the bundled preference pairs", flush=True)
     rm_summary = rm.run(_config(RMConfig, "rm", output_dir, sft_summary["final_model"], workers))
 
-    print("[4/4] dpo from the SFT model on the same pairs", flush=True)
+    print("[4/5] dpo from the SFT model on the same pairs", flush=True)
     dpo_summary = dpo.run(_config(DPOConfig, "dpo", output_dir, sft_summary["final_model"], workers))
     after_dpo = sample(dpo_summary["final_model"])
+
+    print("[5/5] serve the DPO model (Ray Serve + vLLM) and ask it through the openai client", flush=True)
+    served = ask_served_model(dpo_summary["final_model"])
     elapsed = time.perf_counter() - started
 
     print("\n=== demo summary ===")
@@ -78,6 +82,33 @@ def run_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
     print(f"prompt                    : {EXAMPLE_PROMPT}")
     for name, answer in (("base model", before), ("after SFT", after_sft), ("after DPO", after_dpo)):
         print(f"  {name:<23} : {answer!r} (rule-based reward {positive_word_reward(answer):+.2f})")
+    print(f"served endpoint           : {served['url']}/v1 (model {served['model']!r}), chat: {EXAMPLE_PROMPT}")
+    print(f"  {'answer':<23} : {served['answer']!r}")
     print(f"run directories           : {output_dir}/{{sft,rm,dpo}} (final/, metrics.jsonl, config.yaml)")
     print(f"wall time                 : {elapsed:.0f} s")
-    return {"sft": sft_summary, "rm": rm_summary, "dpo": dpo_summary, "seconds": elapsed}
+    return {"sft": sft_summary, "rm": rm_summary, "dpo": dpo_summary, "served": served, "seconds": elapsed}
+
+
+def ask_served_model(model_dir: str, question: str = EXAMPLE_PROMPT) -> dict[str, str]:
+    """Serve ``model_dir`` on 127.0.0.1, ask ``question`` through the openai client, stop the endpoint."""
+    import socket
+
+    import openai
+
+    from rlhf.config import ServeConfig
+    from serving.server import start, stop
+
+    with socket.socket() as sock:  # a free port, so the demo never collides with a running server
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = ServeConfig(model=model_dir, model_name="demo", port=port, max_model_len=256, max_tokens_limit=64)
+    url = start(config)
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=2)
+        response = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": question}], max_tokens=16, temperature=0
+        )
+        answer = (response.choices[0].message.content or "").strip()
+    finally:
+        stop()
+    return {"url": url, "model": "demo", "answer": answer}
