@@ -150,8 +150,11 @@ class TrainingEngine:
         for param in model.parameters():
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
+        groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            # DeepSpeed drops empty groups after the scheduler below has counted them (a LoRA model
+            # has no trainable 1-d parameters), and the scheduler then fails on its first step
+            [group for group in groups if group["params"]],
             lr=config.learning_rate,
             betas=tuple(config.adam_betas),
             eps=config.adam_eps,
