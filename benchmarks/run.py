@@ -1,8 +1,8 @@
 """``make bench``: run every benchmark and write ``benchmarks/RESULTS.md``.
 
 ``python -m benchmarks.run --quick`` runs a few steps of each (a smoke test; its figures mean
-little); ``--only dpo`` (or ``sft``) runs one benchmark. Either prints the sections and leaves
-the results file alone.
+little); ``--only dpo`` (or ``sft``, ``serve``) runs one benchmark. Either prints the sections
+and leaves the results file alone.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import argparse
 import datetime
 import logging
 
-from benchmarks import dpo, sft
+from benchmarks import dpo, serve, sft
 from benchmarks.common import RESULTS, machine, matmul_peak_flops
 
-BENCHMARKS = {"sft": sft.report, "dpo": dpo.report}
+BENCHMARKS = {"sft": sft.report, "dpo": dpo.report, "serve": serve.report}
 QUICK_STEPS, QUICK_WARMUP = 20, 5
+QUICK = {"serve": {"seconds": 4.0}}  # benchmarks not measured in steps: their own quick arguments
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
 
     model_dir = resolve("tiny")
     peak = matmul_peak_flops()
-    length = {"steps": QUICK_STEPS, "warmup": QUICK_WARMUP} if options.quick else {}
+    quick_steps = {"steps": QUICK_STEPS, "warmup": QUICK_WARMUP}
     sections = [
         "# Benchmark results",
         "",
@@ -50,6 +51,7 @@ def main() -> None:
     ]
     for name, report in BENCHMARKS.items():
         if options.only is None or name in options.only:
+            length = QUICK.get(name, quick_steps) if options.quick else {}
             sections += ["", report(model_dir, peak, **length)]
     text = "\n".join([*sections, ""])
     if options.quick or options.only:

@@ -89,7 +89,8 @@ def deepspeed_config(config: EngineConfig, world_size: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": config.micro_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "train_batch_size": config.micro_batch_size * config.gradient_accumulation_steps * world_size,
-        "gradient_clipping": config.max_grad_norm,
+        # the plain fp32 ZeRO-0 path is clipped by TrainingEngine.step, which needs the norm anyway
+        "gradient_clipping": 0.0 if clips_itself(config) else config.max_grad_norm,
         "bf16": {"enabled": use_bf16(config.precision)},
         "zero_optimization": zero,
         # the client optimizer is torch's AdamW; DeepSpeed's CPU Adam would need a JIT build
@@ -98,6 +99,11 @@ def deepspeed_config(config: EngineConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def clips_itself(config: EngineConfig) -> bool:
+    """Whether :class:`TrainingEngine` clips gradients itself (fp32 ZeRO-0) rather than DeepSpeed."""
+    return config.zero_stage == 0 and not use_bf16(config.precision)
 
 
 def init_process_group(timeout_s: float = 600.0) -> None:
@@ -151,6 +157,7 @@ class TrainingEngine:
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
         groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        trainable = decay + no_decay
         optimizer = torch.optim.AdamW(
             # DeepSpeed drops empty groups after the scheduler below has counted them (a LoRA model
             # has no trainable 1-d parameters), and the scheduler then fails on its first step
@@ -158,6 +165,9 @@ class TrainingEngine:
             lr=config.learning_rate,
             betas=tuple(config.adam_betas),
             eps=config.adam_eps,
+            # one fused kernel instead of a per-parameter loop (CPU and CUDA, float parameters)
+            fused=bool(trainable)
+            and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in trainable),
         )
         name = "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler
         scheduler = get_scheduler(
@@ -171,6 +181,8 @@ class TrainingEngine:
             dist_init_required=False,
         )
         self.device = self.engine.device
+        if self.world_size == 1 and config.zero_stage == 0:
+            self.engine.enable_backward_allreduce = False  # averaging over one rank only copies gradients
 
     @property
     def module(self) -> torch.nn.Module:
@@ -204,11 +216,15 @@ class TrainingEngine:
 
         boundary = self.engine.is_gradient_accumulation_boundary()
         norm = None
-        if boundary and self.config.zero_stage == 0:
-            # DeepSpeed's fp32 stage-0 path clips without recording the norm; the gradients
-            # are already averaged over ranks here, so the norm is the global one.
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if boundary and clips_itself(self.config):
+            # the gradients are already averaged over ranks here, so this norm is the global one
+            params = [p for p in self.engine.module.parameters() if p.grad is not None]
+            if not params:
+                norm = torch.zeros(())
+            elif self.config.max_grad_norm > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         self.engine.step()
         if not boundary:
             return None
