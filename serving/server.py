@@ -81,10 +81,11 @@ def banner(config: ServeConfig, url: str) -> str:
 
 def serve_forever(config: ServeConfig) -> None:
     """Start the endpoint, print how to reach it, and serve until SIGINT or SIGTERM."""
+    url = start(config)
+    # installed after Ray has started: its core worker replaces SIGTERM's handler with an abort
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
-    url = start(config)
     print(banner(config, url), flush=True)
     try:
         stopping.wait()

@@ -1,0 +1,82 @@
+"""``rlhf serve`` as a user runs it: its own embedded Ray cluster, the banner, a request, then a clean stop."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+
+from tests.serving.conftest import _free_port
+
+
+def _read_until(process: subprocess.Popen, lines: queue.Queue, marker: str, timeout_s: float) -> str:
+    """stdout of ``process`` up to the line containing ``marker`` (fails on timeout or exit)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            if process.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"no {marker!r} within {timeout_s} s; output so far:\n{''.join(seen)[-3000:]}")
+
+
+def _pump(stream: object, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_rlhf_serve_prints_how_to_reach_it_and_stops_cleanly(tiny_model_dir: Path, stop_signal: int) -> None:
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "rlhf.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+        "--api-key", "cli-key", "max_model_len=256", "max_tokens_limit=16",
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
+    descendants: list[psutil.Process] = []
+    try:
+        banner = _read_until(process, lines, "Ctrl-C stops the endpoint", timeout_s=600)
+        url = f"http://127.0.0.1:{port}"
+        assert f"serving at {url}/v1" in banner
+        assert f"models: {tiny_model_dir.name}" in banner
+        assert f"curl {url}/v1/chat/completions" in banner and "Authorization: Bearer" in banner
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="cli-key", max_retries=0, timeout=120)
+        answer = client.chat.completions.create(
+            model=tiny_model_dir.name, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        assert answer.choices[0].message.content is not None
+
+        descendants = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(stop_signal)
+        assert process.wait(timeout=120) == 0
+        time.sleep(1)  # let the reader thread drain the pipe
+        rest = "".join(lines.get() for _ in range(lines.qsize()))
+        assert "shutting down" in rest
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+    # the embedded cluster, the replicas and their vLLM engines went with it
+    _, alive = psutil.wait_procs(descendants, timeout=60)
+    assert not alive, [p.info if hasattr(p, "info") else p.pid for p in alive]
+    with pytest.raises(openai.APIConnectionError):
+        openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0, timeout=5).models.list()
