@@ -122,7 +122,9 @@ class _TimedObjective:
             return self.objective.loss(model, batch, denominator)
 
 
-def run_rlhf(model_dir: str, steps: int = STEPS, warmup: int = WARMUP, zero_stage: int = 0) -> Measurement:
+def run_rlhf(
+    model_dir: str, steps: int = STEPS, warmup: int = WARMUP, zero_stage: int = 0, packing: bool = False
+) -> Measurement:
     """rlhf: the DPO job's objective, reference precompute, step function and DeepSpeed engine, one rank."""
     from rlhf.config import PreferenceLossConfig
     from rlhf.data.config import DataConfig
@@ -139,9 +141,11 @@ def run_rlhf(model_dir: str, steps: int = STEPS, warmup: int = WARMUP, zero_stag
     tokenizer = load_tokenizer(model_config)
     examples = build_examples(DataConfig(path="bundled:preference", max_length=MAX_LENGTH), tokenizer, "preference")
     seed_everything(0)
-    objective = PreferenceObjective(model_config, PreferenceLossConfig(loss="dpo", beta=BETA), tokenizer.pad_token_id)
+    objective = PreferenceObjective(
+        model_config, PreferenceLossConfig(loss="dpo", beta=BETA), tokenizer.pad_token_id, packing=packing
+    )
     model = objective.build_model()
-    name = "rlhf" if zero_stage == 0 else f"rlhf ZeRO-{zero_stage}"
+    name = ("rlhf" if zero_stage == 0 else f"rlhf ZeRO-{zero_stage}") + (" packed" if packing else "")
     result = Measurement(name)
 
     started = time.perf_counter()
@@ -305,18 +309,19 @@ def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 
     from benchmarks.common import isolated, training_flops_per_token
 
     ours = isolated(run_rlhf, model_dir, steps, warmup)
+    ours_packed = isolated(run_rlhf, model_dir, steps, warmup, packing=True)
     ours_zero2 = isolated(run_rlhf, model_dir, steps, warmup, zero_stage=2)
     theirs = isolated(run_trl, model_dir, steps, warmup)
     mean_length = round(ours.tokens / (2 * ours.pairs))
     train_flops = training_flops_per_token(model_dir, mean_length)  # forward + backward: 6 x weights + attention
     forward_flops = train_flops / 3  # the reference pass is a forward only
     rows, reference_rows = [], []
-    for m in (ours, ours_zero2, theirs):
+    for m in (ours, ours_packed, ours_zero2, theirs):
         mfu = m.tokens_per_second * train_flops / peak_flops
         rows.append(
             f"| {m.name} | {m.pairs} | {m.seconds:.2f} | {m.pairs_per_second:,.0f} | {m.tokens_per_second:,.0f} | {mfu:.2%} |"
         )
-    for m in (ours, theirs):  # the ZeRO stage does not touch the reference pass
+    for m in (ours, ours_packed, theirs):  # the ZeRO stage does not touch the reference pass
         reference_per_second = m.reference_pairs / m.reference_seconds
         reference_mfu = m.reference_tokens / m.reference_seconds * forward_flops / peak_flops
         reference_rows.append(
@@ -325,6 +330,9 @@ def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 
         )
     ratio = ours.pairs_per_second / theirs.pairs_per_second
     rows.append(f"| **ratio rlhf / TRL** | | | **{ratio:.2f}x** | | |")
+    rows.append(
+        f"| **ratio rlhf packed / TRL** | | | **{ours_packed.pairs_per_second / theirs.pairs_per_second:.2f}x** | | |"
+    )
     rows.append(
         f"| **ratio rlhf ZeRO-2 / TRL** | | | **{ours_zero2.pairs_per_second / theirs.pairs_per_second:.2f}x** | | |"
     )
@@ -341,8 +349,8 @@ def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 
             "timed), fp32, no gradient checkpointing, one worker on this CPU. Reference log-probs are precomputed "
             f"once before training on both sides (batches of {REFERENCE_BATCH} pairs), so a step is one policy "
             "forward and backward over the chosen and rejected rows of its pairs. rlhf runs its DPO job's own "
-            "`PreferenceObjective`, `train_step` and `TrainingEngine` (ZeRO-0, and ZeRO-2 as in "
-            "`rlhf/configs/dpo.yaml`); TRL runs `DPOTrainer` with `precompute_ref_log_probs=True`. A timed step "
+            "`PreferenceObjective`, `train_step` and `TrainingEngine` (ZeRO-0 padded; ZeRO-0 with `data.packing`, "
+            "each micro-batch's chosen and rejected sequences in one padding-free row; ZeRO-2 padded); TRL runs `DPOTrainer` with `precompute_ref_log_probs=True`. A timed step "
             "includes fetching and collating its batch. MFU = model FLOPs/s (6 x weights + attention per real "
             "token; a third of that for the forward-only reference pass) / measured fp32 matmul peak.",
             "",
@@ -364,10 +372,13 @@ def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 
             "being the time from the previous step's end to `on_step_begin`, and its optimizer stage the rest of "
             "the step (clipping, optimizer, scheduler, `zero_grad`, token and FLOP counters).",
             "",
-            f"| stage | {ours.name} ms | share | {ours_zero2.name} ms | share | {theirs.name} ms | share |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-            *_stage_rows([ours, ours_zero2, theirs]),
+            f"| stage | {ours.name} ms | share | {ours_packed.name} ms | share | {ours_zero2.name} ms | share "
+            f"| {theirs.name} ms | share |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *_stage_rows([ours, ours_packed, ours_zero2, theirs]),
             "",
             _difference(ours, theirs),
+            "",
+            _difference(ours_packed, theirs),
         ]
     )

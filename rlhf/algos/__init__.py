@@ -13,7 +13,7 @@ from rlhf.algos.advantages import (
     token_rewards_with_kl,
 )
 from rlhf.algos.kl import adaptive_kl_coefficient, kl_estimate
-from rlhf.algos.logprobs import entropy_from_logits, sequence_logprobs, token_logprobs
+from rlhf.algos.logprobs import entropy_from_logits, packed_sequence_logprobs, sequence_logprobs, token_logprobs
 from rlhf.algos.masking import (
     divide_by_denominator,
     masked_count,
@@ -54,6 +54,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "orpo_loss",
+    "packed_sequence_logprobs",
     "ppo_policy_loss",
     "reduction_dtype",
     "reinforce_plus_plus_returns",

@@ -54,6 +54,39 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - expected_logit
 
 
+def packed_sequence_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    num_sequences: int,
+    average: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """:func:`sequence_logprobs` of sequences packed into one row (no padding).
+
+    Args:
+        logits: [1, N, V] over the packed row.
+        labels: [1, N]; each sequence's first label must be `ignore_index` (nothing is scored across a boundary).
+        sequence_ids: [N], the sequence each token belongs to, in 0..num_sequences-1.
+        num_sequences: number of sequences in the row.
+        average: per-token mean instead of the sum (see :func:`sequence_logprobs`).
+        ignore_index: label value of unscored tokens.
+
+    Returns:
+        [num_sequences] log-probabilities, at least float32.
+    """
+    shifted_labels = labels[0, 1:]
+    label_mask = shifted_labels != ignore_index
+    per_token = token_logprobs(logits[0, :-1], shifted_labels)
+    per_token = torch.where(label_mask, per_token, torch.zeros_like(per_token))
+    owners = sequence_ids[1:]  # the sequence of each predicted token
+    summed = per_token.new_zeros(num_sequences).index_add(0, owners, per_token)
+    if not average:
+        return summed
+    counts = per_token.new_zeros(num_sequences).index_add(0, owners, label_mask.to(per_token.dtype))
+    return summed / counts.clamp(min=1)
+
+
 def sequence_logprobs(
     logits: torch.Tensor, labels: torch.Tensor, average: bool = False, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:

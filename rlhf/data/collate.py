@@ -78,6 +78,35 @@ def preference_batch(examples: Sequence[dict[str, list[int]]], pad_token_id: int
     return pad_batch(stacked, pad_token_id, ("input_ids", "labels"))
 
 
+def packed_preference_batch(examples: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """Chosen then rejected sequences of ``examples`` concatenated into one padding-free row.
+
+    The same sequences as :func:`preference_batch` (chosen ``0..B-1``, rejected ``B..2B-1``), with no
+    padding: ``position_ids`` restart at 0 for each sequence, which transformers uses to keep attention
+    within it (run the model without ``attention_mask`` and with ``use_cache=False``).
+
+    Returns:
+        ``input_ids``, ``labels``, ``position_ids``: ``[1, N]`` with ``N`` the total length; each
+        sequence's first label is ignored, so no token is scored across a boundary.
+        ``sequence_ids``: ``[N]``, the sequence (row of :func:`preference_batch`) of every token.
+    """
+    pairs = [(e["chosen_input_ids"], e["chosen_labels"]) for e in examples]
+    pairs += [(e["rejected_input_ids"], e["rejected_labels"]) for e in examples]
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    sequence_ids: list[int] = []
+    for index, (ids, labs) in enumerate(pairs):
+        input_ids += ids
+        labels += [IGNORE_INDEX, *labs[1:]]
+        position_ids += range(len(ids))
+        sequence_ids += [index] * len(ids)
+    row = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    batch = {key: torch.tensor([values], dtype=torch.long) for key, values in row.items()}
+    batch["sequence_ids"] = torch.tensor(sequence_ids, dtype=torch.long)
+    return batch
+
+
 def pack_examples(examples: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
     """Pack SFT examples (``input_ids``, ``labels``) into sequences of at most ``max_length`` tokens.
 

@@ -46,7 +46,10 @@ class DataConfig:
     )
     packing: bool = field(
         default=False,
-        metadata={"help": "pack several examples into each sequence (padding-free, attention kept per example)"},
+        metadata={
+            "help": "padding-free batches, attention kept per example: sft packs examples into sequences, "
+            "dpo runs each micro-batch's chosen and rejected sequences as one row"
+        },
     )
     max_rows: int | None = field(default=None, metadata={"help": "use at most this many rows (empty: all)"})
     shuffle_seed: int = field(default=0, metadata={"help": "seed of the shuffle of training rows"})

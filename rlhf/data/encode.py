@@ -240,8 +240,8 @@ def build_examples(
     """
     path = config.path if path is None else path
     split = config.split if split is None else split
-    if config.packing and kind != "sft":
-        raise ValueError(f"packing is supported for sft data only, not {kind}")
+    if config.packing and kind not in ("sft", "preference"):
+        raise ValueError(f"packing is supported for sft and preference data only, not {kind}")
     report = BadRowReport(path) if config.on_bad_row == "skip" else None
     rows, source = load_rows(path, split, report=report)
     if report is not None:
@@ -256,7 +256,8 @@ def build_examples(
         report.warn(kept=len(examples))
     if not examples:
         raise DataError("no usable rows", detail=f"split {split!r}", source=source.name)
-    return pack_examples(examples, config.max_length) if config.packing else examples
+    # preference pairs stay whole: the DPO objective packs each micro-batch's sequences when it collates
+    return pack_examples(examples, config.max_length) if config.packing and kind == "sft" else examples
 
 
 def _encode_rows(

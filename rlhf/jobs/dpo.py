@@ -29,12 +29,15 @@ class PreferenceObjective:
 
     data_kind = "preference"
 
-    def __init__(self, model: ModelConfig, preference: PreferenceLossConfig, pad_token_id: int) -> None:
+    def __init__(
+        self, model: ModelConfig, preference: PreferenceLossConfig, pad_token_id: int, packing: bool = False
+    ) -> None:
         if preference.loss == "kto":
             raise ValueError("kto trains on unpaired completions: use rlhf.jobs.kto.UnpairedObjective")
         self.model_config = model
         self.config = preference
         self.pad_token_id = pad_token_id
+        self.packing = packing
         self.reference: torch.nn.Module | None = None
 
     @property
@@ -51,10 +54,10 @@ class PreferenceObjective:
         return load_causal_lm(self.model_config)
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Chosen rows first, then rejected rows, padded together; precomputed reference log-probs if any."""
-        from rlhf.data.collate import preference_batch
+        """Chosen rows first, then rejected rows (padded, or packed into one row); reference log-probs if any."""
+        from rlhf.data.collate import packed_preference_batch, preference_batch
 
-        batch = preference_batch(examples, self.pad_token_id)
+        batch = packed_preference_batch(examples) if self.packing else preference_batch(examples, self.pad_token_id)
         if "reference_logps" in examples[0]:
             chosen = [e["reference_logps"][0] for e in examples]
             rejected = [e["reference_logps"][1] for e in examples]
@@ -63,11 +66,16 @@ class PreferenceObjective:
 
     def _logps(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Response log-probs [2B] (chosen rows first) under ``model``."""
-        from rlhf.algos import sequence_logprobs
+        from rlhf.algos import packed_sequence_logprobs, sequence_logprobs
 
+        if "sequence_ids" in batch:  # packed: no mask, restarting positions keep attention per sequence
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            count = 2 * self.count(batch)
+            return packed_sequence_logprobs(
+                logits.float(), batch["labels"], batch["sequence_ids"], count, average=self.average
+            )
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        logps = sequence_logprobs(logits.float(), batch["labels"], average=self.average)
-        return logps
+        return sequence_logprobs(logits.float(), batch["labels"], average=self.average)
 
     def prepare(self, model: torch.nn.Module, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Reference log-probs of every pair from the initial policy (once, before training)."""
@@ -87,6 +95,8 @@ class PreferenceObjective:
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """Pairs."""
+        if "sequence_ids" in batch:
+            return (int(batch["sequence_ids"][-1]) + 1) // 2
         return batch["input_ids"].shape[0] // 2
 
     def derived_eval_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -127,7 +137,7 @@ def make_objective(config: DPOConfig, tokenizer: Any) -> PreferenceObjective | U
     """The objective of ``config.preference.loss``: pairs, or unpaired completions for kto."""
     if config.preference.loss == "kto":
         return UnpairedObjective(config.model, config.preference, tokenizer.pad_token_id, config.data.max_length)
-    return PreferenceObjective(config.model, config.preference, tokenizer.pad_token_id)
+    return PreferenceObjective(config.model, config.preference, tokenizer.pad_token_id, config.data.packing)
 
 
 def worker(args: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -135,8 +136,11 @@ def test_build_examples_with_packing(tiny):
     packs = build_examples(config, tokenizer, "sft")
     assert len(packs) < 20 and all("position_ids" in p and len(p["input_ids"]) <= 64 for p in packs)
     assert sum(p["position_ids"].count(0) for p in packs) == 20
-    with pytest.raises(ValueError, match="packing is supported for sft"):
-        build_examples(config, tokenizer, "preference")
+    with pytest.raises(ValueError, match="packing is supported for sft and preference data only, not prompt"):
+        build_examples(replace(config, path="bundled:prompts"), tokenizer, "prompt")
+    # preference pairs stay whole; the DPO objective packs them per micro-batch
+    pairs = build_examples(replace(config, path="bundled:preference"), tokenizer, "preference")
+    assert len(pairs) == 20 and "chosen_input_ids" in pairs[0]
 
 
 def test_shard_is_strided_with_equal_counts(caplog):
