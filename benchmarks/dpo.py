@@ -30,6 +30,7 @@ from benchmarks.common import StageTimer
 
 STEPS = 120
 WARMUP = 10
+REPEATS = 3
 BATCH = 8
 MAX_LENGTH = 128
 LEARNING_RATE = 5e-4
@@ -304,14 +305,29 @@ def _difference(ours: Measurement, theirs: Measurement) -> str:
     return f"Per step, {ours.name} minus {theirs.name}: " + ", ".join(parts) + f"; whole step {total:+.2f} ms."
 
 
-def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = WARMUP) -> str:
-    """Run both sides and return the markdown section."""
-    from benchmarks.common import isolated, training_flops_per_token
+def _median_runs(model_dir: str, steps: int, warmup: int, repeats: int) -> list[Measurement]:
+    """Each configuration ``repeats`` times, interleaved so slow phases of a shared machine hit every side;
+    for each, the run of median throughput."""
+    from benchmarks.common import isolated
 
-    ours = isolated(run_rlhf, model_dir, steps, warmup)
-    ours_packed = isolated(run_rlhf, model_dir, steps, warmup, packing=True)
-    ours_zero2 = isolated(run_rlhf, model_dir, steps, warmup, zero_stage=2)
-    theirs = isolated(run_trl, model_dir, steps, warmup)
+    configurations = [
+        (run_rlhf, {}),
+        (run_rlhf, {"packing": True}),
+        (run_rlhf, {"zero_stage": 2}),
+        (run_trl, {}),
+    ]
+    runs: list[list[Measurement]] = [[] for _ in configurations]
+    for _ in range(repeats):
+        for index, (fn, kwargs) in enumerate(configurations):
+            runs[index].append(isolated(fn, model_dir, steps, warmup, **kwargs))
+    return [sorted(r, key=lambda m: m.pairs_per_second)[len(r) // 2] for r in runs]
+
+
+def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = WARMUP, repeats: int = REPEATS) -> str:
+    """Run both sides and return the markdown section."""
+    from benchmarks.common import training_flops_per_token
+
+    ours, ours_packed, ours_zero2, theirs = _median_runs(model_dir, steps, warmup, repeats)
     mean_length = round(ours.tokens / (2 * ours.pairs))
     train_flops = training_flops_per_token(model_dir, mean_length)  # forward + backward: 6 x weights + attention
     forward_flops = train_flops / 3  # the reference pass is a forward only
@@ -346,7 +362,7 @@ def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 
             "",
             f"Tiny model, bundled preference pairs (mean {mean_length} tokens per sequence), max length {MAX_LENGTH}, "
             f"micro-batch {BATCH} pairs, sigmoid DPO with beta {BETA}, {steps} steps ({warmup} warm-up steps not "
-            "timed), fp32, no gradient checkpointing, one worker on this CPU. Reference log-probs are precomputed "
+            f"timed; each configuration run {repeats} times, interleaved, and its median run reported), fp32, no gradient checkpointing, one worker on this CPU. Reference log-probs are precomputed "
             f"once before training on both sides (batches of {REFERENCE_BATCH} pairs), so a step is one policy "
             "forward and backward over the chosen and rejected rows of its pairs. rlhf runs its DPO job's own "
             "`PreferenceObjective`, `train_step` and `TrainingEngine` (ZeRO-0 padded; ZeRO-0 with `data.packing`, "

@@ -16,7 +16,10 @@ from benchmarks.common import RESULTS, machine, matmul_peak_flops
 
 BENCHMARKS = {"sft": sft.report, "dpo": dpo.report, "serve": serve.report}
 QUICK_STEPS, QUICK_WARMUP = 20, 5
-QUICK = {"serve": {"seconds": 4.0}}  # benchmarks not measured in steps: their own quick arguments
+QUICK = {
+    "serve": {"seconds": 4.0},
+    "dpo": {"steps": QUICK_STEPS, "warmup": QUICK_WARMUP, "repeats": 1},
+}  # benchmarks not measured in steps: their own quick arguments
 
 
 def main() -> None:
