@@ -38,6 +38,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.connect import free_port
+
 CLIENTS = (1, 8, 32)
 SECONDS = 15.0  # per concurrency level
 MAX_REQUESTS = 5000  # per concurrency level
@@ -89,14 +91,6 @@ def prompts() -> list[str]:
 
     lines = bundled_path("prompts", "test").read_text().splitlines()
     return [json.loads(line)["prompt"] for line in lines[:PROMPTS]]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def _client(client, texts, until: float, budget: list[int], level: Level) -> None:

@@ -10,6 +10,15 @@ from cluster.config import ClusterConfig
 log = logging.getLogger(__name__)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now ("" for every interface)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def connect(config: ClusterConfig) -> str:
     """Make sure this process is connected to Ray; return ``"existing"``, ``"remote"`` or ``"local"``.
 

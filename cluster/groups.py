@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,10 +83,9 @@ class RankWorker:
         """This node's IP address and a TCP port free on it (for rank 0's rendezvous)."""
         import ray
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        from cluster.connect import free_port
+
+        return ray.util.get_node_ip_address(), free_port("")
 
     def setup_distributed(
         self,

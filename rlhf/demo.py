@@ -91,17 +91,14 @@ def run_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
 
 def ask_served_model(model_dir: str, question: str = EXAMPLE_PROMPT) -> dict[str, str]:
     """Serve ``model_dir`` on 127.0.0.1, ask ``question`` through the openai client, stop the endpoint."""
-    import socket
-
     import openai
 
+    from cluster.connect import free_port
     from rlhf.config import ServeConfig
     from serving.server import start, stop
 
-    with socket.socket() as sock:  # a free port, so the demo never collides with a running server
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = ServeConfig(model=model_dir, model_name="demo", port=port, max_model_len=256, max_tokens_limit=64)
+    # a free port, so the demo never collides with a running server
+    config = ServeConfig(model=model_dir, model_name="demo", port=free_port(), max_model_len=256, max_tokens_limit=64)
     url = start(config)
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=2)

@@ -79,19 +79,11 @@ class PreferenceObjective:
 
     def prepare(self, model: torch.nn.Module, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Reference log-probs of every pair from the initial policy (once, before training)."""
+        from rlhf.jobs.loop import reference_pass
+
         if self.config.loss not in NEEDS_REFERENCE or self.config.reference == "live" or not examples:
             return examples
-        size = 16
-        model.eval()
-        prepared = []
-        with torch.no_grad():
-            for start in range(0, len(examples), size):
-                chunk = examples[start : start + size]
-                chosen, rejected = self._logps(model, self.collate(chunk)).chunk(2)
-                for example, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
-                    prepared.append({**example, "reference_logps": (c, r)})
-        model.train()
-        return prepared
+        return reference_pass(model, examples, self.collate, lambda batch: self._logps(model, batch).chunk(2))
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """Pairs."""

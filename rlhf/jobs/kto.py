@@ -117,20 +117,13 @@ class UnpairedObjective:
     def prepare(self, model: torch.nn.Module, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Mismatched pairs of this rank's examples; and, unless live, reference log-probs of both (once)."""
         examples = with_mismatched_pairs(examples, self.max_length)
+        from rlhf.jobs.loop import reference_pass
+
         if self.config.reference == "live" or not examples:
             return examples
-        size = 16
-        model.eval()
-        prepared = []
-        with torch.no_grad():
-            for start in range(0, len(examples), size):
-                chunk = examples[start : start + size]
-                batch = self.collate(chunk)
-                matched, mismatched = self._logps(model, batch), self._logps(model, batch, "kl_")
-                for example, m, k in zip(chunk, matched.tolist(), mismatched.tolist(), strict=True):
-                    prepared.append({**example, "reference_logps": (m, k)})
-        model.train()
-        return prepared
+        return reference_pass(
+            model, examples, self.collate, lambda batch: (self._logps(model, batch), self._logps(model, batch, "kl_"))
+        )
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Matched rows (``input_ids``...), mismatched rows (``kl_input_ids``...), ``label`` [B] bool; reference log-probs if any."""

@@ -265,6 +265,27 @@ def summarize(records: list[dict[str, Any]], storage: RunStorage) -> dict[str, A
     return summary
 
 
+def reference_pass(
+    model: torch.nn.Module,
+    examples: list[dict[str, Any]],
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    logps: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
+    size: int = 16,
+) -> list[dict[str, Any]]:
+    """``examples`` with ``reference_logps`` added: the pair ``logps(collate(chunk))`` of each, from ``model``
+    in eval mode without gradients, chunk by chunk (the once-before-training reference of DPO and KTO)."""
+    model.eval()
+    prepared = []
+    with torch.no_grad():
+        for start in range(0, len(examples), size):
+            chunk = examples[start : start + size]
+            first, second = logps(collate(chunk))
+            for example, a, b in zip(chunk, first.tolist(), second.tolist(), strict=True):
+                prepared.append({**example, "reference_logps": (a, b)})
+    model.train()
+    return prepared
+
+
 def perplexity(loss: float) -> float:
     """exp(loss), capped to stay finite."""
     return math.exp(min(loss, 50.0))

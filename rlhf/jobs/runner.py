@@ -110,7 +110,7 @@ def check_resume(config: Any, name: str, total_steps: int) -> int | None:
     step = storage.latest_checkpoint_step(name)
     if step is None:
         return None
-    where = storage.child("ray", name) if not storage.remote else f"{output_dir}/ray/{name}"
+    where = redact(storage.child("ray", name))
     if config.train.resume == "never":
         raise JobError(
             f"train.output_dir {output_dir} already has a checkpoint at step {step} ({where}) and train.resume=never; "

@@ -4,11 +4,12 @@ API keys, on 127.0.0.1. Starting it costs about a minute, so the package shares 
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from cluster.connect import free_port
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -24,12 +25,6 @@ class Endpoint:
     adapter: str
     adapter_dir: Path
     model_dir: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_adapter(model_dir: Path, out: Path) -> Path:
@@ -57,7 +52,7 @@ def endpoint(ray_cluster, tiny_model_dir: Path, tmp_path_factory: pytest.TempPat
         model=str(tiny_model_dir),
         model_name="tiny",
         adapters={"positive": str(adapter_dir)},
-        port=_free_port(),
+        port=free_port(),
         api_keys=(API_KEY,),
         min_replicas=2,
         max_replicas=2,

@@ -15,7 +15,7 @@ import openai
 import psutil
 import pytest
 
-from tests.serving.conftest import _free_port
+from cluster.connect import free_port
 
 
 def _read_until(process: subprocess.Popen, lines: queue.Queue, marker: str, timeout_s: float) -> str:
@@ -42,7 +42,7 @@ def _pump(stream: object, lines: queue.Queue) -> None:
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_rlhf_serve_prints_how_to_reach_it_and_stops_cleanly(tiny_model_dir: Path, stop_signal: int) -> None:
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable, "-m", "rlhf.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
         "--api-key", "cli-key", "max_model_len=256", "max_tokens_limit=16",
