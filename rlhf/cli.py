@@ -33,12 +33,13 @@ EXAMPLE_OVERRIDES = {
     "sft": "train.max_steps=10",
     "rm": "train.max_steps=10",
     "dpo": "preference.loss=ipo",
+    "ppo": "algorithm.estimator=grpo",
     "serve": "--model runs/demo/dpo/final",
 }
 
 
-def _runner(job: str) -> Callable[[Any], dict[str, Any]] | None:
-    """The job's ``run`` function, or None where this version does not have the job yet."""
+def _runner(job: str) -> Callable[[Any], dict[str, Any]]:
+    """The job's ``run`` function."""
     if job == "sft":
         from rlhf.jobs.sft import run
     elif job == "rm":
@@ -46,7 +47,7 @@ def _runner(job: str) -> Callable[[Any], dict[str, Any]] | None:
     elif job == "dpo":
         from rlhf.jobs.dpo import run
     else:
-        return None
+        from rlhf.jobs.ppo import run
     return run
 
 
@@ -183,25 +184,27 @@ def _run_job(args: argparse.Namespace) -> None:
     if args.job == "serve":
         _serve(args, config)
         return
-    run = _runner(args.job)
-    if run is None:
-        raise NotAvailableError(
-            f"`rlhf {args.job}` is not in this version yet; its configuration is (see `rlhf {args.job} --help`)"
-        )
-    summary = run(config)
+    summary = _runner(args.job)(config)
     print(yaml.safe_dump(summary, sort_keys=False), end="")
 
 
-class NotAvailableError(RuntimeError):
-    """A subcommand whose job this version does not ship yet."""
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from cluster.groups import GroupError
     from rlhf.data.errors import DataError
     from rlhf.jobs.runner import JobError
     from rlhf.models.loading import ModelLoadError
+    from serving.rollout import RolloutError
 
-    return (configtree.ConfigError, DataError, JobError, ModelLoadError, NotAvailableError, ValueError, TimeoutError)
+    return (
+        configtree.ConfigError,
+        DataError,
+        GroupError,
+        JobError,
+        ModelLoadError,
+        RolloutError,
+        ValueError,
+        TimeoutError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

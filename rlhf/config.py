@@ -130,7 +130,7 @@ class DPOConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """Generation of rollouts by the vLLM replicas."""
+    """Generation of rollouts by the vLLM replicas (a Ray Serve application) and the weight sync to them."""
 
     num_replicas: int = field(default=1, metadata={"help": "vLLM replicas generating rollouts"})
     group_size: int = field(default=4, metadata={"help": "responses sampled per prompt"})
@@ -138,13 +138,39 @@ class RolloutConfig:
     max_new_tokens: int = field(default=32, metadata={"help": "maximum generated tokens per response"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
+    app_name: str = field(
+        default="rlhf-rollout",
+        metadata={
+            "help": "Serve application of the replicas; a running one with this name is reused (and kept), "
+            "otherwise it is deployed for the run and deleted at its end"
+        },
+    )
+    max_model_len: int = field(default=1024, metadata={"help": "context length of the replicas"})
+    timeout_s: float = field(default=300.0, metadata={"help": "deadline of one step's generation"})
+    sync_timeout_s: float = field(default=300.0, metadata={"help": "deadline of one weight sync to every replica"})
+    truncated_is: float | None = field(
+        default=None,
+        metadata={
+            "help": "truncated importance sampling: weight each token's loss by min(pi_trainer/pi_rollout, this "
+            "cap) to correct the trainer-rollout mismatch (empty: off; the gap is logged either way)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("num_replicas", "group_size", "prompts_per_step", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.truncated_is is not None and self.truncated_is < 1:
+            raise ValueError(f"truncated_is must be at least 1 (a cap on the ratio), got {self.truncated_is}")
 
 
 @dataclass(frozen=True)
 class KLConfig:
     """KL control against the reference policy."""
 
-    coefficient: float = field(default=0.05, metadata={"help": "initial KL coefficient"})
+    coefficient: float = field(default=0.05, metadata={"help": "initial KL coefficient (0: no reference group)"})
     estimator: Literal["k1", "k2", "k3"] = field(default="k1", metadata={"help": "per-token KL estimator"})
     placement: Literal["reward", "loss"] = field(
         default="reward", metadata={"help": "KL as a penalty in the reward, or as a term of the policy loss"}
@@ -167,6 +193,43 @@ class PPOAlgorithmConfig:
     value_clip: float = field(default=0.2, metadata={"help": "value clip range (ppo)"})
     aggregation: Literal["token", "sequence"] = field(default="token", metadata={"help": "loss aggregation"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each batch of experience"})
+    mini_batches: int = field(
+        default=1, metadata={"help": "optimizer steps per pass: the batch of experience is split into this many"}
+    )
+    entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus weight in the policy loss"})
+    whiten_advantages: bool = field(default=True, metadata={"help": "ppo and reinforce_pp: whiten over the batch"})
+    grpo_std_normalize: bool = field(default=True, metadata={"help": "grpo: divide by the group's std"})
+
+    def __post_init__(self) -> None:
+        if self.ppo_epochs < 1 or self.mini_batches < 1:
+            raise ValueError("ppo_epochs and mini_batches must be at least 1")
+
+
+@dataclass(frozen=True)
+class RolesConfig:
+    """How many Ray actors each role has and where they sit."""
+
+    policy_workers: int = field(default=1, metadata={"help": "policy ranks (data parallel, one engine)"})
+    reference_workers: int = field(default=1, metadata={"help": "reference ranks (frozen)"})
+    value_workers: int = field(default=1, metadata={"help": "value ranks (ppo only)"})
+    reward_workers: int = field(default=1, metadata={"help": "reward ranks (frozen model, function or endpoint)"})
+    colocate: Literal["none", "policy+reference", "value+reward", "policy+reference,value+reward", "all"] = field(
+        default="none",
+        metadata={
+            "help": "roles sharing placement bundles: none (each role its own), policy+reference, value+reward, "
+            "both pairs, or all roles together"
+        },
+    )
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per bundle (shared by colocated roles)"})
+    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per bundle (shared by colocated roles)"})
+    call_timeout_s: float = field(
+        default=600.0, metadata={"help": "deadline of any one call on a role group (train, log-probs, scores)"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("policy_workers", "reference_workers", "value_workers", "reward_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -178,18 +241,24 @@ class PPOConfig:
         default="rlhf.data.bundled:positive_word_reward",
         metadata={"help": "reward: a reward-model directory, a Python function module:function, or an http(s) URL"},
     )
+    reward_timeout_s: float = field(default=60.0, metadata={"help": "deadline of scoring one step's responses"})
     value: ModelConfig | None = field(
-        default=None, metadata={"help": "value model (empty: from the reward model or policy)"}
+        default=None, metadata={"help": "value model (empty: the reward model when reward is one, else the policy)"}
     )
     data: DataConfig = field(
         default_factory=lambda: DataConfig(path="bundled:prompts", format="prompt"),
         metadata={"help": "prompts"},
     )
-    engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "training engine of policy and value"})
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "training engine of the policy"})
+    value_engine: EngineConfig = field(
+        default_factory=EngineConfig, metadata={"help": "training engine of the value model (ppo)"}
+    )
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(output_dir="runs/ppo"), metadata={"help": "training length and outputs"}
+        default_factory=lambda: TrainConfig(output_dir="runs/ppo", max_steps=20),
+        metadata={"help": "training length and outputs"},
     )
     cluster: ClusterConfig = field(default_factory=ClusterConfig, metadata={"help": "where it runs"})
+    roles: RolesConfig = field(default_factory=RolesConfig, metadata={"help": "role actor groups and placement"})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "rollout generation"})
     kl: KLConfig = field(default_factory=KLConfig, metadata={"help": "KL control"})
     algorithm: PPOAlgorithmConfig = field(default_factory=PPOAlgorithmConfig, metadata={"help": "RL algorithm"})

@@ -504,3 +504,50 @@ def _reason(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     return lines[-1] if isinstance(exc, ray.exceptions.RayTaskError) else f"{type(exc).__name__}: {lines[-1]}"
+
+
+def deploy(config: Any, app_name: str, timeout_s: float = 600.0) -> bool:
+    """Make sure ``app_name`` runs the LLMServer replicas of ``config`` (a ``ServeConfig``); True if deployed here.
+
+    A running application of that name is reused as it is (the caller syncs its weights
+    before generating). Otherwise only the model deployment is deployed, without the
+    OpenAI ingress or an HTTP route (rollouts go through the deployment handle), on a
+    Serve instance started without HTTP proxies if none runs. Raises :class:`RolloutError`
+    when the application fails to deploy or is not running within ``timeout_s``.
+    """
+    from ray import serve
+    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
+    from ray.serve.context import _get_global_client
+
+    from serving.app import llm_config, validate
+
+    validate(config)
+    if _get_global_client(raise_if_no_controller_running=False) is None:
+        serve.start(http_options={"location": "NoServer"})
+    elif app_name in serve.status().applications:
+        return False
+    llm = llm_config(config)
+    # a step sends hundreds of requests: no access-log line per request
+    llm.deployment_config["logging_config"] = {"enable_access_log": False}
+    serve.run(build_llm_deployment(llm), name=app_name, route_prefix=None, blocking=False)
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app_name)
+        if status is not None and status.status == "RUNNING":
+            return True
+        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            message = (status.message or "").strip().splitlines()
+            raise RolloutError(f"rollout application {app_name!r} failed to deploy: {message[-1] if message else '?'}")
+        time.sleep(1.0)
+    raise RolloutError(
+        f"rollout application {app_name!r} was not running within {timeout_s:.0f} s "
+        f"(last status: {getattr(status, 'status', 'not deployed')})"
+    )
+
+
+def delete(app_name: str) -> None:
+    """Delete the rollout application ``app_name`` (its replicas stop)."""
+    from ray import serve
+
+    serve.delete(app_name)

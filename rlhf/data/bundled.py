@@ -78,6 +78,7 @@ DATASETS: dict[str, str] = {
     "sft_prompt_completion": "prompt/completion (plain text)",
     "sft_messages": "chat `messages` (multi-turn, with a system turn)",
     "sft_alpaca": "alpaca instruction/input/output",
+    "sft_mixed": "prompt/completion whose adjectives are positive or negative at random (a neutral start for RL)",
     "preference": "prompt/chosen/rejected (plain text)",
     "preference_chat": "prompt/chosen/rejected (conversational)",
     "unpaired": "prompt/completion/label (unpaired preference, KTO)",
@@ -126,6 +127,8 @@ def _rows(name: str, n: int, seed: int) -> Iterator[dict]:
                     {"role": "assistant", "content": _response(rng, other, POSITIVE)},
                 ]
             }
+        elif name == "sft_mixed":
+            yield {"prompt": prompt, "completion": _response(rng, thing, POSITIVE + NEGATIVE)}
         elif name == "sft_alpaca":
             yield {"instruction": "Describe the thing in one sentence.", "input": thing, "output": good}
         elif name == "preference":

@@ -18,15 +18,18 @@ PANELS = [
 ]
 
 
-def plot_curves(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
-    """Write one PNG with a panel per available metric against the step; None when there is nothing to draw."""
+def plot_curves(
+    records: list[dict[str, Any]], path: Path, title: str, panels: list[tuple[str, str]] | None = None
+) -> Path | None:
+    """Write one PNG with a panel per available ``(kind, metric)`` of ``panels`` (default :data:`PANELS`) against
+    the step; None when there is nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     series = []
-    for kind, key in PANELS:
+    for kind, key in panels or PANELS:
         points = sorted({r["step"]: r[key] for r in records if r.get("kind") == kind and key in r}.items())
         if len(points) >= 2:
             series.append((key, points))

@@ -30,53 +30,37 @@ class MetricsSink:
         return records
 
 
-class ProgressMonitor:
-    """Driver side: polls a :class:`MetricsSink` actor in a thread; bar + ``metrics.jsonl``."""
+class RunLog:
+    """A run's record on the driver: progress bar, ``metrics.jsonl``, TensorBoard scalars, and ``curves.png`` at the end.
 
-    def __init__(self, sink: Any, output_dir: Path, total_steps: int | None, description: str) -> None:
+    ``write`` takes flat records with a ``kind`` (``train``, ``eval``, ...) and a ``step``;
+    numbers of train and eval records become TensorBoard scalars ``<kind>/<name>``, and
+    ``postfix`` names the train metrics shown next to the bar.
+    """
+
+    def __init__(
+        self,
+        output_dir: Path,
+        total_steps: int | None,
+        description: str,
+        postfix: tuple[str, ...] = ("loss", "grad_norm"),
+        panels: list[tuple[str, str]] | None = None,
+        initial_step: int = 0,
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
-        self.sink = sink
         self.output_dir = output_dir
         self.metrics_path = output_dir / "metrics.jsonl"
         self.description = description
+        self.postfix = postfix
+        self.panels = panels
         self.records: list[dict[str, Any]] = []
         self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
-        self.bar = tqdm(total=total_steps, desc=description, unit="step", dynamic_ncols=True)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc=description, unit="step", dynamic_ncols=True)
 
-    def __enter__(self) -> ProgressMonitor:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._poll()
-        self.bar.close()
-        self.tensorboard.close()
-        from rlhf.jobs.plots import plot_curves
-
-        history = (
-            [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
-            if self.metrics_path.exists()
-            else []
-        )
-        plot_curves(history, self.output_dir / "curves.png", f"{self.description}: {self.output_dir}")
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            self._poll()
-
-    def _poll(self) -> None:
-        import ray
-
-        try:
-            records = ray.get(self.sink.drain.remote(), timeout=30)
-        except Exception:  # the cluster is shutting down; the last poll after fit() catches up
-            return
+    def write(self, records: list[dict[str, Any]]) -> None:
+        """Append ``records`` to the file, TensorBoard and the bar."""
         if not records:
             return
         with self.metrics_path.open("a") as f:
@@ -92,6 +76,59 @@ class ProgressMonitor:
                 if self.bar.total is None and "total_steps" in record:
                     self.bar.total = record["total_steps"]
                 self.bar.n = record["step"]
-                shown = {k: record[k] for k in ("loss", "grad_norm") if k in record}
+                shown = {k: record[k] for k in self.postfix if k in record}
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
                 self.bar.refresh()
+
+    def close(self) -> None:
+        """Close the bar and TensorBoard and draw the curves of the whole run (this file's history)."""
+        self.bar.close()
+        self.tensorboard.close()
+        from rlhf.jobs.plots import PANELS, plot_curves
+
+        history = (
+            [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
+            if self.metrics_path.exists()
+            else []
+        )
+        plot_curves(
+            history, self.output_dir / "curves.png", f"{self.description}: {self.output_dir}", self.panels or PANELS
+        )
+
+
+class ProgressMonitor:
+    """Driver side of the Ray Train jobs: polls a :class:`MetricsSink` actor in a thread into a :class:`RunLog`."""
+
+    def __init__(self, sink: Any, output_dir: Path, total_steps: int | None, description: str) -> None:
+        self.sink = sink
+        self.log = RunLog(output_dir, total_steps, description)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every record received so far."""
+        return self.log.records
+
+    def __enter__(self) -> ProgressMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+        self.log.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self._poll()
+
+    def _poll(self) -> None:
+        import ray
+
+        try:
+            records = ray.get(self.sink.drain.remote(), timeout=30)
+        except Exception:  # the cluster is shutting down; the last poll after fit() catches up
+            return
+        self.log.write(records)

@@ -67,7 +67,10 @@ def test_init_model_writes_a_loadable_model(tmp_path: Path) -> None:
     assert AutoConfig.from_pretrained(tmp_path / "m").num_hidden_layers == 1
 
 
-def test_jobs_not_in_this_version_say_so_clearly() -> None:
-    result = _run("ppo")
+def test_ppo_with_a_reward_function_that_does_not_exist_fails_before_anything_starts(tmp_path: Path) -> None:
+    result = _run("ppo", "reward=rlhf.data.bundled:no_such_reward", f"train.output_dir={tmp_path / 'ppo'}")
     assert result.returncode == 2
-    assert "not in this version yet" in result.stderr and "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "no_such_reward" in last and "positive_word_reward" in last, last  # names the nearest function
+    assert "Started a local Ray instance" not in result.stderr

@@ -1,0 +1,732 @@
+"""``rlhf ppo``: RLHF on Ray actors, one short loop for PPO, GRPO, RLOO and REINFORCE++.
+
+Each step reads like the algorithm::
+
+    samples    = generate(...)            # vLLM replicas on Ray Serve sample group_size responses per prompt
+    experience = make_experience(...)     # policy, reference and value log-probs/values, rewards: in parallel
+    advantages(...)                       # the estimator's math on the whole batch (rlhf.rl.experience)
+    train_value(...)                      # ppo only: clipped value loss
+    train_policy(...)                     # clipped surrogate (+ entropy, + KL when it is a loss term)
+    sync_weights(...)                     # the new policy reaches every replica before the next step
+    checkpoint(...)                       # every group, the driver's state and the prompt position
+
+The roles are :class:`~cluster.groups.ActorGroup` s of the workers in
+:mod:`rlhf.rl.workers`, placed on Ray placement groups of their own or shared (colocation);
+the math is :mod:`rlhf.algos` through :mod:`rlhf.rl.experience`. The critic-free
+estimators create no value group; without a KL term (``kl.coefficient=0``) there is no
+reference group.
+
+Failures: every group call, generation, reward and weight sync has a deadline and fails
+with an error naming what failed. A role actor that dies or hangs is not fatal: the
+groups are rebuilt, the last checkpoint is loaded, the replicas are re-synced and the run
+goes on (up to ``train.max_failures`` times). Re-running the command resumes from the last
+checkpoint too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf import configtree
+from rlhf.config import PPOConfig
+from rlhf.jobs.runner import JobError
+
+log = logging.getLogger(__name__)
+
+PANELS = [
+    ("train", "reward_mean"),
+    ("eval", "eval_reward"),
+    ("train", "kl"),
+    ("train", "entropy"),
+    ("train", "clip_fraction"),
+    ("train", "approx_kl"),
+    ("train", "value_loss"),
+    ("train", "explained_variance"),
+    ("train", "response_length"),
+    ("train", "tokens_per_second"),
+    ("train", "logprob_gap_mean"),
+    ("train", "time/step"),
+]
+STAGES = ("generate", "experience", "train_value", "train_policy", "sync", "checkpoint")
+POLICY_MODEL_NAME = "policy"
+
+
+# ---- set-up ---------------------------------------------------------------------------
+
+
+def check_config(config: PPOConfig) -> None:
+    """Refuse settings that cannot work, naming the config key, before anything starts."""
+    rollout, algorithm, roles = config.rollout, config.algorithm, config.roles
+    if algorithm.estimator in ("grpo", "rloo") and rollout.group_size < 2:
+        raise JobError(
+            f"rollout.group_size={rollout.group_size}: algorithm.estimator={algorithm.estimator} "
+            "compares samples of a prompt and needs at least 2"
+        )
+    if config.train.max_steps is None:
+        raise JobError("train.max_steps: rlhf ppo needs a number of steps")
+    batch = rollout.prompts_per_step * rollout.group_size
+    for role, workers in (("policy", roles.policy_workers), ("value", roles.value_workers)):
+        if batch % (workers * algorithm.mini_batches):
+            raise JobError(
+                f"roles.{role}_workers={workers} x algorithm.mini_batches={algorithm.mini_batches} must divide the "
+                f"batch of rollout.prompts_per_step x rollout.group_size = {batch} sequences"
+            )
+    if rollout.truncated_is is not None and rollout.temperature != 1.0:
+        raise JobError(
+            "rollout.truncated_is needs rollout.temperature=1: the replicas return log-probs at temperature 1"
+        )
+    from rlhf.jobs.storage import is_uri
+
+    if is_uri(config.train.output_dir):
+        raise JobError(
+            f"train.output_dir={config.train.output_dir!r}: rlhf ppo writes to a local or shared-filesystem "
+            "directory (the replicas read the synced weights from it)"
+        )
+
+
+def check_reward(config: PPOConfig) -> str:
+    """Build the reward once in the driver and score one pair, so a wrong path or a down endpoint fails now."""
+    from rlhf.rl.rewards import RewardError, make_reward, reward_model_config
+
+    spec = config.reward
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        reward_model_config(path)  # a reward model: checked without loading it here
+        return f"reward model {path}"
+    source = make_reward(spec)
+    try:
+        source.score(["Describe the cat."], ["The cat is calm."], config.reward_timeout_s)
+    except RewardError as exc:
+        raise RewardError(f"config key 'reward': {exc}") from None
+    finally:
+        getattr(source, "close", lambda: None)()
+    return repr(source)
+
+
+def load_prompts(config: PPOConfig, tokenizer: Any) -> tuple[list[dict], list[dict]]:
+    """Encoded training prompts and (when ``data.eval_split`` or ``data.eval_path`` is set) held-out prompts."""
+    from rlhf.data.encode import build_examples
+
+    data = config.data
+    train = build_examples(data, tokenizer, "prompt")
+    evaluation: list[dict] = []
+    if data.eval_split or data.eval_path:
+        evaluation = build_examples(data, tokenizer, "prompt", split=data.eval_split or data.split, path=data.eval_path)
+    return train, evaluation[:64]
+
+
+def prompts_for_step(num_prompts: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Indices of the prompts of ``step`` (0-based): consecutive positions of a fresh shuffle per epoch.
+
+    Position ``p = step * per_step + j`` is prompt ``order(epoch)[p % N]`` with ``epoch = p // N``,
+    so the prompt position after ``k`` steps is ``k * per_step`` and resuming needs only the step.
+    """
+    import random
+
+    indices = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(position, num_prompts)
+        order = list(range(num_prompts))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        indices.append(order[offset])
+    return indices
+
+
+@dataclass
+class Roles:
+    """The role groups of a run and the placements they sit on."""
+
+    policy: Any
+    reward: Any
+    reference: Any = None
+    value: Any = None
+    placements: list[Any] = field(default_factory=list)
+
+    def kill(self) -> None:
+        """Kill every actor and release the placements."""
+        for group in (self.policy, self.reference, self.value, self.reward):
+            if group is not None:
+                group.kill()
+        for placement in self.placements:
+            placement.remove()
+        self.placements = []
+
+
+def colocation_sets(colocate: str, roles: list[str]) -> list[list[str]]:
+    """Which roles share a placement, e.g. ``policy+reference`` -> ``[[policy, reference], [value], [reward]]``."""
+    if colocate == "all":
+        sets = [roles]
+    else:
+        pairs = [] if colocate == "none" else [pair.split("+") for pair in colocate.split(",")]
+        sets = [[role for role in pair if role in roles] for pair in pairs]
+        paired = {role for pair in pairs for role in pair}
+        sets += [[role] for role in roles if role not in paired]
+    return [group for group in sets if group]
+
+
+def value_model_config(config: PPOConfig) -> Any:
+    """The value model: ``config.value``, else the reward model when the reward is one, else the policy."""
+    from rlhf.models.config import ModelConfig
+
+    if config.value is not None:
+        return config.value
+    if Path(config.reward).expanduser().is_dir():
+        return ModelConfig(name_or_path=str(Path(config.reward).expanduser().resolve()))
+    return config.policy
+
+
+def engine_for(engine: Any, batch: int, workers: int, mini_batches: int) -> Any:
+    """The engine config with gradient accumulation set so that one mini-batch is one optimizer step."""
+    rows = batch // (workers * mini_batches)
+    return replace(engine, gradient_accumulation_steps=max(1, math.ceil(rows / engine.micro_batch_size)))
+
+
+def build_roles(config: PPOConfig) -> Roles:
+    """Place and start the role groups, then load their models (all groups at once)."""
+    from cluster.groups import ActorGroup, Placement
+    from rlhf.rl.workers import PolicyWorker, ReferenceWorker, RewardWorker, ValueWorker
+
+    r, algorithm = config.roles, config.algorithm
+    counts = {"policy": r.policy_workers, "reward": r.reward_workers}
+    if config.kl.coefficient > 0:
+        counts["reference"] = r.reference_workers
+    if algorithm.estimator == "ppo":
+        counts["value"] = r.value_workers
+    classes = {"policy": PolicyWorker, "reference": ReferenceWorker, "value": ValueWorker, "reward": RewardWorker}
+    roles = Roles(policy=None, reward=None)
+    try:
+        for members in colocation_sets(r.colocate, list(counts)):
+            placement = Placement.create(
+                max(counts[m] for m in members), r.cpus_per_worker, r.gpus_per_worker, timeout_s=r.call_timeout_s
+            )
+            roles.placements.append(placement)
+            for role in members:
+                group = ActorGroup(
+                    role,
+                    classes[role],
+                    placement,
+                    num_actors=counts[role],
+                    num_cpus_per_actor=r.cpus_per_worker / len(members),
+                    num_gpus_per_actor=r.gpus_per_worker / len(members),
+                    setup_timeout_s=r.call_timeout_s,
+                    collective_timeout_s=r.call_timeout_s,
+                    call_timeout_s=r.call_timeout_s,
+                )
+                setattr(roles, role, group)
+        batch = config.rollout.prompts_per_step * config.rollout.group_size
+        optimizer_steps = config.train.max_steps * algorithm.ppo_epochs * algorithm.mini_batches
+        policy_engine = engine_for(config.engine, batch, r.policy_workers, algorithm.mini_batches)
+        calls = [
+            roles.policy.submit(
+                "build",
+                configtree.to_dict(config.policy),
+                configtree.to_dict(policy_engine),
+                optimizer_steps,
+                config.train.seed,
+            ),
+            roles.reward.submit("build", config.reward),
+        ]
+        if roles.reference is not None:
+            calls.append(roles.reference.submit("build", configtree.to_dict(config.policy)))
+        if roles.value is not None:
+            value_engine = engine_for(config.value_engine, batch, r.value_workers, algorithm.mini_batches)
+            calls.append(
+                roles.value.submit(
+                    "build",
+                    configtree.to_dict(value_model_config(config)),
+                    configtree.to_dict(value_engine),
+                    optimizer_steps,
+                    config.train.seed,
+                )
+            )
+        for call in calls:
+            call.result()
+    except BaseException:
+        roles.kill()
+        raise
+    return roles
+
+
+# ---- checkpoints -----------------------------------------------------------------------
+
+
+def latest_checkpoint(output_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete checkpoint (its ``state.json`` is written last) and its driver state."""
+    found = []
+    for directory in (output_dir / "checkpoints").glob("step-*"):
+        state_file = directory / "state.json"
+        if state_file.is_file():
+            found.append((int(directory.name.split("-")[1]), directory))
+    if not found:
+        return None
+    _, directory = max(found)
+    return directory, json.loads((directory / "state.json").read_text())
+
+
+def checkpoint(roles: Roles, output_dir: Path, state: dict[str, Any], keep: int, timeout_s: float) -> Path:
+    """Save every trainable group and the driver's state under ``checkpoints/step-N``; keep the newest ``keep``."""
+    directory = output_dir / "checkpoints" / f"step-{state['step']}"
+    calls = [roles.policy.submit("save_checkpoint", str(directory / "policy"), timeout_s=timeout_s)]
+    if roles.value is not None:
+        calls.append(roles.value.submit("save_checkpoint", str(directory / "value"), timeout_s=timeout_s))
+    for call in calls:
+        call.result()
+    (directory / "state.json").write_text(json.dumps(state))
+    steps = sorted(int(d.name.split("-")[1]) for d in (output_dir / "checkpoints").glob("step-*"))
+    for old in steps[:-keep]:
+        shutil.rmtree(output_dir / "checkpoints" / f"step-{old}", ignore_errors=True)
+    return directory
+
+
+def restore(roles: Roles, directory: Path, timeout_s: float) -> None:
+    """Load a checkpoint written by :func:`checkpoint` into the groups."""
+    calls = [roles.policy.submit("load_checkpoint", str(directory / "policy"), timeout_s=timeout_s)]
+    if roles.value is not None:
+        calls.append(roles.value.submit("load_checkpoint", str(directory / "value"), timeout_s=timeout_s))
+    for call in calls:
+        call.result()
+
+
+# ---- the stages of a step ----------------------------------------------------------------
+
+
+class StageTimer:
+    """Wall time per named stage of a step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        """Time the ``with`` block as (part of) ``stage``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+
+
+def generate(rollout: Any, prompts: list[dict], config: PPOConfig, seed: int, n: int | None = None) -> list[Any]:
+    """``group_size`` (or ``n``) samples per prompt from the replicas, prompt-major."""
+    r = config.rollout
+    return rollout.generate(
+        [p["prompt_ids"] for p in prompts],
+        n=n or r.group_size,
+        max_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        seed=seed,
+        timeout_s=r.timeout_s,
+    )
+
+
+def _micro_batches(batch: dict[str, torch.Tensor], rows: slice, size: int) -> list[dict[str, torch.Tensor]]:
+    from rlhf.rl.experience import take_rows
+
+    return [take_rows(batch, slice(s, min(s + size, rows.stop))) for s in range(rows.start, rows.stop, size)]
+
+
+def _sharded_pass(group: Any, method: str, batch: dict, micro_batch_size: int, *args: Any) -> Any:
+    """Submit ``method`` over the group's ranks, each on its rows in micro-batches (returns the pending call)."""
+    from rlhf.rl.experience import split_rows
+
+    slices = split_rows(len(batch["input_ids"]), group.world_size)
+    shards = [_micro_batches(batch, rows, micro_batch_size) for rows in slices]
+    return group.submit_sharded(method, shards, *args), slices
+
+
+def _gather(pending: Any, slices: list[slice], width: int) -> torch.Tensor:
+    """Per-rank lists of ``[b, t]`` tensors back into one ``[B, width]`` tensor."""
+    parts = [tensor for rank_result in pending.result() for tensor in rank_result]
+    out = torch.zeros((sum(len(p) for p in parts), width))
+    row = 0
+    for part in parts:
+        out[row : row + len(part), : part.shape[1]] = part
+        row += len(part)
+    return out
+
+
+def make_experience(roles: Roles, samples: list[Any], prompts: list[dict], config: PPOConfig, pad_id: int) -> dict:
+    """Sequences of the samples plus, computed in parallel by the groups: log-probs, reference log-probs, values, scores."""
+    from rlhf.rl.experience import place_response_values, sequence_batch, split_rows
+
+    group_size = config.rollout.group_size
+    batch = sequence_batch([s.prompt_token_ids for s in samples], [s.token_ids for s in samples], pad_id)
+    width = batch["response_mask"].shape[1]
+    temperature = config.rollout.temperature
+    mbs = config.engine.micro_batch_size
+    policy_call, policy_slices = _sharded_pass(roles.policy, "logprobs", batch, mbs, temperature)
+    reference_call = value_call = None
+    if roles.reference is not None:
+        reference_call, reference_slices = _sharded_pass(roles.reference, "logprobs", batch, mbs, temperature)
+    if roles.value is not None:
+        value_call, value_slices = _sharded_pass(roles.value, "values", batch, config.value_engine.micro_batch_size)
+    texts = [prompts[s.prompt_index // 1]["prompt_text"] for s in samples]
+    responses = [s.text for s in samples]
+    reward_slices = split_rows(len(samples), roles.reward.world_size)
+    reward_call = roles.reward.submit_sharded(
+        "score",
+        [(texts[rows], responses[rows]) for rows in reward_slices],
+        config.reward_timeout_s,
+        timeout_s=config.reward_timeout_s + 30,
+    )
+    experience = {
+        "batch": batch,
+        "rollout_logprobs": place_response_values([s.logprobs for s in samples], batch["response_mask"]),
+        "old_logprobs": _gather(policy_call, policy_slices, width),
+        "reference_logprobs": None if reference_call is None else _gather(reference_call, reference_slices, width),
+        "values": None if value_call is None else _gather(value_call, value_slices, width),
+        "scores": torch.tensor([x for part in reward_call.result() for x in part], dtype=torch.float32),
+        "group_size": group_size,
+    }
+    return experience
+
+
+def advantages(experience: dict, config: PPOConfig, kl_coef: float) -> dict[str, float]:
+    """Advantages (and returns) of the whole batch, the IS weights, and the rollout-vs-trainer gap."""
+    from rlhf.algos import explained_variance
+    from rlhf.rl.experience import advantages_and_returns, logprob_gap, truncated_importance_weights
+
+    batch = experience["batch"]
+    algorithm = config.algorithm
+    adv, returns, metrics = advantages_and_returns(
+        algorithm.estimator,
+        experience["scores"],
+        batch["response_mask"],
+        experience["old_logprobs"],
+        experience["reference_logprobs"],
+        experience["values"],
+        kl_coef=kl_coef,
+        kl_estimator=config.kl.estimator,
+        kl_in_reward=config.kl.placement == "reward",
+        group_size=config.rollout.group_size,
+        gamma=algorithm.gamma,
+        lam=algorithm.lam,
+        whiten_advantages=algorithm.whiten_advantages,
+        grpo_std_normalize=algorithm.grpo_std_normalize,
+    )
+    experience["advantages"], experience["returns"] = adv, returns
+    metrics |= logprob_gap(experience["old_logprobs"], experience["rollout_logprobs"], batch["response_mask"])
+    if config.rollout.truncated_is is not None:
+        experience["importance_weights"] = truncated_importance_weights(
+            experience["old_logprobs"],
+            experience["rollout_logprobs"],
+            batch["response_mask"],
+            config.rollout.truncated_is,
+        )
+    if returns is not None:
+        metrics["explained_variance"] = explained_variance(experience["values"], returns, batch["response_mask"])
+    return {name: float(value) for name, value in metrics.items()}
+
+
+def _mini_batches(
+    experience: dict, keys: list[str], workers: int, micro_batch_size: int, config: PPOConfig, step: int
+) -> tuple[list[list[list[dict]]], list[dict[str, float]]]:
+    """Per rank: its micro-batches of every mini-batch of every epoch; and each mini-batch's global denominators."""
+    from rlhf.rl.experience import split_rows, take_rows
+
+    algorithm = config.algorithm
+    batch = experience["batch"]
+    tensors = dict(batch) | {k: experience[k] for k in keys if experience.get(k) is not None}
+    total = len(batch["input_ids"])
+    per_rank: list[list[list[dict]]] = [[] for _ in range(workers)]
+    denominators = []
+    for epoch in range(algorithm.ppo_epochs):
+        generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + step * 101 + epoch)
+        order = (
+            torch.randperm(total, generator=generator) if algorithm.ppo_epochs * algorithm.mini_batches > 1 else None
+        )
+        shuffled = tensors if order is None else {k: v[order] for k, v in tensors.items()}
+        for mini in split_rows(total, algorithm.mini_batches):
+            part = take_rows(shuffled, mini)
+            denominators.append(
+                {"num_tokens": float(part["response_mask"].sum()), "num_sequences": float(len(part["input_ids"]))}
+            )
+            for rank, rows in enumerate(split_rows(len(part["input_ids"]), workers)):
+                per_rank[rank].append(_micro_batches(part, rows, micro_batch_size))
+    return per_rank, denominators
+
+
+def _combine(per_rank: list[dict[str, float]], extensive: tuple[str, ...]) -> dict[str, float]:
+    """Token-weighted means of the ranks' metric sums; ``extensive`` metrics are added up; rank 0's engine stats."""
+    tokens = sum(r["tokens"] for r in per_rank) or 1.0
+    combined: dict[str, float] = {}
+    for name in per_rank[0]:
+        if name == "tokens":
+            continue
+        if name in ("grad_norm", "lr", "value_grad_norm"):
+            combined[name] = per_rank[0][name]
+        elif name in extensive:
+            combined[name] = sum(r.get(name, 0.0) for r in per_rank)
+        else:
+            combined[name] = sum(r.get(name, 0.0) for r in per_rank) / tokens
+    return combined
+
+
+def train_value(roles: Roles, experience: dict, config: PPOConfig, step: int) -> dict[str, float]:
+    """The critic's update on the clipped value loss (ppo only)."""
+    if roles.value is None:
+        return {}
+    shards, denominators = _mini_batches(
+        experience, ["returns", "values"], roles.value.world_size, config.value_engine.micro_batch_size, config, step
+    )
+    for rank_batches in shards:  # the loss calls them old_values
+        for micro_batches in rank_batches:
+            for micro in micro_batches:
+                micro["old_values"] = micro.pop("values")
+    results = roles.value.call_sharded("train", shards, denominators, config.algorithm.value_clip)
+    metrics = _combine(results, extensive=("value_loss",))
+    metrics["value_loss"] /= len(denominators)
+    return metrics
+
+
+def train_policy(roles: Roles, experience: dict, config: PPOConfig, step: int, kl_coef: float) -> dict[str, float]:
+    """The policy's clipped-surrogate update."""
+    from rlhf.rl.workers import PolicyLossSettings
+
+    keys = ["old_logprobs", "advantages", "importance_weights"]
+    kl_in_loss = config.kl.placement == "loss" and roles.reference is not None
+    if kl_in_loss:
+        keys.append("reference_logprobs")
+    shards, denominators = _mini_batches(
+        experience, keys, roles.policy.world_size, config.engine.micro_batch_size, config, step
+    )
+    algorithm = config.algorithm
+    settings = PolicyLossSettings(
+        clip_low=algorithm.clip_low,
+        clip_high=algorithm.clip_high,
+        aggregation=algorithm.aggregation,
+        entropy_coef=algorithm.entropy_coef,
+        kl_coef_in_loss=kl_coef if kl_in_loss else 0.0,
+        kl_estimator=config.kl.estimator,
+        temperature=config.rollout.temperature,
+    )
+    results = roles.policy.call_sharded("train", shards, denominators, settings.__dict__)
+    metrics = _combine(results, extensive=("policy_loss",))
+    metrics["policy_loss"] /= len(denominators)
+    return metrics
+
+
+def sync_weights(roles: Roles, rollout: Any, weights_dir: Path, config: PPOConfig) -> list[Any]:
+    """Write the policy's weights and make every rollout replica load them."""
+    roles.policy.call("export", str(weights_dir), timeout_s=config.roles.call_timeout_s)
+    return rollout.sync_weights(weights_dir, timeout_s=config.rollout.sync_timeout_s)
+
+
+def evaluate(rollout: Any, roles: Roles, prompts: list[dict], config: PPOConfig, seed: int) -> dict[str, float]:
+    """Mean reward and response length of one sample per held-out prompt."""
+    samples = generate(rollout, prompts, config, seed, n=1)
+    texts = [prompts[s.prompt_index]["prompt_text"] for s in samples]
+    scores = roles.reward.call_sharded(
+        "score",
+        [(texts, [s.text for s in samples])] + [([], [])] * (roles.reward.world_size - 1),
+        config.reward_timeout_s,
+        timeout_s=config.reward_timeout_s + 30,
+    )[0]
+    return {
+        "eval_reward": sum(scores) / len(scores),
+        "eval_response_length": sum(len(s.token_ids) for s in samples) / len(samples),
+    }
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+
+def rl_step(
+    step: int,
+    roles: Roles,
+    rollout: Any,
+    prompts: list[dict],
+    config: PPOConfig,
+    kl_coef: float,
+    pad_id: int,
+    weights_dir: Path,
+) -> tuple[dict[str, float], StageTimer]:
+    """One RL step (0-based ``step``): generate, experience, advantages, value, policy, sync."""
+    r = config.rollout
+    timer = StageTimer()
+    chosen = [prompts[i] for i in prompts_for_step(len(prompts), step, r.prompts_per_step, config.data.shuffle_seed)]
+    with timer("generate"):
+        samples = generate(rollout, chosen, config, seed=config.train.seed * 1_000_000 + step * 10_007)
+    with timer("experience"):
+        experience = make_experience(roles, samples, chosen, config, pad_id)
+        metrics = advantages(experience, config, kl_coef)
+    with timer("train_value"):
+        metrics |= train_value(roles, experience, config, step)
+    with timer("train_policy"):
+        metrics |= train_policy(roles, experience, config, step, kl_coef)
+    with timer("sync"):
+        sync_weights(roles, rollout, weights_dir, config)
+    scores = experience["scores"]
+    lengths = torch.tensor([len(s.token_ids) for s in samples], dtype=torch.float32)
+    generated = float(lengths.sum())
+    metrics |= {
+        "reward_mean": float(scores.mean()),
+        "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+        "response_length": float(lengths.mean()),
+        "truncated_fraction": sum(s.finish_reason == "length" for s in samples) / len(samples),
+        "generated_tokens": generated,
+        "tokens_per_second": generated / max(timer.seconds["generate"], 1e-9),
+        "kl_coef": kl_coef,
+    }
+    return metrics, timer
+
+
+def run(config: PPOConfig) -> dict[str, Any]:
+    """Run RLHF as configured; return a summary (rewards before and after, final model, steps, failures)."""
+    from cluster.connect import connect
+    from cluster.groups import GroupError
+    from rlhf.algos import adaptive_kl_coefficient
+    from rlhf.config import ServeConfig
+    from rlhf.jobs.progress import RunLog
+    from rlhf.jobs.runner import prepare_output_dir, write_config
+    from rlhf.models.loading import load_tokenizer, resolve
+    from serving import rollout as rollout_module
+
+    check_config(config)
+    output_dir = Path(config.train.output_dir).expanduser().resolve()
+    prepare_output_dir(str(output_dir))
+    if (output_dir / "final").is_dir():
+        raise JobError(f"{output_dir} holds a finished run (final/); choose another train.output_dir")
+    tokenizer = load_tokenizer(config.policy)
+    prompts, eval_prompts = load_prompts(config, tokenizer)
+    reward_description = check_reward(config)
+    connect(config.cluster)
+    write_config(config, output_dir)
+    resumed = latest_checkpoint(output_dir)
+    state = {"step": 0, "kl_coef": config.kl.coefficient, "prompt_position": 0}
+    if resumed is not None:
+        state = resumed[1]
+        if config.train.resume == "never":
+            raise JobError(f"{output_dir} has checkpoints (resume=never): choose another train.output_dir")
+        print(f"resuming from {resumed[0]} (step {state['step']})", flush=True)
+    total = config.train.max_steps
+    r = config.rollout
+    serve_config = ServeConfig(
+        model=config.policy.name_or_path,
+        model_name=POLICY_MODEL_NAME,
+        min_replicas=r.num_replicas,
+        max_replicas=r.num_replicas,
+        max_model_len=r.max_model_len,
+        max_tokens_limit=r.max_model_len,
+    )
+    resolve(config.policy.name_or_path)
+    owned = rollout_module.deploy(serve_config, r.app_name, timeout_s=config.roles.call_timeout_s)
+    roles: Roles | None = None
+    weights_dir = output_dir / "rollout-weights"
+    records: list[dict[str, Any]] = []
+    failures = 0
+    run_log = RunLog(
+        output_dir,
+        total,
+        "ppo",
+        postfix=("reward_mean", "kl", "logprob_gap_mean"),
+        panels=PANELS,
+        initial_step=state["step"],
+    )
+    try:
+        client = rollout_module.RolloutClient(POLICY_MODEL_NAME, app_name=r.app_name)
+        step, kl_coef = state["step"], state["kl_coef"]
+        print(
+            f"ppo: estimator {config.algorithm.estimator}, reward {reward_description}, "
+            f"{r.num_replicas} rollout replica(s), {r.prompts_per_step} prompts x {r.group_size} samples per step",
+            flush=True,
+        )
+        while step < total:
+            try:
+                if roles is None:
+                    roles = build_roles(config)
+                    resumed = latest_checkpoint(output_dir)
+                    if resumed is not None:
+                        restore(roles, resumed[0], config.roles.call_timeout_s)
+                        step, kl_coef = resumed[1]["step"], resumed[1]["kl_coef"]
+                    sync_weights(roles, client, weights_dir, config)
+                    if step == 0 and eval_prompts and not any(x.get("kind") == "eval" for x in records):
+                        evaluation = evaluate(client, roles, eval_prompts, config, seed=config.train.seed)
+                        records.append({"kind": "eval", "step": 0, **evaluation})
+                        run_log.write(records[-1:])
+                started = time.perf_counter()
+                metrics, timer = rl_step(
+                    step, roles, client, prompts, config, kl_coef, tokenizer.pad_token_id, weights_dir
+                )
+                step += 1
+                if config.kl.target is not None:
+                    kl_coef = adaptive_kl_coefficient(
+                        kl_coef,
+                        metrics["kl_sequence"],
+                        config.kl.target,
+                        config.kl.horizon,
+                        r.prompts_per_step * r.group_size,
+                    )
+                save_every = config.train.save_every
+                if step == total or (save_every and step % save_every == 0):
+                    with timer("checkpoint"):
+                        state = {"step": step, "kl_coef": kl_coef, "prompt_position": step * r.prompts_per_step}
+                        checkpoint(roles, output_dir, state, config.train.keep_checkpoints, config.roles.call_timeout_s)
+                step_seconds = time.perf_counter() - started
+                record = {"kind": "train", "step": step, "total_steps": total, **metrics}
+                record |= {f"time/{name}": timer.seconds.get(name, 0.0) for name in STAGES}
+                record["time/step"] = step_seconds
+                records.append(record)
+                run_log.write([record])
+            except GroupError as error:
+                if error.kind not in ("died", "timeout", "broken") or failures >= config.train.max_failures:
+                    raise JobError(f"rlhf ppo failed at step {step + 1}: {error}") from None
+                failures += 1
+                print(
+                    f"\n{error}\nrecovering ({failures} of {config.train.max_failures}): rebuilding the role groups "
+                    "from the last checkpoint",
+                    flush=True,
+                )
+                run_log.write([{"kind": "failure", "step": step, "error": str(error)}])
+                if roles is not None:
+                    roles.kill()
+                roles = None
+        if eval_prompts:
+            evaluation = evaluate(client, roles, eval_prompts, config, seed=config.train.seed)
+            records.append({"kind": "eval", "step": step, **evaluation})
+            run_log.write(records[-1:])
+        final = roles.policy.call("export", str(output_dir / "final"), timeout_s=config.roles.call_timeout_s)[0]
+    except GroupError as error:
+        raise JobError(f"rlhf ppo failed: {error}") from None
+    finally:
+        run_log.close()
+        if roles is not None:
+            roles.kill()
+        if owned:
+            rollout_module.delete(r.app_name)
+    return summarize(records, output_dir, final, failures)
+
+
+def summarize(records: list[dict[str, Any]], output_dir: Path, final: str, failures: int) -> dict[str, Any]:
+    """Rewards before/after (held-out and training), the stage shares, the outputs."""
+    train = [x for x in records if x["kind"] == "train"]
+    evals = [x for x in records if x["kind"] == "eval"]
+    summary: dict[str, Any] = {"output_dir": str(output_dir), "final_model": final, "failures": failures}
+    if train:
+        tail = train[-3:]
+        summary |= {
+            "steps": train[-1]["step"],
+            "reward_first_step": train[0]["reward_mean"],
+            "reward_last_steps": sum(x["reward_mean"] for x in tail) / len(tail),
+            "seconds_per_step": sum(x["time/step"] for x in train) / len(train),
+            "stage_share": {
+                name: sum(x[f"time/{name}"] for x in train) / max(sum(x["time/step"] for x in train), 1e-9)
+                for name in STAGES
+            },
+        }
+    if len(evals) >= 2:
+        summary |= {"eval_reward_before": evals[0]["eval_reward"], "eval_reward_after": evals[-1]["eval_reward"]}
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,209 @@
+"""Experience of one RL step as tensors: sequences, masks, and the advantages of each estimator.
+
+Everything here is pure: token lists and tensors in, tensors out; no config objects,
+no Ray, no process groups. The driver (:mod:`rlhf.jobs.ppo`) gathers what the role
+groups computed and calls these on the whole batch, so whitening and group statistics
+are over the global batch whatever the number of ranks.
+
+Layout. Row ``i`` is ``prompt_i + response_i``, right-padded to ``T`` tokens. Per-token
+quantities (log-probs, values, KL, advantages) live on the ``T - 1`` *predicting*
+positions: position ``t`` holds the quantity of token ``t + 1`` given tokens ``0..t``
+(the causal-LM shift). ``response_mask[i, t]`` is 1 where token ``t + 1`` is a response
+token, so a response of ``r`` tokens after a prompt of ``p`` covers positions
+``p - 1 .. p + r - 2``. A value at position ``t`` is ``V`` of the state before token
+``t + 1`` is emitted, which is what GAE expects.
+
+Estimators (the math itself is :mod:`rlhf.algos`):
+
+* ``ppo``: KL-shaped token rewards (penalty when ``kl_in_reward``) and GAE with the value
+  model; advantages whitened over the batch.
+* ``reinforce_pp``: the same token rewards, discounted return-to-go, whitened over the
+  batch (REINFORCE++), no critic.
+* ``grpo`` / ``rloo``: a sequence score per sample (minus ``kl_coef * sum KL`` when the KL is
+  in the reward), normalised within each prompt's group, the same advantage on every token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from rlhf.algos import (
+    gae,
+    grpo_advantages,
+    kl_estimate,
+    masked_mean,
+    masked_sum,
+    reinforce_plus_plus_returns,
+    rloo_advantages,
+    token_rewards_with_kl,
+    whiten,
+)
+
+Estimator = Literal["ppo", "grpo", "rloo", "reinforce_pp"]
+CRITIC_ESTIMATORS = ("ppo",)
+GROUP_ESTIMATORS = ("grpo", "rloo")
+
+
+def sequence_batch(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """``input_ids``/``attention_mask`` ``[B, T]`` and ``response_mask`` ``[B, T-1]`` of prompt+response rows.
+
+    Raises ValueError for an empty prompt (there is no position to predict the first response token from).
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    rows = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
+    width = max(max((len(row) for row in rows), default=0), 2)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width - 1), dtype=torch.long)
+    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        if not prompt:
+            raise ValueError(f"row {i} has an empty prompt")
+        length = len(prompt) + len(response)
+        input_ids[i, :length] = torch.tensor(rows[i], dtype=torch.long)
+        attention_mask[i, :length] = 1
+        response_mask[i, len(prompt) - 1 : length - 1] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def place_response_values(values: Sequence[Sequence[float]], response_mask: torch.Tensor) -> torch.Tensor:
+    """Per-response-token numbers (e.g. vLLM's sampled-token log-probs) laid onto ``response_mask``'s positions."""
+    out = torch.zeros(response_mask.shape, dtype=torch.float32)
+    for i, row in enumerate(values):
+        positions = response_mask[i].nonzero().squeeze(-1)
+        if len(positions) != len(row):
+            raise ValueError(f"row {i}: {len(row)} values for {len(positions)} response tokens")
+        out[i, positions] = torch.tensor(list(row), dtype=torch.float32)
+    return out
+
+
+def advantages_and_returns(
+    estimator: Estimator,
+    scores: torch.Tensor,
+    response_mask: torch.Tensor,
+    logprobs: torch.Tensor,
+    reference_logprobs: torch.Tensor | None,
+    values: torch.Tensor | None,
+    *,
+    kl_coef: float,
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1",
+    kl_in_reward: bool = True,
+    group_size: int = 1,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_advantages: bool = True,
+    grpo_std_normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Advantages ``[B, T-1]``, returns (``ppo`` only, else None) and the step's KL/reward metrics.
+
+    Args:
+        estimator: ``ppo``, ``grpo``, ``rloo`` or ``reinforce_pp``.
+        scores: ``[B]`` sequence rewards, prompt-major (``group_size`` samples of a prompt together).
+        response_mask: ``[B, T-1]`` 1 on response positions.
+        logprobs: ``[B, T-1]`` the rollout policy's log-probs (as recomputed by the trainer).
+        reference_logprobs: ``[B, T-1]`` the reference model's, or None when there is no KL term.
+        values: ``[B, T-1]`` the critic's values (``ppo``), else None.
+        kl_coef: KL coefficient (used here only when ``kl_in_reward``).
+        kl_estimator: per-token KL estimator.
+        kl_in_reward: subtract the KL from the reward (else the policy loss carries it).
+        group_size: samples per prompt (``grpo``/``rloo``).
+        gamma, lam: discount and GAE lambda.
+        whiten_advantages: whiten ``ppo``/``reinforce_pp`` advantages over the batch.
+        grpo_std_normalize: divide GRPO advantages by the group's standard deviation.
+
+    Returns:
+        ``(advantages, returns, metrics)``; metrics are 0-dim tensors: ``kl`` (mean per-token KL of the
+        policy to the reference), ``kl_sequence`` (mean summed KL per response), ``score_mean``/``score_std``.
+    """
+    mask = response_mask.to(logprobs.dtype)
+    if reference_logprobs is None:
+        kl = torch.zeros_like(logprobs)
+    else:
+        kl = torch.where(mask.bool(), kl_estimate(logprobs, reference_logprobs, kl_estimator), 0.0)
+    penalty = kl_coef if kl_in_reward else 0.0
+    scores = scores.to(logprobs.dtype)
+    returns = None
+    if estimator in ("ppo", "reinforce_pp"):
+        token_rewards = token_rewards_with_kl(scores, kl, mask, penalty)
+        if estimator == "ppo":
+            if values is None:
+                raise ValueError("estimator ppo needs values from the value model")
+            advantages, returns = gae(token_rewards, values, mask, gamma, lam)
+        else:
+            advantages = reinforce_plus_plus_returns(token_rewards, mask, gamma)
+        if whiten_advantages:
+            advantages = whiten(advantages, mask)
+    elif estimator in GROUP_ESTIMATORS:
+        shaped = scores - penalty * masked_sum(kl, mask, dim=-1)
+        if estimator == "grpo":
+            per_sequence = grpo_advantages(shaped, group_size, normalize_std=grpo_std_normalize)
+        else:
+            per_sequence = rloo_advantages(shaped, group_size)
+        advantages = per_sequence.unsqueeze(1) * mask
+    else:
+        raise ValueError(f"unknown estimator {estimator!r}; expected ppo, grpo, rloo or reinforce_pp")
+    metrics = {
+        "kl": masked_mean(kl, mask),
+        "kl_sequence": masked_sum(kl, mask, dim=-1).mean(),
+        "score_mean": scores.mean(),
+        "score_std": scores.std() if scores.numel() > 1 else torch.zeros(()),
+    }
+    return advantages, returns, metrics
+
+
+def truncated_importance_weights(
+    trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, response_mask: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Per-token ``min(exp(trainer - rollout), cap)`` on response positions (1 elsewhere), a constant.
+
+    Corrects for sampling from the rollout engine's numerics rather than the trainer's (truncated
+    importance sampling).
+    """
+    ratio = torch.exp((trainer_logprobs - rollout_logprobs).detach()).clamp(max=cap)
+    return torch.where(response_mask.bool(), ratio, torch.ones_like(ratio))
+
+
+def logprob_gap(
+    trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, response_mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """How far the rollout engine's log-probs are from the trainer's on the sampled tokens.
+
+    ``logprob_gap_mean``/``_max``: mean and max of ``|trainer - rollout|``; ``rollout_kl``: the k3
+    estimate of KL(rollout || trainer).
+    """
+    mask = response_mask.bool()
+    gap = (trainer_logprobs - rollout_logprobs).abs()
+    return {
+        "logprob_gap_mean": masked_mean(gap, mask),
+        "logprob_gap_max": torch.where(mask, gap, 0.0).max() if mask.any() else torch.zeros(()),
+        "rollout_kl": masked_mean(kl_estimate(rollout_logprobs, trainer_logprobs, "k3"), mask),
+    }
+
+
+def split_rows(num_rows: int, parts: int) -> list[slice]:
+    """``parts`` contiguous slices covering ``range(num_rows)``, sizes differing by at most one."""
+    if parts < 1:
+        raise ValueError(f"parts must be at least 1, got {parts}")
+    base, extra = divmod(num_rows, parts)
+    slices, start = [], 0
+    for part in range(parts):
+        stop = start + base + (1 if part < extra else 0)
+        slices.append(slice(start, stop))
+        start = stop
+    return slices
+
+
+def take_rows(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    """The rows ``rows`` of every ``[B, ...]`` tensor of ``batch``, trimmed to the longest row's width."""
+    part = {key: value[rows] for key, value in batch.items()}
+    if "attention_mask" in part and len(part["attention_mask"]):
+        width = max(int(part["attention_mask"].sum(dim=1).max()), 2)
+        for key, value in part.items():
+            if value.dim() == 2:
+                part[key] = value[:, : width if value.shape[1] == batch["attention_mask"].shape[1] else width - 1]
+    return part

@@ -1,0 +1,284 @@
+"""The role workers of ``rlhf ppo``: thin Ray actors around a model, each a rank of its role's group.
+
+* :class:`PolicyWorker`: the trainable policy on a :class:`~rlhf.engine.TrainingEngine`
+  (its own ZeRO stage); log-probs of sequences, a PPO update, the weights for the rollout
+  replicas, checkpoints.
+* :class:`ReferenceWorker`: the frozen initial policy; log-probs only.
+* :class:`ValueWorker`: the trainable critic (a scalar head read at every token) on its own engine.
+* :class:`RewardWorker`: a reward model, a Python function or an HTTP endpoint (:mod:`rlhf.rl.rewards`).
+
+:class:`~cluster.groups.ActorGroup` creates them and joins their process group; the
+driver (:mod:`rlhf.jobs.ppo`) sends each rank its shard. Every method takes and returns
+plain tensors and numbers; the losses come from :mod:`rlhf.algos`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cluster.groups import RankWorker
+
+
+@dataclass(frozen=True)
+class PolicyLossSettings:
+    """What a policy update needs besides the data (plain numbers, sent with each call)."""
+
+    clip_low: float
+    clip_high: float
+    aggregation: str
+    entropy_coef: float
+    kl_coef_in_loss: float
+    kl_estimator: str
+    temperature: float
+
+
+def _configs(model: dict[str, Any], engine: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    from rlhf import configtree
+    from rlhf.engine import EngineConfig
+    from rlhf.models.config import ModelConfig
+
+    model_config = configtree.from_dict(ModelConfig, model)
+    return model_config, None if engine is None else configtree.from_dict(EngineConfig, engine)
+
+
+def causal_logits(model: Any, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """Logits ``[B, T-1, V]`` predicting tokens ``1..T-1``, divided by the sampling temperature."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return out.logits[:, :-1].float() / temperature
+
+
+def causal_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """Log-prob ``[B, T-1]`` of every next token (0 off the response positions)."""
+    from rlhf.algos import token_logprobs
+
+    logprobs = token_logprobs(causal_logits(model, batch, temperature), batch["input_ids"][:, 1:])
+    return torch.where(batch["response_mask"].bool(), logprobs, 0.0)
+
+
+def _device() -> str:
+    """The device of a frozen model in this actor: its GPU when Ray gave it one."""
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _weighted(metrics: dict[str, torch.Tensor], weight: float, into: dict[str, float]) -> None:
+    for name, value in metrics.items():
+        into[name] = into.get(name, 0.0) + float(value) * weight
+
+
+class _TrainableWorker(RankWorker):
+    """Shared by the policy and value workers: an engine, checkpoints, and the no-grad pass over shards."""
+
+    engine: Any = None
+    tokenizer: Any = None
+    model_config: Any = None
+
+    def _no_grad(self, batches: list[dict[str, torch.Tensor]], fn: Any) -> list[torch.Tensor]:
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                return [fn(self.engine, batch).cpu() for batch in batches]
+        finally:
+            self.engine.train()
+
+    def save_checkpoint(self, directory: str, client_state: dict[str, Any] | None = None) -> None:
+        """Write this rank's part of a resumable checkpoint (weights, optimizer, schedule, RNG)."""
+        self.engine.save_checkpoint(directory, client_state)
+
+    def load_checkpoint(self, directory: str) -> dict[str, Any]:
+        """Restore a checkpoint written by :meth:`save_checkpoint`; return its client state."""
+        return self.engine.load_checkpoint(directory)
+
+    def export(self, directory: str) -> str | None:
+        """The full model in Hugging Face format (ZeRO-3 shards gathered); every rank calls it, rank 0 writes."""
+        path = self.engine.export(directory, self.tokenizer, self.model_config)
+        return None if path is None else str(path)
+
+
+class PolicyWorker(_TrainableWorker):
+    """One rank of the trainable policy."""
+
+    def build(self, model: dict[str, Any], engine: dict[str, Any], total_steps: int, seed: int) -> None:
+        """Load the policy and wrap it in the training engine (call on every rank together)."""
+        from rlhf.engine import TrainingEngine
+        from rlhf.jobs.worker import seed_everything
+        from rlhf.models.loading import load_causal_lm, load_tokenizer
+
+        seed_everything(seed + self.rank)
+        self.model_config, engine_config = _configs(model, engine)
+        if self.model_config.lora.enabled:
+            raise ValueError(
+                "config key 'policy.lora.enabled': rlhf ppo trains full policies in this version "
+                "(the rollout replicas reload full weights)"
+            )
+        self.tokenizer = load_tokenizer(self.model_config)
+        self.engine = TrainingEngine(load_causal_lm(self.model_config), engine_config, total_steps)
+
+    def logprobs(self, batches: list[dict[str, torch.Tensor]], temperature: float) -> list[torch.Tensor]:
+        """Log-probs ``[b, T-1]`` of each batch under the current weights (no gradients)."""
+        return self._no_grad(batches, lambda model, batch: causal_logprobs(model, batch, temperature))
+
+    def train(
+        self, mini_batches: list[list[dict[str, torch.Tensor]]], denominators: list[dict[str, float]], settings: dict
+    ) -> dict[str, float]:
+        """One optimizer step per mini-batch over its micro-batches; metric sums weighted by tokens.
+
+        Each micro-batch holds ``input_ids``, ``attention_mask``, ``response_mask``,
+        ``old_logprobs``, ``advantages`` and optionally ``reference_logprobs`` (KL in the loss)
+        and ``importance_weights``. ``denominators[i]`` are mini-batch ``i``'s global
+        ``num_tokens`` and ``num_sequences``, so the ranks' losses add up to the whole batch's.
+        Returns sums over this rank (``<metric>`` x tokens, plus ``tokens``); the driver adds the ranks.
+        """
+        from rlhf.algos import entropy_loss, kl_estimate, masked_count, masked_sum, ppo_policy_loss, token_logprobs
+        from rlhf.jobs.worker import to_device
+
+        s = PolicyLossSettings(**settings)
+        sums: dict[str, float] = {"tokens": 0.0}
+        for micro_batches, denominator in zip(mini_batches, denominators, strict=True):
+            for batch in micro_batches:
+                batch = to_device(batch, self.engine.device)
+                mask = batch["response_mask"]
+                logits = causal_logits(self.engine, batch, s.temperature)
+                logprobs = token_logprobs(logits, batch["input_ids"][:, 1:])
+                loss, metrics = ppo_policy_loss(
+                    logprobs,
+                    batch["old_logprobs"],
+                    batch["advantages"],
+                    mask,
+                    clip_low=s.clip_low,
+                    clip_high=s.clip_high,
+                    aggregation=s.aggregation,
+                    importance_weights=batch.get("importance_weights"),
+                    num_tokens=denominator["num_tokens"],
+                    num_sequences=denominator["num_sequences"],
+                )
+                metrics = {"policy_loss_share": loss.detach(), **metrics}
+                if s.entropy_coef:
+                    entropy_term, entropy_metrics = entropy_loss(logits, mask, denominator["num_tokens"])
+                    loss = loss + s.entropy_coef * entropy_term
+                else:
+                    with torch.no_grad():
+                        _, entropy_metrics = entropy_loss(logits.detach(), mask, denominator["num_tokens"])
+                metrics |= entropy_metrics
+                if s.kl_coef_in_loss and "reference_logprobs" in batch:
+                    kl = kl_estimate(logprobs, batch["reference_logprobs"], s.kl_estimator)
+                    kl_term = masked_sum(kl, mask) / denominator["num_tokens"]
+                    loss = loss + s.kl_coef_in_loss * kl_term
+                self.engine.backward(loss)
+                stats = self.engine.step()
+                tokens = float(masked_count(mask))
+                sums["tokens"] += tokens
+                _weighted({k: v for k, v in metrics.items() if k != "policy_loss_share"}, tokens, sums)
+                sums["policy_loss"] = sums.get("policy_loss", 0.0) + float(loss.detach())
+                if stats:
+                    sums["grad_norm"] = stats["grad_norm"]
+                    sums["lr"] = stats["lr"]
+        return sums
+
+
+class ValueWorker(_TrainableWorker):
+    """One rank of the trainable critic: a scalar-head model read at every position."""
+
+    def build(self, model: dict[str, Any], engine: dict[str, Any], total_steps: int, seed: int) -> None:
+        """Load the value model (a scalar head on the given checkpoint) and wrap it in the training engine."""
+        from rlhf.engine import TrainingEngine
+        from rlhf.jobs.worker import seed_everything
+        from rlhf.models.loading import load_scalar_model, load_tokenizer
+
+        seed_everything(seed + 1000 + self.rank)
+        self.model_config, engine_config = _configs(model, engine)
+        self.tokenizer = load_tokenizer(self.model_config)
+        self.engine = TrainingEngine(load_scalar_model(self.model_config), engine_config, total_steps)
+
+    @staticmethod
+    def _values(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[B, T-1]``: the scalar head at position ``t`` is V of the state before token ``t + 1``."""
+        from rlhf.models.loading import is_peft
+
+        module = getattr(model, "module", model)
+        base = module.get_base_model() if is_peft(module) else module
+        hidden = base.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
+        values = base.score(hidden).squeeze(-1)[:, :-1].float()
+        return torch.where(batch["response_mask"].bool(), values, 0.0)
+
+    def values(self, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Values ``[b, T-1]`` of each batch (no gradients)."""
+        return self._no_grad(batches, self._values)
+
+    def train(
+        self,
+        mini_batches: list[list[dict[str, torch.Tensor]]],
+        denominators: list[dict[str, float]],
+        clip_range: float | None,
+    ) -> dict[str, float]:
+        """One optimizer step per mini-batch on the clipped value loss (``old_values``, ``returns``)."""
+        from rlhf.algos import masked_count, value_loss
+        from rlhf.jobs.worker import to_device
+
+        sums: dict[str, float] = {"tokens": 0.0}
+        for micro_batches, denominator in zip(mini_batches, denominators, strict=True):
+            for batch in micro_batches:
+                batch = to_device(batch, self.engine.device)
+                values = self._values(self.engine, batch)
+                loss, metrics = value_loss(
+                    values,
+                    batch["old_values"],
+                    batch["returns"],
+                    batch["response_mask"],
+                    clip_range,
+                    num_tokens=denominator["num_tokens"],
+                )
+                self.engine.backward(loss)
+                stats = self.engine.step()
+                tokens = float(masked_count(batch["response_mask"]))
+                sums["tokens"] += tokens
+                _weighted(metrics, tokens, sums)
+                sums["value_loss"] = sums.get("value_loss", 0.0) + float(loss.detach())
+                if stats:
+                    sums["value_grad_norm"] = stats["grad_norm"]
+        return sums
+
+
+class ReferenceWorker(RankWorker):
+    """One rank of the frozen reference policy (a full copy per rank: it only runs forward passes)."""
+
+    model: Any = None
+    device: str = "cpu"
+
+    def build(self, model: dict[str, Any]) -> None:
+        """Load the frozen reference model (bf16 on a GPU, fp32 on the CPU)."""
+        from rlhf.models.loading import load_causal_lm
+
+        model_config, _ = _configs(model)
+        self.device = _device()
+        frozen = load_causal_lm(model_config, trainable=False)
+        self.model = (frozen if self.device != "cpu" else frozen.float()).to(self.device)
+
+    def logprobs(self, batches: list[dict[str, torch.Tensor]], temperature: float) -> list[torch.Tensor]:
+        """Log-probs ``[b, T-1]`` of each batch under the reference model."""
+        from rlhf.jobs.worker import to_device
+
+        with torch.no_grad():
+            return [causal_logprobs(self.model, to_device(b, self.device), temperature).cpu() for b in batches]
+
+
+class RewardWorker(RankWorker):
+    """One rank of the frozen reward: a reward model, a ``module:function``, or an HTTP endpoint."""
+
+    source: Any = None
+
+    def build(self, spec: str) -> str:
+        """Create the reward source named by ``spec``; return its description."""
+        from rlhf.rl.rewards import make_reward
+
+        self.source = make_reward(spec, device=_device())
+        return repr(self.source)
+
+    def score(self, items: tuple[list[Any], list[str]], timeout_s: float) -> list[float]:
+        """Scores of ``(prompts, responses)``, one float per response, within ``timeout_s``."""
+        prompts, responses = items
+        return self.source.score(prompts, responses, timeout_s)
