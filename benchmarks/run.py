@@ -1,7 +1,7 @@
 """``make bench``: run every benchmark and write ``benchmarks/RESULTS.md``.
 
 ``python -m benchmarks.run --quick`` runs a few steps of each (a smoke test; its figures mean
-little); ``--only dpo`` (or ``sft``, ``serve``) runs one benchmark. Either prints the sections
+little); ``--only dpo`` (or ``sft``, ``grpo``, ``serve``) runs one benchmark. Either prints the sections
 and leaves the results file alone.
 """
 
@@ -11,14 +11,15 @@ import argparse
 import datetime
 import logging
 
-from benchmarks import dpo, serve, sft
+from benchmarks import dpo, grpo, serve, sft
 from benchmarks.common import RESULTS, machine, matmul_peak_flops
 
-BENCHMARKS = {"sft": sft.report, "dpo": dpo.report, "serve": serve.report}
+BENCHMARKS = {"sft": sft.report, "dpo": dpo.report, "grpo": grpo.report, "serve": serve.report}
 QUICK_STEPS, QUICK_WARMUP = 20, 5
 QUICK = {
     "serve": {"seconds": 4.0},
     "dpo": {"steps": QUICK_STEPS, "warmup": QUICK_WARMUP, "repeats": 1},
+    "grpo": {"steps": 3},
 }  # benchmarks not measured in steps: their own quick arguments
 
 

@@ -1,10 +1,12 @@
 """``rlhf demo``: the pipeline end to end on an embedded local Ray cluster, on a CPU, in minutes.
 
-Stages today: build the tiny model; supervised fine-tuning on the bundled toy-world data;
-a reward model on the bundled preference pairs; DPO from the SFT model on the same pairs;
-then the DPO model is served (Ray Serve + vLLM) and asked a question through the
-``openai`` client. Each training stage runs 2 data-parallel Ray Train workers (DeepSpeed
-ZeRO-2 over gloo) and prints its before/after figures.
+Stages: build the tiny model; supervised fine-tuning on the bundled toy-world data whose
+responses use positive and negative adjectives at random; a reward model on the bundled
+preference pairs (positive over negative); RLHF with PPO from the SFT model against that
+reward model (policy, reference, value and reward actor groups, rollouts from a vLLM replica
+on Ray Serve); then the PPO model is served (Ray Serve + vLLM) and asked a question through
+the ``openai`` client. SFT and RM run 2 data-parallel Ray Train workers (DeepSpeed ZeRO-2
+over gloo); each stage prints its before/after figures.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import time
 from pathlib import Path
 
 from rlhf import configtree
-from rlhf.config import DPOConfig, RMConfig, SFTConfig
+from rlhf.config import PPOConfig, RMConfig, SFTConfig
 
 EXAMPLE_PROMPT = "Describe the cat."
+PPO_STEPS = 30
 
 
 def sample(model_dir: str | Path, prompt: str = EXAMPLE_PROMPT, max_new_tokens: int = 16) -> str:
@@ -31,21 +34,16 @@ def sample(model_dir: str | Path, prompt: str = EXAMPLE_PROMPT, max_new_tokens: 
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def _config(cls: type, job: str, output_dir: Path, model: Path | str, workers: int):
+def _config(cls: type, job: str, output_dir: Path, overrides: list[str]):
     from rlhf.cli import EXAMPLES_DIR
 
-    overrides = [
-        f"model.name_or_path={model}",
-        f"train.output_dir={output_dir / job}",
-        f"cluster.num_workers={workers}",
-    ]
-    return configtree.load(cls, EXAMPLES_DIR / f"{job}.yaml", overrides)
+    return configtree.load(cls, EXAMPLES_DIR / f"{job}.yaml", [f"train.output_dir={output_dir / job}", *overrides])
 
 
 def run_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
-    """Run every stage this version has; print and return the before/after figures."""
+    """Run every stage; print and return the before/after figures."""
     from rlhf.data.bundled import positive_word_reward
-    from rlhf.jobs import dpo, rm, sft
+    from rlhf.jobs import ppo, rm, sft
     from rlhf.models.init_model import init_model
 
     started = time.perf_counter()
@@ -54,19 +52,35 @@ def run_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
     model_dir = init_model(output_dir / "tiny-model")
     before = sample(model_dir)
 
-    print(f"[2/5] sft: {workers} Ray Train workers, DeepSpeed ZeRO-2, bundled prompt/completion data", flush=True)
-    sft_summary = sft.run(_config(SFTConfig, "sft", output_dir, model_dir, workers))
-    after_sft = sample(sft_summary["final_model"])
+    print(f"[2/5] sft: {workers} Ray Train workers, DeepSpeed ZeRO-2, bundled mixed-sentiment data", flush=True)
+    data = ["data.path=bundled:sft_mixed", f"cluster.num_workers={workers}"]
+    sft_summary = sft.run(_config(SFTConfig, "sft", output_dir, [f"model.name_or_path={model_dir}", *data]))
+    sft_model = sft_summary["final_model"]
+    after_sft = sample(sft_model)
 
-    print("[3/5] reward model on the bundled preference pairs", flush=True)
-    rm_summary = rm.run(_config(RMConfig, "rm", output_dir, sft_summary["final_model"], workers))
+    print("[3/5] reward model on the bundled preference pairs (positive over negative adjectives)", flush=True)
+    rm_summary = rm.run(
+        _config(RMConfig, "rm", output_dir, [f"model.name_or_path={sft_model}", f"cluster.num_workers={workers}"])
+    )
+    reward_model = rm_summary["final_model"]
 
-    print("[4/5] dpo from the SFT model on the same pairs", flush=True)
-    dpo_summary = dpo.run(_config(DPOConfig, "dpo", output_dir, sft_summary["final_model"], workers))
-    after_dpo = sample(dpo_summary["final_model"])
+    print(
+        f"[4/5] ppo: {PPO_STEPS} steps from the SFT model against the reward model (policy, reference, value and "
+        "reward actor groups; rollouts from a vLLM replica on Ray Serve)",
+        flush=True,
+    )
+    ppo_summary = ppo.run(
+        _config(
+            PPOConfig,
+            "ppo",
+            output_dir,
+            [f"policy.name_or_path={sft_model}", f"reward={reward_model}", f"train.max_steps={PPO_STEPS}"],
+        )
+    )
+    after_ppo = sample(ppo_summary["final_model"])
 
-    print("[5/5] serve the DPO model (Ray Serve + vLLM) and ask it through the openai client", flush=True)
-    served = ask_served_model(dpo_summary["final_model"])
+    print("[5/5] serve the PPO model (Ray Serve + vLLM) and ask it through the openai client", flush=True)
+    served = ask_served_model(ppo_summary["final_model"])
     elapsed = time.perf_counter() - started
 
     print("\n=== demo summary ===")
@@ -75,18 +89,18 @@ def run_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
         f"rm   held-out accuracy    : {rm_summary['eval_accuracy_before']:.2f} -> {rm_summary['eval_accuracy_after']:.2f}"
     )
     print(
-        f"dpo  reward accuracy      : {dpo_summary['eval_rewards/accuracy_before']:.2f} -> "
-        f"{dpo_summary['eval_rewards/accuracy_after']:.2f} "
-        f"(margin {dpo_summary['eval_rewards/margin_before']:.2f} -> {dpo_summary['eval_rewards/margin_after']:.2f})"
+        f"ppo  held-out reward (RM) : {ppo_summary['eval_reward_before']:+.2f} -> {ppo_summary['eval_reward_after']:+.2f} "
+        f"(training batches: {ppo_summary['reward_first_steps']:+.2f} -> {ppo_summary['reward_last_steps']:+.2f}; "
+        f"{ppo_summary['seconds_per_step']:.2f} s per step)"
     )
     print(f"prompt                    : {EXAMPLE_PROMPT}")
-    for name, answer in (("base model", before), ("after SFT", after_sft), ("after DPO", after_dpo)):
+    for name, answer in (("base model", before), ("after SFT", after_sft), ("after PPO", after_ppo)):
         print(f"  {name:<23} : {answer!r} (rule-based reward {positive_word_reward(answer):+.2f})")
     print(f"served endpoint           : {served['url']}/v1 (model {served['model']!r}), chat: {EXAMPLE_PROMPT}")
     print(f"  {'answer':<23} : {served['answer']!r}")
-    print(f"run directories           : {output_dir}/{{sft,rm,dpo}} (final/, metrics.jsonl, config.yaml)")
+    print(f"run directories           : {output_dir}/{{sft,rm,ppo}} (final/, metrics.jsonl, curves.png, config.yaml)")
     print(f"wall time                 : {elapsed:.0f} s")
-    return {"sft": sft_summary, "rm": rm_summary, "dpo": dpo_summary, "served": served, "seconds": elapsed}
+    return {"sft": sft_summary, "rm": rm_summary, "ppo": ppo_summary, "served": served, "seconds": elapsed}
 
 
 def ask_served_model(model_dir: str, question: str = EXAMPLE_PROMPT) -> dict[str, str]:

@@ -523,7 +523,7 @@ def deploy(config: Any, app_name: str, timeout_s: float = 600.0) -> bool:
 
     validate(config)
     if _get_global_client(raise_if_no_controller_running=False) is None:
-        serve.start(http_options={"location": "NoServer"})
+        serve.start(proxy_location="Disabled")
     elif app_name in serve.status().applications:
         return False
     llm = llm_config(config)

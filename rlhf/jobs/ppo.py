@@ -710,15 +710,15 @@ def run(config: PPOConfig) -> dict[str, Any]:
 
 
 def summarize(records: list[dict[str, Any]], output_dir: Path, final: str, failures: int) -> dict[str, Any]:
-    """Rewards before/after (held-out and training), the stage shares, the outputs."""
+    """Rewards before/after (held-out, and the mean of the first and last 3 steps), stage shares, outputs."""
     train = [x for x in records if x["kind"] == "train"]
     evals = [x for x in records if x["kind"] == "eval"]
     summary: dict[str, Any] = {"output_dir": str(output_dir), "final_model": final, "failures": failures}
     if train:
-        tail = train[-3:]
+        head, tail = train[:3], train[-3:]
         summary |= {
             "steps": train[-1]["step"],
-            "reward_first_step": train[0]["reward_mean"],
+            "reward_first_steps": sum(x["reward_mean"] for x in head) / len(head),
             "reward_last_steps": sum(x["reward_mean"] for x in tail) / len(tail),
             "seconds_per_step": sum(x["time/step"] for x in train) / len(train),
             "stage_share": {

@@ -1,0 +1,173 @@
+"""GRPO steps/s and generated tokens/s: ``rlhf ppo`` (``algorithm.estimator=grpo``) against TRL's GRPOTrainer.
+
+Same tiny model, same bundled prompts, same rule-based reward (``positive_word_reward`` of the
+response), same group size, prompts per step and generation length, temperature 1, no KL term
+(TRL: ``beta=0``; rlhf: ``kl.coefficient=0``, so neither runs a reference model), one pass
+over each batch with the clipped ratio (epsilon 0.2) and token-level aggregation, one
+optimizer step per generation round over one micro-batch of every completion, fp32, constant
+learning rate. Each side runs in a fresh process on this CPU, one after the other.
+
+rlhf generates with a vLLM replica on Ray Serve and trains on a policy actor (DeepSpeed
+ZeRO-0), then loads the new weights into the replica; TRL generates with transformers'
+``generate`` in the trainer's process and needs no sync. A timed step is the whole RL step on
+both sides (rlhf: ``time/step`` of its metrics, every stage included; TRL: from one
+``on_step_end`` to the next). The first step of each side is a warm-up and not timed; start-up
+(Ray, the replica, model loading) is not part of any step.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from statistics import median
+from typing import Any
+
+STEPS = 13  # the first is a warm-up
+GROUP_SIZE = 8
+PROMPTS_PER_STEP = 8
+MAX_NEW_TOKENS = 64
+LEARNING_RATE = 1e-5
+SEED = 0
+REWARD = "rlhf.data.bundled:positive_word_reward"
+
+OUR_STAGES = [
+    ("generate", "generate (vLLM replica)"),
+    ("experience", "experience: policy log-probs + rewards + advantages"),
+    ("train_policy", "policy update (forward, backward, AdamW)"),
+    ("sync", "weight sync: save + reload into the replica"),
+    ("checkpoint", "checkpoint (last step only)"),
+]
+
+
+def run_rlhf(model_dir: str, steps: int, output_dir: str) -> dict[str, Any]:
+    """``rlhf ppo`` with GRPO on an embedded Ray cluster; the per-step figures of its metrics."""
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from rlhf import configtree
+    from rlhf.config import PPOConfig
+    from rlhf.jobs.ppo import run
+
+    batch = GROUP_SIZE * PROMPTS_PER_STEP
+    config = configtree.load(
+        PPOConfig,
+        None,
+        [
+            f"policy.name_or_path={model_dir}",
+            f"reward={REWARD}",
+            "data.path=bundled:prompts",
+            "data.format=prompt",
+            f"train.output_dir={output_dir}",
+            f"train.max_steps={steps}",
+            f"train.seed={SEED}",
+            "algorithm.estimator=grpo",
+            "algorithm.clip_low=0.2",
+            "algorithm.clip_high=0.2",
+            "algorithm.aggregation=token",
+            "kl.coefficient=0",
+            f"rollout.group_size={GROUP_SIZE}",
+            f"rollout.prompts_per_step={PROMPTS_PER_STEP}",
+            f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
+            "rollout.max_model_len=256",
+            "engine.zero_stage=0",
+            "engine.precision=fp32",
+            f"engine.micro_batch_size={batch}",
+            f"engine.learning_rate={LEARNING_RATE}",
+            "engine.lr_scheduler=constant",
+            "engine.warmup_steps=0",
+        ],
+    )
+    run(config)
+    records = [json.loads(line) for line in open(f"{output_dir}/metrics.jsonl")]
+    train = [r for r in records if r["kind"] == "train"]
+    timed = train[1:]
+    seconds = sum(r["time/step"] for r in timed)
+    return {
+        "step_seconds": [r["time/step"] for r in train],
+        "median_step_seconds": median(r["time/step"] for r in timed),
+        "tokens_per_second": sum(r["generated_tokens"] for r in timed) / seconds,
+        "generate_tokens_per_second": median(r["tokens_per_second"] for r in timed),
+        "rewards": [r["reward_mean"] for r in train],
+        "response_length": sum(r["response_length"] for r in timed) / len(timed),
+        "stage_seconds": {key: sum(r[f"time/{key}"] for r in timed) for key, _ in OUR_STAGES},
+        "timed_seconds": seconds,
+    }
+
+
+def run_trl(model_dir: str, steps: int, output_dir: str) -> dict[str, Any]:
+    """TRL's GRPOTrainer with the same settings (see :mod:`benchmarks.trl_grpo`)."""
+    from benchmarks.trl_grpo import run_trl_grpo
+    from rlhf.data.bundled import bundled_path, positive_word_reward
+
+    rows = [json.loads(line) for line in bundled_path("prompts").read_text().splitlines()]
+    result = run_trl_grpo(
+        model_dir,
+        [row["prompt"] for row in rows],
+        positive_word_reward,
+        group_size=GROUP_SIZE,
+        prompts_per_step=PROMPTS_PER_STEP,
+        max_new_tokens=MAX_NEW_TOKENS,
+        steps=steps,
+        learning_rate=LEARNING_RATE,
+        seed=SEED,
+        output_dir=output_dir,
+    )
+    timed = result["step_seconds"][1:]
+    result["timed_seconds"] = sum(timed)
+    result["response_length"] = sum(result["generated_tokens"][1:]) / (len(timed) * GROUP_SIZE * PROMPTS_PER_STEP)
+    return result
+
+
+def _share_rows(seconds: dict[str, float], labels: list[tuple[str, str]], total: float, steps: int) -> list[str]:
+    return [
+        f"| {label} | {seconds[key] / steps * 1000:,.0f} | {seconds[key] / total:.0%} |"
+        for key, label in labels
+        if key in seconds
+    ]
+
+
+def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 1) -> str:
+    """Run both sides and return the markdown section (``peak_flops`` and ``warmup`` are not used here)."""
+    from benchmarks.common import isolated
+    from benchmarks.trl_grpo import STAGES as TRL_STAGES
+
+    with tempfile.TemporaryDirectory() as ours_dir, tempfile.TemporaryDirectory() as theirs_dir:
+        ours = isolated(run_rlhf, model_dir, steps, ours_dir + "/run")
+        theirs = isolated(run_trl, model_dir, steps, theirs_dir)
+    timed = steps - 1
+    ratio = theirs["median_step_seconds"] / ours["median_step_seconds"]
+    token_ratio = ours["tokens_per_second"] / theirs["tokens_per_second"]
+    rows = [
+        f"| {name} | {m['median_step_seconds'] * 1000:,.0f} | {m['tokens_per_second']:,.0f} | "
+        f"{m['response_length']:.1f} | {m['rewards'][0]:+.2f} -> {m['rewards'][-1]:+.2f} |"
+        for name, m in (("rlhf ppo (grpo)", ours), ("TRL GRPOTrainer", theirs))
+    ]
+    return "\n".join(
+        [
+            "## GRPO step time and generated tokens/s: rlhf ppo vs TRL GRPOTrainer",
+            "",
+            f"Tiny model, bundled prompts, rule-based reward, {PROMPTS_PER_STEP} prompts x {GROUP_SIZE} samples per "
+            f"step, up to {MAX_NEW_TOKENS} new tokens at temperature 1, no KL (no reference model on either side), "
+            f"one clipped pass per batch, one optimizer step per generation round over one micro-batch, fp32; "
+            f"{steps} steps each, the first a warm-up, the median of the other {timed} reported. rlhf generates on a "
+            "vLLM replica (Ray Serve) and syncs the new weights into it every step; TRL generates with "
+            "transformers in-process. Each side runs in its own process on this CPU.",
+            "",
+            "| run | median step (ms) | generated tokens/s | mean response tokens | step reward first -> last |",
+            "|---|---:|---:|---:|---|",
+            *rows,
+            f"| **rlhf / TRL** | **{ratio:.2f}x** faster | **{token_ratio:.2f}x** | | |",
+            "",
+            "Where rlhf's step goes (ms per timed step, share of the timed steps):",
+            "",
+            "| stage | ms | share |",
+            "|---|---:|---:|",
+            *_share_rows(ours["stage_seconds"], OUR_STAGES, ours["timed_seconds"], timed),
+            "",
+            "Where TRL's step goes:",
+            "",
+            "| stage | ms | share |",
+            "|---|---:|---:|",
+            *_share_rows(theirs["stage_seconds"], TRL_STAGES, theirs["timed_seconds"], timed),
+        ]
+    )

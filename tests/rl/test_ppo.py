@@ -1,0 +1,292 @@
+"""rlhf ppo end to end on the tiny SFT policy: real Ray actor groups (DeepSpeed on gloo), a real vLLM replica on
+Ray Serve, the bundled rule-based reward. Every run reuses the package's rollout application."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.rl.conftest import APP_NAME
+
+STEPS = 16
+# Measured: eval reward 0.09 -> 0.63 (PPO) and 0.61 (GRPO) after 30 steps at lr 2e-4; these runs take 16 steps
+# at lr 4e-4. The margin asked for is half of what was measured.
+MARGIN = 0.25
+LOGPROB_TOL = 0.05  # vLLM's CPU kernels (bf16 internally) vs transformers in fp32, per token
+EXPECTED_METRICS = {
+    "reward_mean",
+    "reward_std",
+    "kl",
+    "entropy",
+    "clip_fraction",
+    "approx_kl",
+    "response_length",
+    "tokens_per_second",
+    "logprob_gap_mean",
+    "policy_loss",
+    *(f"time/{stage}" for stage in ("generate", "experience", "train_value", "train_policy", "sync", "step")),
+}
+
+
+def ppo_config(policy: Path, output_dir: Path, *overrides: str):
+    from rlhf import configtree
+    from rlhf.cli import EXAMPLES_DIR
+    from rlhf.config import PPOConfig
+
+    base = [
+        f"policy.name_or_path={policy}",
+        f"train.output_dir={output_dir}",
+        f"rollout.app_name={APP_NAME}",
+        "engine.learning_rate=4e-4",
+        f"train.max_steps={STEPS}",
+        "roles.call_timeout_s=300",
+    ]
+    return configtree.load(PPOConfig, EXAMPLES_DIR / "ppo.yaml", [*base, *overrides])
+
+
+def records(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ppo_run(sft_policy: Path, rollout_app: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from rlhf.jobs.ppo import run
+
+    out = tmp_path_factory.mktemp("ppo")
+    summary = run(ppo_config(sft_policy, out, "algorithm.estimator=ppo"))
+    return {"summary": summary, "output_dir": out}
+
+
+def test_ppo_with_a_critic_raises_the_reward(ppo_run: dict) -> None:
+    summary = ppo_run["summary"]
+    print(f"\nppo: held-out reward {summary['eval_reward_before']:.3f} -> {summary['eval_reward_after']:.3f}")
+    assert summary["steps"] == STEPS and summary["failures"] == 0
+    assert summary["eval_reward_after"] >= summary["eval_reward_before"] + MARGIN
+    assert summary["reward_last_steps"] >= summary["reward_first_steps"] + MARGIN
+
+
+def test_a_run_logs_every_metric_and_stage_each_step_and_writes_its_outputs(ppo_run: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = ppo_run["output_dir"]
+    train = [r for r in records(out) if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    for record in train:
+        assert EXPECTED_METRICS | {"value_loss", "explained_variance"} <= set(record), set(record)
+        assert all(math.isfinite(record[k]) for k in EXPECTED_METRICS)
+        assert record["time/step"] >= sum(record[f"time/{s}"] for s in ("generate", "experience", "sync")) > 0
+    assert (out / "curves.png").stat().st_size > 10_000
+    assert any((out / "tensorboard").iterdir())
+    assert (out / "checkpoints" / f"step-{STEPS}" / "state.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(ppo_run["summary"]["final_model"])
+    assert model.config.model_type == "llama"
+
+
+def test_the_trainer_and_rollout_log_probs_agree_every_step(ppo_run: dict) -> None:
+    # the replicas reload the policy after every update: a stale replica would show a growing gap
+    gaps = [r["logprob_gap_mean"] for r in records(ppo_run["output_dir"]) if r["kind"] == "train"]
+    print(f"\ntrainer vs rollout mean |log-prob gap| per step: max {max(gaps):.4f}")
+    assert max(gaps) < LOGPROB_TOL
+
+
+def transformers_logprobs(model_dir: str | Path, sequence: list[int]) -> list[float]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([sequence])).logits[0, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(sequence[1:]).unsqueeze(-1)).squeeze(-1).tolist()
+
+
+def test_after_a_sync_every_replica_serves_the_policy_and_before_it_does_not(ppo_run: dict, sft_policy: Path) -> None:
+    from serving.rollout import RolloutClient
+
+    client = RolloutClient("policy", app_name=APP_NAME)
+    final = ppo_run["summary"]["final_model"]
+    sequence = [1, *range(40, 60)]
+    trained = transformers_logprobs(final, sequence)
+    initial = transformers_logprobs(sft_policy, sequence)
+    assert max(abs(a - b) for a, b in zip(trained, initial, strict=True)) > 5 * LOGPROB_TOL  # training moved them
+
+    def worst_gap(replica) -> float:
+        served = client.sequence_logprobs([sequence], replica=replica)[0]
+        return max(abs(a - b) for a, b in zip(served, trained, strict=True))
+
+    replicas = client.replicas()
+    client.sync_weights(sft_policy)  # "before": the replicas hold other weights
+    before = [worst_gap(replica) for replica in replicas]
+    assert client.sync_weights(final) == replicas
+    after = [worst_gap(replica) for replica in replicas]
+    print(f"\nreplica vs policy max |log-prob diff|: before sync {before}, after {after} (tolerance {LOGPROB_TOL})")
+    assert all(gap > LOGPROB_TOL for gap in before)
+    assert all(gap < LOGPROB_TOL for gap in after)
+
+
+def test_grpo_raises_the_reward_without_a_value_group(sft_policy: Path, rollout_app: str, tmp_path: Path) -> None:
+    from rlhf.jobs.ppo import run
+
+    summary = run(ppo_config(sft_policy, tmp_path, "algorithm.estimator=grpo"))
+    print(f"\ngrpo: held-out reward {summary['eval_reward_before']:.3f} -> {summary['eval_reward_after']:.3f}")
+    assert summary["eval_reward_after"] >= summary["eval_reward_before"] + MARGIN
+    assert summary["reward_last_steps"] >= summary["reward_first_steps"] + MARGIN
+    train = [r for r in records(tmp_path) if r["kind"] == "train"]
+    assert all("value_loss" not in r for r in train)
+    assert not (tmp_path / "checkpoints" / f"step-{STEPS}" / "value").exists()
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp"])
+def test_the_other_estimators_run_on_the_same_loop(
+    estimator: str, sft_policy: Path, rollout_app: str, tmp_path: Path
+) -> None:
+    from rlhf.jobs.ppo import run
+
+    summary = run(ppo_config(sft_policy, tmp_path, f"algorithm.estimator={estimator}", "train.max_steps=3"))
+    assert summary["steps"] == 3
+    train = [r for r in records(tmp_path) if r["kind"] == "train"]
+    assert all(EXPECTED_METRICS <= set(r) and "value_loss" not in r for r in train)
+    assert all(math.isfinite(r["policy_loss"]) and r["grad_norm"] > 0 for r in train)
+
+
+def test_a_zero3_policy_group_of_two_ranks_trains_with_the_kl_as_a_loss_term(
+    sft_policy: Path, rollout_app: str, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.jobs.ppo import run
+
+    summary = run(
+        ppo_config(
+            sft_policy,
+            tmp_path,
+            "algorithm.estimator=grpo",
+            "roles.policy_workers=2",
+            "roles.colocate=policy+reference",
+            "engine.zero_stage=3",
+            "kl.placement=loss",
+            "kl.estimator=k3",
+            "train.max_steps=3",
+        )
+    )
+    assert summary["steps"] == 3
+    train = [r for r in records(tmp_path) if r["kind"] == "train"]
+    assert all(r["grad_norm"] > 0 and r["kl"] >= 0 for r in train)  # k3 is never negative
+    assert train[-1]["kl"] > 0  # the policy moved away from the reference
+    assert train[-1]["logprob_gap_mean"] < LOGPROB_TOL  # the gathered ZeRO-3 weights reached the replica
+    assert len(list((tmp_path / "checkpoints" / "step-3" / "policy").rglob("*zero_pp_rank_1*"))) > 0
+    AutoModelForCausalLM.from_pretrained(summary["final_model"])
+
+
+def role_pids(role_class: str) -> list[int]:
+    import psutil
+
+    pids = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if cmdline.startswith(f"ray::{role_class}"):
+            pids.append(process.pid)
+    return pids
+
+
+def test_a_killed_role_actor_is_recovered_from_the_last_checkpoint(
+    sft_policy: Path, rollout_app: str, tmp_path: Path
+) -> None:
+    from rlhf.jobs.ppo import run
+
+    config = ppo_config(sft_policy, tmp_path, "algorithm.estimator=ppo", "train.max_steps=8", "train.save_every=2")
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["summary"] = run(config)
+        except BaseException as exc:  # surfaced below
+            result["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and time.monotonic() < deadline and thread.is_alive():
+        metrics = tmp_path / "metrics.jsonl"
+        steps = [r["step"] for r in records(tmp_path) if r["kind"] == "train"] if metrics.exists() else []
+        if steps and steps[-1] >= 3 and role_pids("ValueWorker"):
+            killed = role_pids("ValueWorker")[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "the run hung after a role actor was killed"
+    assert killed is not None, "the run ended before the actor could be killed"
+    assert "error" not in result, result.get("error")
+    summary = result["summary"]
+    assert summary["steps"] == 8 and summary["failures"] == 1
+    log = records(tmp_path)
+    failure = next(i for i, r in enumerate(log) if r["kind"] == "failure")
+    assert "value rank 0" in log[failure]["error"] and "died" in log[failure]["error"]
+    resumed = [r["step"] for r in log[failure + 1 :] if r["kind"] == "train"]
+    # resumed from the last checkpoint: a step divisible by 2, at most 2 steps back
+    assert resumed[0] - 1 in (log[failure]["step"] - 1, log[failure]["step"]) and (resumed[0] - 1) % 2 == 0
+    assert resumed[-1] == 8
+
+
+def test_a_reward_endpoint_that_is_down_fails_within_its_timeout(sft_policy: Path, tmp_path: Path) -> None:
+    from cluster.connect import free_port
+    from rlhf.jobs.ppo import run
+    from rlhf.rl.rewards import RewardError
+
+    url = f"http://127.0.0.1:{free_port()}/score"
+    started = time.monotonic()
+    with pytest.raises(RewardError, match="config key 'reward'") as caught:
+        run(ppo_config(sft_policy, tmp_path, f"reward={url}", "reward_timeout_s=5"))
+    assert url in str(caught.value)
+    assert time.monotonic() - started < 5 + 10
+
+
+def test_a_reward_function_path_that_does_not_exist_is_named(sft_policy: Path, tmp_path: Path) -> None:
+    from rlhf.jobs.ppo import run
+    from rlhf.rl.rewards import RewardError
+
+    with pytest.raises(RewardError, match="rlhf.data.bundled:positive_wrod_reward") as caught:
+        run(ppo_config(sft_policy, tmp_path, "reward=rlhf.data.bundled:positive_wrod_reward"))
+    assert "positive_word_reward" in str(caught.value)  # the nearest name
+
+
+def _stall(_actor, seconds: float) -> None:
+    """Run on a replica's actor: block its event loop, as a replica that hangs would."""
+    time.sleep(seconds)
+
+
+def test_a_replica_that_does_not_answer_fails_the_run_within_the_sync_timeout(
+    sft_policy: Path, rollout_app: str, tmp_path: Path
+) -> None:
+    import ray
+
+    from rlhf.jobs.ppo import run
+    from serving.rollout import RolloutClient, RolloutError
+
+    client = RolloutClient("policy", app_name=APP_NAME)
+    (replica,) = client.replicas()
+    stall = ray.get_actor(replica.actor_name, namespace="serve").__ray_call__.remote(_stall, 20)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RolloutError, match="no answer within the 3.0 s timeout") as caught:
+            run(
+                ppo_config(
+                    sft_policy, tmp_path, "algorithm.estimator=grpo", "kl.coefficient=0", "rollout.sync_timeout_s=3"
+                )
+            )
+        assert replica.replica_id in str(caught.value)
+        print(f"\nfailed after {time.monotonic() - started:.1f} s (role set-up included)")
+    finally:
+        ray.get(stall, timeout=120)
+    # Serve's health check may have replaced the stalled replica meanwhile: wait for one to run again
+    deadline = time.monotonic() + 300
+    while not client.replicas() and time.monotonic() < deadline:
+        time.sleep(1)
+    client.sync_weights(sft_policy)
