@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from pathlib import Path
 from statistics import median
 from typing import Any
 
@@ -78,7 +79,7 @@ def run_rlhf(model_dir: str, steps: int, output_dir: str) -> dict[str, Any]:
         ],
     )
     run(config)
-    records = [json.loads(line) for line in open(f"{output_dir}/metrics.jsonl")]
+    records = [json.loads(line) for line in Path(output_dir, "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     timed = train[1:]
     seconds = sum(r["time/step"] for r in timed)
