@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="run the pipeline end to end on an embedded local Ray cluster",
-        description="init-model, SFT, a reward model and DPO on the bundled data, on an embedded local Ray cluster; prints before/after figures.",
+        description="init-model, SFT, a reward model, PPO against that reward model, then serving the result, on the "
+        "bundled data and an embedded local Ray cluster; prints before/after figures.",
     )
     demo.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="where the demo writes (runs/demo)")
     demo.add_argument("--workers", type=int, default=2, help="data-parallel training workers (default 2)")

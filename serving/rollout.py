@@ -2,7 +2,8 @@
 
 RLHF samples its rollouts from the same Ray Serve + vLLM replicas that serve the model
 (:mod:`serving.app`) and, after each policy update, loads the new weights into them.
-:class:`RolloutClient` is that building block:
+:func:`deploy` starts (or finds) the replicas for a run and :func:`release` undoes that;
+:class:`RolloutClient` is the building block that uses them:
 
 * :meth:`RolloutClient.generate` samples ``n`` completions per prompt and returns, per
   sample, the prompt and response token ids, vLLM's log-prob of every sampled token and
@@ -506,14 +507,16 @@ def _reason(exc: BaseException) -> str:
     return lines[-1] if isinstance(exc, ray.exceptions.RayTaskError) else f"{type(exc).__name__}: {lines[-1]}"
 
 
-def deploy(config: Any, app_name: str, timeout_s: float = 600.0) -> bool:
-    """Make sure ``app_name`` runs the LLMServer replicas of ``config`` (a ``ServeConfig``); True if deployed here.
+def deploy(config: Any, app_name: str, timeout_s: float = 600.0) -> str:
+    """Make sure ``app_name`` runs the LLMServer replicas of ``config`` (a ``ServeConfig``); say how.
 
-    A running application of that name is reused as it is (the caller syncs its weights
-    before generating). Otherwise only the model deployment is deployed, without the
-    OpenAI ingress or an HTTP route (rollouts go through the deployment handle), on a
-    Serve instance started without HTTP proxies if none runs. Raises :class:`RolloutError`
-    when the application fails to deploy or is not running within ``timeout_s``.
+    Returns ``"reused"`` when an application of that name was running already (it is used
+    as it is: the caller syncs its weights before generating), ``"deployed"`` when it was
+    deployed on the running Serve instance, and ``"started"`` when Serve itself was started
+    for it (without HTTP proxies: rollouts go through the deployment handle). Pass the
+    answer to :func:`release` at the end. Only the model deployment is deployed, without
+    the OpenAI ingress or an HTTP route. Raises :class:`RolloutError` when the application
+    fails to deploy or is not running within ``timeout_s``.
     """
     from ray import serve
     from ray.llm._internal.serve.core.server.builder import build_llm_deployment
@@ -522,10 +525,12 @@ def deploy(config: Any, app_name: str, timeout_s: float = 600.0) -> bool:
     from serving.app import llm_config, validate
 
     validate(config)
+    how = "deployed"
     if _get_global_client(raise_if_no_controller_running=False) is None:
         serve.start(proxy_location="Disabled")
+        how = "started"
     elif app_name in serve.status().applications:
-        return False
+        return "reused"
     llm = llm_config(config)
     # a step sends hundreds of requests: no access-log line per request
     llm.deployment_config["logging_config"] = {"enable_access_log": False}
@@ -535,19 +540,24 @@ def deploy(config: Any, app_name: str, timeout_s: float = 600.0) -> bool:
     while time.monotonic() < deadline:
         status = serve.status().applications.get(app_name)
         if status is not None and status.status == "RUNNING":
-            return True
+            return how
         if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
             message = (status.message or "").strip().splitlines()
+            release(app_name, how)
             raise RolloutError(f"rollout application {app_name!r} failed to deploy: {message[-1] if message else '?'}")
         time.sleep(1.0)
+    release(app_name, how)
     raise RolloutError(
         f"rollout application {app_name!r} was not running within {timeout_s:.0f} s "
         f"(last status: {getattr(status, 'status', 'not deployed')})"
     )
 
 
-def delete(app_name: str) -> None:
-    """Delete the rollout application ``app_name`` (its replicas stop)."""
+def release(app_name: str, how: str) -> None:
+    """Undo what :func:`deploy` did: stop Serve if it started it, delete the application if it deployed it."""
     from ray import serve
 
-    serve.delete(app_name)
+    if how == "started":
+        serve.shutdown()
+    elif how == "deployed":
+        serve.delete(app_name)

@@ -622,7 +622,7 @@ def run(config: PPOConfig) -> dict[str, Any]:
         max_tokens_limit=r.max_model_len,
     )
     resolve(config.policy.name_or_path)
-    owned = rollout_module.deploy(serve_config, r.app_name, timeout_s=config.roles.call_timeout_s)
+    deployment = rollout_module.deploy(serve_config, r.app_name, timeout_s=config.roles.call_timeout_s)
     roles: Roles | None = None
     weights_dir = output_dir / "rollout-weights"
     records: list[dict[str, Any]] = []
@@ -704,8 +704,7 @@ def run(config: PPOConfig) -> dict[str, Any]:
         run_log.close()
         if roles is not None:
             roles.kill()
-        if owned:
-            rollout_module.delete(r.app_name)
+        rollout_module.release(r.app_name, deployment)
     return summarize(records, output_dir, final, failures)
 
 
