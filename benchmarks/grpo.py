@@ -8,7 +8,8 @@ optimizer step per generation round over one micro-batch of every completion, fp
 learning rate. Each side runs in a fresh process on this CPU, one after the other.
 
 rlhf generates with a vLLM replica on Ray Serve and trains on a policy actor (DeepSpeed
-ZeRO-0), then loads the new weights into the replica; TRL generates with transformers'
+ZeRO-0) given both cores (Ray sets an actor's torch threads to its CPUs), then loads the new
+weights into the replica; TRL generates with transformers'
 ``generate`` in the trainer's process and needs no sync. A timed step is the whole RL step on
 both sides (rlhf: ``time/step`` of its metrics, every stage included; TRL: from one
 ``on_step_end`` to the next). The first step of each side is a warm-up and not timed; start-up
@@ -66,6 +67,7 @@ def run_rlhf(model_dir: str, steps: int, output_dir: str) -> dict[str, Any]:
             "algorithm.clip_high=0.2",
             "algorithm.aggregation=token",
             "kl.coefficient=0",
+            "roles.cpus_per_worker=2",  # the policy actor trains on both cores, as TRL's process does
             f"rollout.group_size={GROUP_SIZE}",
             f"rollout.prompts_per_step={PROMPTS_PER_STEP}",
             f"rollout.max_new_tokens={MAX_NEW_TOKENS}",

@@ -357,8 +357,27 @@ def _gather(pending: Any, slices: list[slice], width: int) -> torch.Tensor:
     return out
 
 
+def old_logprobs_in_update(roles: Roles, config: PPOConfig) -> bool:
+    """Whether the policy update itself can supply the rollout policy's log-probs (no separate pass).
+
+    With one pass over one mini-batch the update's forward runs on the weights that are being
+    updated, which are the rollout weights: its detached log-probs are the "old" ones (ratio 1,
+    the plain policy gradient). They are needed earlier only for a KL penalty in the reward and for
+    truncated importance sampling.
+    """
+    algorithm = config.algorithm
+    return (
+        algorithm.ppo_epochs * algorithm.mini_batches == 1
+        and roles.reference is None
+        and config.rollout.truncated_is is None
+    )
+
+
 def make_experience(roles: Roles, samples: list[Any], prompts: list[dict], config: PPOConfig, pad_id: int) -> dict:
-    """Sequences of the samples plus, computed in parallel by the groups: log-probs, reference log-probs, values, scores."""
+    """Sequences of the samples plus, computed in parallel by the groups: log-probs, reference log-probs, values, scores.
+
+    The policy's log-probs are left to the update when :func:`old_logprobs_in_update`.
+    """
     from rlhf.rl.experience import place_response_values, sequence_batch, split_rows
 
     group_size = config.rollout.group_size
@@ -366,8 +385,9 @@ def make_experience(roles: Roles, samples: list[Any], prompts: list[dict], confi
     width = batch["response_mask"].shape[1]
     temperature = config.rollout.temperature
     mbs = config.engine.micro_batch_size
-    policy_call, policy_slices = _sharded_pass(roles.policy, "logprobs", batch, mbs, temperature)
-    reference_call = value_call = None
+    policy_call = reference_call = value_call = None
+    if not old_logprobs_in_update(roles, config):
+        policy_call, policy_slices = _sharded_pass(roles.policy, "logprobs", batch, mbs, temperature)
     if roles.reference is not None:
         reference_call, reference_slices = _sharded_pass(roles.reference, "logprobs", batch, mbs, temperature)
     if roles.value is not None:
@@ -384,7 +404,7 @@ def make_experience(roles: Roles, samples: list[Any], prompts: list[dict], confi
     experience = {
         "batch": batch,
         "rollout_logprobs": place_response_values([s.logprobs for s in samples], batch["response_mask"]),
-        "old_logprobs": _gather(policy_call, policy_slices, width),
+        "old_logprobs": None if policy_call is None else _gather(policy_call, policy_slices, width),
         "reference_logprobs": None if reference_call is None else _gather(reference_call, reference_slices, width),
         "values": None if value_call is None else _gather(value_call, value_slices, width),
         "scores": torch.tensor([x for part in reward_call.result() for x in part], dtype=torch.float32),
@@ -400,11 +420,13 @@ def advantages(experience: dict, config: PPOConfig, kl_coef: float) -> dict[str,
 
     batch = experience["batch"]
     algorithm = config.algorithm
+    trainer_logprobs = experience["old_logprobs"]
     adv, returns, metrics = advantages_and_returns(
         algorithm.estimator,
         experience["scores"],
         batch["response_mask"],
-        experience["old_logprobs"],
+        # without a reference model the log-probs only set the dtype here (no KL)
+        experience["rollout_logprobs"] if trainer_logprobs is None else trainer_logprobs,
         experience["reference_logprobs"],
         experience["values"],
         kl_coef=kl_coef,
@@ -417,7 +439,8 @@ def advantages(experience: dict, config: PPOConfig, kl_coef: float) -> dict[str,
         grpo_std_normalize=algorithm.grpo_std_normalize,
     )
     experience["advantages"], experience["returns"] = adv, returns
-    metrics |= logprob_gap(experience["old_logprobs"], experience["rollout_logprobs"], batch["response_mask"])
+    if trainer_logprobs is not None:  # else the policy update measures the gap
+        metrics |= logprob_gap(trainer_logprobs, experience["rollout_logprobs"], batch["response_mask"])
     if config.rollout.truncated_is is not None:
         experience["importance_weights"] = truncated_importance_weights(
             experience["old_logprobs"],
@@ -495,7 +518,7 @@ def train_policy(roles: Roles, experience: dict, config: PPOConfig, step: int, k
     """The policy's clipped-surrogate update."""
     from rlhf.rl.workers import PolicyLossSettings
 
-    keys = ["old_logprobs", "advantages", "importance_weights"]
+    keys = ["old_logprobs", "advantages", "importance_weights", "rollout_logprobs"]
     kl_in_loss = config.kl.placement == "loss" and roles.reference is not None
     if kl_in_loss:
         keys.append("reference_logprobs")

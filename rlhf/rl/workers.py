@@ -126,13 +126,15 @@ class PolicyWorker(_TrainableWorker):
         """One optimizer step per mini-batch over its micro-batches; metric sums weighted by tokens.
 
         Each micro-batch holds ``input_ids``, ``attention_mask``, ``response_mask``,
-        ``old_logprobs``, ``advantages`` and optionally ``reference_logprobs`` (KL in the loss)
-        and ``importance_weights``. ``denominators[i]`` are mini-batch ``i``'s global
+        ``advantages``, ``rollout_logprobs`` and optionally ``old_logprobs`` (else this pass's own
+        detached log-probs: one on-policy pass), ``reference_logprobs`` (KL in the loss) and
+        ``importance_weights``. Without ``old_logprobs`` the trainer-vs-rollout gap is measured here. ``denominators[i]`` are mini-batch ``i``'s global
         ``num_tokens`` and ``num_sequences``, so the ranks' losses add up to the whole batch's.
         Returns sums over this rank (``<metric>`` x tokens, plus ``tokens``); the driver adds the ranks.
         """
         from rlhf.algos import entropy_loss, kl_estimate, masked_count, masked_sum, ppo_policy_loss, token_logprobs
         from rlhf.jobs.worker import to_device
+        from rlhf.rl.experience import logprob_gap
 
         s = PolicyLossSettings(**settings)
         sums: dict[str, float] = {"tokens": 0.0}
@@ -142,9 +144,15 @@ class PolicyWorker(_TrainableWorker):
                 mask = batch["response_mask"]
                 logits = causal_logits(self.engine, batch, s.temperature)
                 logprobs = token_logprobs(logits, batch["input_ids"][:, 1:])
+                old_logprobs = batch.get("old_logprobs")
+                gap: dict[str, torch.Tensor] = {}
+                if old_logprobs is None:
+                    old_logprobs = logprobs.detach()
+                    gap = logprob_gap(old_logprobs, batch["rollout_logprobs"], mask)
+                    gap.pop("logprob_gap_max")  # a token-weighted mean over ranks is not a max
                 loss, metrics = ppo_policy_loss(
                     logprobs,
-                    batch["old_logprobs"],
+                    old_logprobs,
                     batch["advantages"],
                     mask,
                     clip_low=s.clip_low,
@@ -154,7 +162,7 @@ class PolicyWorker(_TrainableWorker):
                     num_tokens=denominator["num_tokens"],
                     num_sequences=denominator["num_sequences"],
                 )
-                metrics = {"policy_loss_share": loss.detach(), **metrics}
+                metrics = {"policy_loss_share": loss.detach(), **metrics, **gap}
                 if s.entropy_coef:
                     entropy_term, entropy_metrics = entropy_loss(logits, mask, denominator["num_tokens"])
                     loss = loss + s.entropy_coef * entropy_term

@@ -142,17 +142,27 @@ def test_grpo_raises_the_reward_without_a_value_group(sft_policy: Path, rollout_
     assert not (tmp_path / "checkpoints" / f"step-{STEPS}" / "value").exists()
 
 
-@pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp"])
+@pytest.mark.parametrize(
+    ("estimator", "kl"),
+    # without a reference model the one on-policy pass takes its "old" log-probs from the update's own forward
+    [("rloo", "kl.coefficient=0.02"), ("reinforce_pp", "kl.coefficient=0")],
+)
 def test_the_other_estimators_run_on_the_same_loop(
-    estimator: str, sft_policy: Path, rollout_app: str, tmp_path: Path
+    estimator: str, kl: str, sft_policy: Path, rollout_app: str, tmp_path: Path
 ) -> None:
     from rlhf.jobs.ppo import run
 
-    summary = run(ppo_config(sft_policy, tmp_path, f"algorithm.estimator={estimator}", "train.max_steps=3"))
+    summary = run(ppo_config(sft_policy, tmp_path, f"algorithm.estimator={estimator}", kl, "train.max_steps=3"))
     assert summary["steps"] == 3
     train = [r for r in records(tmp_path) if r["kind"] == "train"]
     assert all(set(r) >= EXPECTED_METRICS and "value_loss" not in r for r in train)
     assert all(math.isfinite(r["policy_loss"]) and r["grad_norm"] > 0 for r in train)
+    assert all(r["logprob_gap_mean"] < LOGPROB_TOL for r in train)
+    if kl.endswith("=0"):
+        assert all(r["kl"] == 0 for r in train)  # no reference group
+        assert all(r["clip_fraction"] == 0 and r["approx_kl"] == 0 for r in train)  # ratio 1: on-policy
+    else:
+        assert train[-1]["kl"] != 0
 
 
 def test_a_zero3_policy_group_of_two_ranks_trains_with_the_kl_as_a_loss_term(
