@@ -159,7 +159,7 @@ def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 
             "| run | median step (ms) | generated tokens/s | mean response tokens | step reward first -> last |",
             "|---|---:|---:|---:|---|",
             *rows,
-            f"| **rlhf / TRL** | **{ratio:.2f}x** faster | **{token_ratio:.2f}x** | | |",
+            f"| **rlhf / TRL** (steps/s, tokens/s; above 1: rlhf faster) | **{ratio:.2f}x** | **{token_ratio:.2f}x** | | |",
             "",
             "Where rlhf's step goes (ms per timed step, share of the timed steps):",
             "",

@@ -15,6 +15,7 @@ from rlhf.data.loading import column_names, load_rows, looks_local
 
 BUNDLED_FORMATS = {
     "sft_prompt_completion": "prompt_completion",
+    "sft_mixed": "prompt_completion",
     "sft_messages": "messages",
     "sft_alpaca": "alpaca",
     "preference": "preference",
