@@ -278,6 +278,15 @@ class ServeConfig:
     api_keys: tuple[str, ...] = field(default=(), metadata={"help": "accepted bearer API keys (empty: no auth)"})
     min_replicas: int = field(default=1, metadata={"help": "fewest vLLM replicas (autoscaling lower bound)"})
     max_replicas: int = field(default=1, metadata={"help": "most vLLM replicas (autoscaling upper bound)"})
+    target_ongoing_requests: float = field(
+        default=16.0, metadata={"help": "autoscaling: requests in flight per replica that Serve aims for"}
+    )
+    upscale_delay_s: float = field(
+        default=30.0, metadata={"help": "autoscaling: how long the load must stay high before a replica is added"}
+    )
+    downscale_delay_s: float = field(
+        default=600.0, metadata={"help": "autoscaling: how long the load must stay low before a replica is removed"}
+    )
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per replica (GPU only)"})
     max_model_len: int = field(default=1024, metadata={"help": "context length of the replicas"})
     max_tokens_limit: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask for"})

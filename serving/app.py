@@ -98,7 +98,9 @@ def llm_config(config: ServeConfig, gpu: bool | None = None) -> Any:
             "autoscaling_config": {
                 "min_replicas": config.min_replicas,
                 "max_replicas": config.max_replicas,
-                "target_ongoing_requests": 16,
+                "target_ongoing_requests": config.target_ongoing_requests,
+                "upscale_delay_s": config.upscale_delay_s,
+                "downscale_delay_s": config.downscale_delay_s,
             }
         }
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")} if not gpu else {}

@@ -210,7 +210,15 @@ def test_a_killed_role_actor_is_recovered_from_the_last_checkpoint(
 ) -> None:
     from rlhf.jobs.ppo import run
 
-    config = ppo_config(sft_policy, tmp_path, "algorithm.estimator=ppo", "train.max_steps=8", "train.save_every=2")
+    config = ppo_config(
+        sft_policy,
+        tmp_path,
+        "algorithm.estimator=ppo",
+        "train.max_steps=8",
+        "train.save_every=2",
+        "roles.colocate=policy+reference,value+reward",  # the value actor dies, the reward actor beside it does not
+        "kl.target=0.001",  # adaptive coefficient
+    )
     result: dict = {}
 
     def target() -> None:
@@ -243,6 +251,44 @@ def test_a_killed_role_actor_is_recovered_from_the_last_checkpoint(
     # resumed from the last checkpoint: a step divisible by 2, at most 2 steps back
     assert resumed[0] - 1 in (log[failure]["step"] - 1, log[failure]["step"]) and (resumed[0] - 1) % 2 == 0
     assert resumed[-1] == 8
+    coefficients = [r["kl_coef"] for r in log if r["kind"] == "train"]
+    assert coefficients[-1] != coefficients[0]  # the adaptive controller moved it
+
+
+def test_re_running_a_stopped_run_resumes_from_its_last_checkpoint(
+    ray_cluster, sft_policy: Path, rollout_app: str, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    import psutil
+    import ray
+
+    command = [
+        sys.executable, "-m", "rlhf.cli", "ppo", "--config", str(Path("rlhf/configs/ppo.yaml").resolve()),
+        f"policy.name_or_path={sft_policy}", f"train.output_dir={tmp_path}", f"rollout.app_name={APP_NAME}",
+        "algorithm.estimator=grpo", "train.max_steps=6", "train.save_every=2",
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None:
+        if (tmp_path / "checkpoints" / "step-2" / "state.json").is_file():
+            break
+        time.sleep(0.1)
+    assert first.poll() is None, "the first run ended before it could be stopped"
+    for process in [*psutil.Process(first.pid).children(recursive=True), psutil.Process(first.pid)]:
+        process.kill()
+    first.wait(timeout=60)
+    assert not (tmp_path / "final").exists()
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed_from = int(second.stdout.split("resuming from ")[1].split("(step ")[1].split(")")[0])
+    assert resumed_from >= 2 and resumed_from % 2 == 0
+    after = [r["step"] for r in records(tmp_path) if r["kind"] == "train"]
+    assert after[-(6 - resumed_from) :] == list(range(resumed_from + 1, 7))
+    assert (tmp_path / "final" / "model.safetensors").is_file()
 
 
 def test_a_reward_endpoint_that_is_down_fails_within_its_timeout(sft_policy: Path, tmp_path: Path) -> None:
