@@ -156,7 +156,92 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="where the demo writes (runs/demo)")
     demo.add_argument("--workers", type=int, default=2, help="data-parallel training workers (default 2)")
+    _add_cluster_commands(sub)
     return parser
+
+
+def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
+    address_help = (
+        "the cluster's Jobs API (default: RAY_API_SERVER_ADDRESS, an http RAY_ADDRESS, or http://127.0.0.1:8265)"
+    )
+    submit = sub.add_parser(
+        "submit",
+        help="run an rlhf command on a Ray cluster as a Ray job",
+        description="Submit an rlhf command line through the Ray Jobs API with this project as the working "
+        "directory; prints the job id. Equivalent: ray job submit --address URL --working-dir . -- python -m "
+        "rlhf.cli <command>.",
+        epilog="example: rlhf submit --address http://head:8265 --env HF_TOKEN=$HF_TOKEN -- sft --config "
+        "rlhf/configs/sft.yaml cluster.num_workers=8 cluster.gpus_per_worker=1",
+    )
+    submit.add_argument("--address", help=address_help)
+    submit.add_argument(
+        "--working-dir",
+        type=Path,
+        help="directory uploaded as the job's working directory (default: this project's source tree)",
+    )
+    submit.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable of the job (repeatable)"
+    )
+    submit.add_argument(
+        "--pip",
+        action="append",
+        default=[],
+        metavar="REQUIREMENT",
+        help="requirement to install for the job on the cluster, e.g. 'rlhf[gpu]' (repeatable)",
+    )
+    submit.add_argument("--submission-id", help="the job id to use (default: generated)")
+    submit.add_argument(
+        "--wait", action="store_true", help="wait for the job, print its logs, exit 0 only if it succeeded"
+    )
+    submit.add_argument(
+        "rlhf_command", nargs=argparse.REMAINDER, help="-- then the rlhf command, e.g. -- sft --config FILE"
+    )
+
+    jobs = sub.add_parser(
+        "jobs",
+        help="list, inspect, read the logs of, or stop Ray jobs",
+        description="The jobs of a Ray cluster, through its Jobs API.",
+    )
+    actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="every submitted job, newest first")
+    listing.add_argument("--address", help=address_help)
+    for name, help_text in (
+        ("status", "a job's status"),
+        ("logs", "what a job printed"),
+        ("stop", "stop a running job"),
+    ):
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument("job_id", help="the id `rlhf submit` printed")
+        action.add_argument("--address", help=address_help)
+
+
+def _cluster_command(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    if args.command == "submit":
+        job_id = jobs.submit(
+            args.rlhf_command, args.address, args.working_dir, jobs.parse_env(args.env), args.pip, args.submission_id
+        )
+        print(job_id, flush=True)
+        if not args.wait:
+            print(f"follow it with: rlhf jobs logs {job_id}; rlhf jobs status {job_id}", file=sys.stderr)
+            return 0
+        final = jobs.wait(job_id, args.address)
+        print(jobs.logs(job_id, args.address), end="")
+        print(f"job {job_id}: {final}", file=sys.stderr)
+        return 0 if final == "SUCCEEDED" else 1
+    if args.action == "list":
+        for row in jobs.list_jobs(args.address):
+            print(f"{row['id']}\t{row['status']}\t{row['entrypoint']}")
+    elif args.action == "status":
+        info = jobs.status(args.job_id, args.address)
+        print(f"{info['id']}\t{info['status']}\t{info['message']}")
+    elif args.action == "logs":
+        print(jobs.logs(args.job_id, args.address), end="")
+    else:
+        stopped = jobs.stop(args.job_id, args.address)
+        print(f"{args.job_id}: {'stop requested' if stopped else 'was not running'}")
+    return 0
 
 
 def _init_model(args: argparse.Namespace) -> None:
@@ -191,6 +276,7 @@ def _run_job(args: argparse.Namespace) -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from cluster.groups import GroupError
+    from cluster.jobs import JobsError
     from rlhf.data.errors import DataError
     from rlhf.jobs.runner import JobError
     from rlhf.models.loading import ModelLoadError
@@ -201,6 +287,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DataError,
         GroupError,
         JobError,
+        JobsError,
         ModelLoadError,
         RolloutError,
         ValueError,
@@ -221,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from rlhf.demo import run_demo
 
             run_demo(args.output_dir, args.workers)
+        elif args.command in ("submit", "jobs"):
+            return _cluster_command(args)
         else:
             _run_job(args)
     except _user_errors() as exc:

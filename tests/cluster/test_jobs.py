@@ -1,0 +1,145 @@
+"""``rlhf submit`` and ``rlhf jobs`` against a real head node (``ray start --head`` on 127.0.0.1, with its
+dashboard's Jobs API and Ray's token authentication as this Ray version starts it).
+
+The head node is a cluster of its own, next to the session's embedded one: its own ports and
+temp directory, and at the end its own process tree is killed (never ``ray stop``, which
+would stop every Ray process on the machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.connect import free_port
+
+RLHF = [sys.executable, "-m", "rlhf.cli"]
+
+
+@pytest.fixture(scope="module")
+def head() -> str:
+    """A Ray head node with the Jobs API on 127.0.0.1; yields the API's URL."""
+    import psutil
+
+    from cluster.jobs import client
+
+    port, dashboard = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix sockets live under it
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
+            "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}", "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            "--block",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            try:
+                client(url).list_jobs()
+                break
+            except Exception:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(1)
+        yield url
+    finally:
+        tree = [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]
+        for child in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(tree, timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def rlhf(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    return subprocess.run([*RLHF, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def job_env() -> list[str]:
+    """What the jobs need from this machine's set-up: offline hub, the shared caches."""
+    pairs = ["HF_HUB_OFFLINE=1", "TOKENIZERS_PARALLELISM=false"]
+    pairs += [f"{key}={os.environ[key]}" for key in ("RLHF_CACHE", "TORCH_EXTENSIONS_DIR") if key in os.environ]
+    return [arg for pair in pairs for arg in ("--env", pair)]
+
+
+def test_a_submitted_sft_job_succeeds_and_writes_its_model(head: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sft"
+    result = rlhf(
+        "submit", "--address", head, *job_env(), "--wait", "--",
+        "sft", "--config", "rlhf/configs/sft.yaml",  # relative to the uploaded working directory
+        f"model.name_or_path={tiny_model_dir}", f"train.output_dir={out}", "train.max_steps=2",
+        "cluster.num_workers=1", "data.eval_split=null",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    job_id = result.stdout.splitlines()[0]
+    assert f"job {job_id}: SUCCEEDED" in result.stderr
+    assert "final_model:" in result.stdout  # the job's own summary, from its logs
+    assert (out / "final" / "model.safetensors").is_file()
+    status = rlhf("jobs", "status", job_id, "--address", head)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout
+    listing = rlhf("jobs", "list", "--address", head)
+    assert job_id in listing.stdout and "python -m rlhf.cli sft" in listing.stdout
+
+
+def test_a_failing_job_reports_failed_and_its_logs_say_why(head: str, tmp_path: Path) -> None:
+    from cluster.jobs import wait
+
+    submitted = rlhf("submit", "--address", head, *job_env(), "--", "sft", "engine.zero_stag=2")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert wait(job_id, head, timeout_s=300) == "FAILED"
+    logs = rlhf("jobs", "logs", job_id, "--address", head)
+    assert "unknown config key 'engine.zero_stag'" in logs.stdout and "did you mean 'engine.zero_stage'" in logs.stdout
+
+
+def test_a_running_job_can_be_stopped(head: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from cluster.jobs import status, wait
+
+    submitted = rlhf(
+        "submit", "--address", head, *job_env(), "--",
+        "sft", f"model.name_or_path={tiny_model_dir}", f"train.output_dir={tmp_path / 'long'}",
+        "train.max_steps=100000", "cluster.num_workers=1",
+    )  # fmt: skip
+    job_id = submitted.stdout.strip()
+    deadline = time.monotonic() + 120
+    while status(job_id, head)["status"] != "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stopped = rlhf("jobs", "stop", job_id, "--address", head)
+    assert stopped.returncode == 0 and "stop requested" in stopped.stdout
+    assert wait(job_id, head, timeout_s=120) == "STOPPED"
+
+
+def test_an_address_with_no_cluster_is_a_clear_error() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    result = rlhf("jobs", "list", "--address", url, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"cannot reach the Ray Jobs API at {url}" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_wrong_auth_token_is_refused_clearly(head: str) -> None:
+    env = {**os.environ, "RAY_AUTH_TOKEN": "not-the-token"}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([*RLHF, "jobs", "list", "--address", head], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "Authentication failed" in result.stderr, result.stderr[-2000:]
+
+
+def test_submit_without_a_command_says_what_to_give() -> None:
+    result = rlhf("submit", "--address", "http://127.0.0.1:1", timeout=120)
+    assert result.returncode == 2 and "give an rlhf command after --" in result.stderr
