@@ -128,6 +128,12 @@ class RankWorker:
         """This actor's process id."""
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (several nodes may share one IP address)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
 
 @dataclass
 class Placement:

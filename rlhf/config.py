@@ -205,6 +205,9 @@ class PPOAlgorithmConfig:
             raise ValueError("ppo_epochs and mini_batches must be at least 1")
 
 
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
 @dataclass(frozen=True)
 class RolesConfig:
     """How many Ray actors each role has and where they sit."""
@@ -220,6 +223,19 @@ class RolesConfig:
             "both pairs, or all roles together"
         },
     )
+    policy_strategy: PlacementStrategy = field(
+        default="PACK",
+        metadata={
+            "help": "how the policy's bundles (and those of roles colocated with it) spread over nodes: PACK (as "
+            "few nodes as possible), SPREAD (over nodes where possible), STRICT_PACK (one node), STRICT_SPREAD "
+            "(one node each)"
+        },
+    )
+    reference_strategy: PlacementStrategy = field(default="PACK", metadata={"help": "the same for the reference"})
+    value_strategy: PlacementStrategy = field(
+        default="PACK", metadata={"help": "the same for the value model (and roles colocated with it)"}
+    )
+    reward_strategy: PlacementStrategy = field(default="PACK", metadata={"help": "the same for the reward"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per bundle (shared by colocated roles)"})
     gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per bundle (shared by colocated roles)"})
     call_timeout_s: float = field(

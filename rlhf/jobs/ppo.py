@@ -208,7 +208,11 @@ def build_roles(config: PPOConfig) -> Roles:
     try:
         for members in colocation_sets(r.colocate, list(counts)):
             placement = Placement.create(
-                max(counts[m] for m in members), r.cpus_per_worker, r.gpus_per_worker, timeout_s=r.call_timeout_s
+                max(counts[m] for m in members),
+                r.cpus_per_worker,
+                r.gpus_per_worker,
+                strategy=getattr(r, f"{members[0]}_strategy"),  # a shared placement follows its first role
+                timeout_s=r.call_timeout_s,
             )
             roles.placements.append(placement)
             for role in members:

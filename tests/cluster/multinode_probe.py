@@ -1,0 +1,56 @@
+"""Build the rlhf ppo role groups on a 3-node Ray cluster on this machine and print where each rank landed.
+
+Run as ``python -m tests.cluster.multinode_probe MODEL_DIR`` (a process of its own: a test process is
+already connected to the session's cluster). Prints one JSON object: for each placement strategy
+tried, each role's node ids by rank, and the worker nodes' ids.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(model_dir: str) -> None:
+    """Start the cluster, place the roles with each strategy, print the placements."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from rlhf import configtree
+    from rlhf.config import PPOConfig
+    from rlhf.jobs.ppo import build_roles
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=2) for _ in range(3)]
+    ray.init(address=cluster.address, log_to_driver=False)
+    result: dict = {"worker_nodes": [node.node_id for node in workers], "head_node": cluster.head_node.node_id}
+    try:
+        for strategy in ("SPREAD", "STRICT_PACK"):
+            config = configtree.load(
+                PPOConfig,
+                None,
+                [
+                    f"policy.name_or_path={model_dir}",
+                    "algorithm.estimator=grpo",
+                    "kl.coefficient=0",
+                    "roles.policy_workers=2",
+                    f"roles.policy_strategy={strategy}",
+                    "roles.reward_workers=2",
+                    "roles.reward_strategy=STRICT_SPREAD",
+                    "roles.call_timeout_s=120",
+                ],
+            )
+            roles = build_roles(config)
+            try:
+                # build_roles returned: each group's process group (and the policy's DeepSpeed engine) spans its nodes
+                result[strategy] = {"policy": roles.policy.call("node_id"), "reward": roles.reward.call("node_id")}
+            finally:
+                roles.kill()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print("PLACEMENT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,32 @@
+"""The RLHF role groups land on the nodes their placement strategy says, on a multi-node cluster on one machine
+(``ray.cluster_utils.Cluster``: a head with no CPUs and three 2-CPU worker nodes, each its own raylet)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_roles_land_where_their_strategy_puts_them(tiny_model_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.cluster.multinode_probe", str(tiny_model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("PLACEMENT ")]
+    assert result.returncode == 0 and lines, result.stderr[-3000:]
+    placed = json.loads(lines[0].removeprefix("PLACEMENT "))
+    workers = set(placed["worker_nodes"])
+    print(f"\n{json.dumps(placed, indent=1)}")
+    spread, packed = placed["SPREAD"], placed["STRICT_PACK"]
+    for run in (spread, packed):
+        assert set(run["policy"] + run["reward"]) <= workers  # nothing on the CPU-less head
+        assert len(set(run["reward"])) == 2  # STRICT_SPREAD: one node per reward rank
+    assert len(set(spread["policy"])) == 2  # SPREAD: the two policy ranks on two nodes
+    assert len(set(packed["policy"])) == 1  # STRICT_PACK: both on one node
