@@ -197,6 +197,23 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
         "rlhf_command", nargs=argparse.REMAINDER, help="-- then the rlhf command, e.g. -- sft --config FILE"
     )
 
+    plan = sub.add_parser(
+        "plan",
+        help="per-GPU memory of every role of a job, before launching it",
+        description="Estimate each role's memory per GPU (weights, gradients and optimizer states by ZeRO stage and "
+        "offload, LoRA/QLoRA, activations with or without checkpointing, the vLLM replicas), the GPUs the placement "
+        "needs, and refuse a job that will not fit. Exit status 0: fits; 2: does not fit.",
+        epilog="example: rlhf plan --config rlhf/configs/ppo.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GB "
+        "policy.name_or_path=meta-llama/Llama-3.1-8B roles.policy_workers=8 roles.gpus_per_worker=1",
+    )
+    plan.add_argument("--config", type=Path, required=True, help="the job's YAML config")
+    plan.add_argument("--job", choices=sorted(set(JOBS) - {"serve"}), help="the job (default: from the config's keys)")
+    plan.add_argument("--nodes", type=int, required=True, help="nodes with GPUs")
+    plan.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node")
+    plan.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 80GB or 141GB")
+    plan.add_argument("--headroom", type=float, default=0.9, help="share of a GPU's memory to plan for (default 0.9)")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
     jobs = sub.add_parser(
         "jobs",
         help="list, inspect, read the logs of, or stop Ray jobs",
@@ -215,9 +232,34 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
         action.add_argument("--address", help=address_help)
 
 
+def _detect_job(path: Path) -> str:
+    """The job a config file is for, from its top-level keys."""
+    import yaml
+
+    keys = set(yaml.safe_load(path.read_text()) or {}) if path.is_file() else set()
+    if keys & {"policy", "rollout", "roles", "kl", "algorithm"}:
+        return "ppo"
+    if "preference" in keys:
+        return "dpo"
+    return "rm" if "loss" in keys else "sft"
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from cluster.plan import parse_memory, plan_job, report
+
+    job = args.job or _detect_job(args.config)
+    config = configtree.load(JOBS[job], args.config, args.overrides)
+    plan = plan_job(config, job, args.nodes, args.gpus_per_node, parse_memory(args.gpu_memory), args.headroom)
+    print(f"rlhf {job} on {args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_memory}\n")
+    print(report(plan))
+    return 0 if plan.fits else 2
+
+
 def _cluster_command(args: argparse.Namespace) -> int:
     from cluster import jobs
 
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "submit":
         job_id = jobs.submit(
             args.rlhf_command, args.address, args.working_dir, jobs.parse_env(args.env), args.pip, args.submission_id
@@ -277,6 +319,7 @@ def _run_job(args: argparse.Namespace) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from cluster.groups import GroupError
     from cluster.jobs import JobsError
+    from cluster.plan import PlanError
     from rlhf.data.errors import DataError
     from rlhf.jobs.runner import JobError
     from rlhf.models.loading import ModelLoadError
@@ -289,6 +332,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         JobError,
         JobsError,
         ModelLoadError,
+        PlanError,
         RolloutError,
         ValueError,
         TimeoutError,
@@ -308,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from rlhf.demo import run_demo
 
             run_demo(args.output_dir, args.workers)
-        elif args.command in ("submit", "jobs"):
+        elif args.command in ("submit", "jobs", "plan"):
             return _cluster_command(args)
         else:
             _run_job(args)
