@@ -136,3 +136,50 @@ def isolated(function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(function, *args, **kwargs).result()
+
+
+def trainer_step_timing(timer: StageTimer, first_timed_step: int) -> tuple[type, Any]:
+    """Timing of a transformers ``Trainer``'s optimizer steps: a mixin for the trainer and a callback.
+
+    Step k is timed from the end of step k-1 to the end of step k, so it includes fetching its
+    batch; ``callback.step_seconds`` holds every step. From step ``first_timed_step`` on, the
+    timer records the stages ``training_step`` (the mixin's wrapper), ``data`` (step begin minus
+    the previous end) and ``optimizer`` (the end of ``training_step`` to the end of the step:
+    clipping, the optimizer, the schedule). Use::
+
+        mixin, callback = trainer_step_timing(timer, warmup)
+        class Timed(mixin, DPOTrainer): ...
+        trainer = Timed(..., callbacks=[callback])
+    """
+    from transformers import TrainerCallback
+
+    marks: dict[str, float] = {}
+
+    class TimedTrainingStep:
+        def training_step(self, *args: Any, **kwargs: Any) -> Any:
+            with timer("training_step"):
+                loss = super().training_step(*args, **kwargs)  # type: ignore[misc]
+            marks["training_step_end"] = time.perf_counter()
+            return loss
+
+    class StepTiming(TrainerCallback):
+        def __init__(self) -> None:
+            self.step_seconds: list[float] = []
+
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            timer.time_optimizer_steps(optimizer, "adamw")
+            marks["end"] = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            timer.enabled = state.global_step >= first_timed_step  # global_step counts the steps already done
+            marks["begin"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            self.step_seconds.append(now - marks["end"])
+            if timer.enabled:
+                timer.seconds["data"] += marks["begin"] - marks["end"]
+                timer.seconds["optimizer"] += now - marks["training_step_end"]
+            marks["end"] = now
+
+    return TimedTrainingStep, StepTiming()

@@ -192,10 +192,10 @@ def run_trl(model_dir: str, steps: int = STEPS, warmup: int = WARMUP) -> Measure
 
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from benchmarks.common import trl_training_args
+    from benchmarks.common import trainer_step_timing, trl_training_args
     from rlhf.data.bundled import bundled_path
 
     rows = [json.loads(line) for line in bundled_path("preference").read_text().splitlines()]
@@ -204,9 +204,9 @@ def run_trl(model_dir: str, steps: int = STEPS, warmup: int = WARMUP) -> Measure
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     result = Measurement("TRL DPOTrainer")
     timer = StageTimer()
-    marks: dict[str, float] = {}
+    step_timing, timing = trainer_step_timing(timer, warmup)
 
-    class TimedDPOTrainer(DPOTrainer):
+    class TimedDPOTrainer(step_timing, DPOTrainer):
         def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
             started = time.perf_counter()
             dataset = super()._precompute_ref_logps(dataset, name, batch_size)
@@ -224,32 +224,6 @@ def run_trl(model_dir: str, steps: int = STEPS, warmup: int = WARMUP) -> Measure
                 result.tokens += int(inputs["attention_mask"].sum())
             with timer("forward+loss"):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-        def training_step(self, *args: Any, **kwargs: Any) -> Any:
-            with timer("training_step"):
-                loss = super().training_step(*args, **kwargs)
-            marks["training_step_end"] = time.perf_counter()
-            return loss
-
-    class StepTimer(TrainerCallback):
-        """Step k is timed from the end of step k-1 to the end of step k, so it includes fetching its batch."""
-
-        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-            timer.time_optimizer_steps(optimizer, "adamw")
-            marks["end"] = time.perf_counter()
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            timer.enabled = state.global_step >= warmup  # global_step counts the steps already done
-            marks["begin"] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            now = time.perf_counter()
-            if timer.enabled:
-                result.seconds += now - marks["end"]
-                result.steps += 1
-                timer.seconds["data"] += marks["begin"] - marks["end"]
-                timer.seconds["optimizer"] += now - marks["training_step_end"]
-            marks["end"] = now
 
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(
@@ -270,9 +244,11 @@ def run_trl(model_dir: str, steps: int = STEPS, warmup: int = WARMUP) -> Measure
             args=args,
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
-            callbacks=[StepTimer()],
+            callbacks=[timing],
         )
         trainer.train()
+    timed = timing.step_seconds[warmup:]
+    result.seconds, result.steps = sum(timed), len(timed)
     stages = dict(timer.seconds)
     stages["backward"] = stages.pop("training_step") - stages["forward+loss"]  # training_step = loss + backward
     stages["other"] = result.seconds - sum(stages[k] for k in ("data", "forward+loss", "backward", "optimizer"))

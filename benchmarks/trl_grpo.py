@@ -28,7 +28,7 @@ from collections.abc import Callable
 from statistics import median
 from typing import Any
 
-from benchmarks.common import StageTimer, trl_training_args
+from benchmarks.common import StageTimer, trainer_step_timing, trl_training_args
 
 # Stages of one step, in report order: (key, label). Nested ones are included in the one above them.
 STAGES = [
@@ -125,12 +125,11 @@ def run_trl_grpo(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     timer = StageTimer()
-    marks: dict[str, float] = {}
-    step_seconds: list[float] = []
+    step_timing, timing = trainer_step_timing(timer, 1 if steps > 1 else 0)
     generated_tokens: list[int] = []
     rewards: list[float] = []
 
-    class TimedGRPOTrainer(GRPOTrainer):
+    class TimedGRPOTrainer(step_timing, GRPOTrainer):
         def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
             with timer("rollout"):
                 return super()._generate_and_score_completions(inputs)
@@ -147,30 +146,8 @@ def run_trl_grpo(
             with timer("forward+loss"):
                 return super().compute_loss(*args, **kwargs)
 
-        def training_step(self, *args: Any, **kwargs: Any) -> Any:
-            with timer("training_step"):
-                loss = super().training_step(*args, **kwargs)
-            marks["training_step_end"] = time.perf_counter()
-            return loss
-
-    class StepTimer(TrainerCallback):
-        """Step k is timed from the end of step k-1 to the end of step k; TRL's metrics are read at each log."""
-
-        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-            timer.time_optimizer_steps(optimizer, "adamw")
-            marks["end"] = time.perf_counter()
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            timer.enabled = state.global_step >= 1 or steps == 1  # global_step counts the steps already done
-            marks["begin"] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            now = time.perf_counter()
-            step_seconds.append(now - marks["end"])
-            if timer.enabled:
-                timer.seconds["data"] += marks["begin"] - marks["end"]
-                timer.seconds["optimizer"] += now - marks["training_step_end"]
-            marks["end"] = now
+    class MetricsReader(TrainerCallback):
+        """TRL's metrics of each step, read at each log."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "reward" in logs:  # a training log (not the run summary at the end)
@@ -199,11 +176,12 @@ def run_trl_grpo(
         args=config,
         train_dataset=Dataset.from_list([{"prompt": prompt} for prompt in prompts]),
         processing_class=tokenizer,
-        callbacks=[StepTimer()],
+        callbacks=[timing, MetricsReader()],
     )
     trainer.remove_callback(PrinterCallback)  # with logging_steps=1 it would print every step's logs to stdout
     trainer.train()
 
+    step_seconds = timing.step_seconds
     timed = slice(1, None) if len(step_seconds) > 1 else slice(None)
     timed_seconds = sum(step_seconds[timed])
     stages = dict(timer.seconds)

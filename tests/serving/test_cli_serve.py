@@ -18,8 +18,10 @@ import pytest
 from cluster.connect import free_port
 
 
-def _read_until(process: subprocess.Popen, lines: queue.Queue, marker: str, timeout_s: float) -> str:
-    """stdout of ``process`` up to the line containing ``marker`` (fails on timeout or exit)."""
+def _read_until(
+    process: subprocess.Popen, lines: queue.Queue, marker: str, timeout_s: float, stderr: Path | None = None
+) -> str:
+    """stdout of ``process`` up to the line containing ``marker`` (fails on timeout or exit, quoting stderr)."""
     seen: list[str] = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -32,7 +34,11 @@ def _read_until(process: subprocess.Popen, lines: queue.Queue, marker: str, time
         seen.append(line)
         if marker in line:
             return "".join(seen)
-    raise AssertionError(f"no {marker!r} within {timeout_s} s; output so far:\n{''.join(seen)[-3000:]}")
+    errors = stderr.read_text(errors="replace")[-3000:] if stderr is not None and stderr.exists() else ""
+    raise AssertionError(
+        f"no {marker!r} within {timeout_s} s (exit status {process.poll()}); output so far:\n{''.join(seen)[-3000:]}"
+        f"\nstderr:\n{errors}"
+    )
 
 
 def _pump(stream: object, lines: queue.Queue) -> None:
@@ -41,19 +47,23 @@ def _pump(stream: object, lines: queue.Queue) -> None:
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_rlhf_serve_prints_how_to_reach_it_and_stops_cleanly(tiny_model_dir: Path, stop_signal: int) -> None:
+def test_rlhf_serve_prints_how_to_reach_it_and_stops_cleanly(
+    tiny_model_dir: Path, stop_signal: int, tmp_path: Path
+) -> None:
     port = free_port()
     command = [
         sys.executable, "-m", "rlhf.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
         "--api-key", "cli-key", "max_model_len=256", "max_tokens_limit=16",
     ]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as sink:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=sink, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
     descendants: list[psutil.Process] = []
     try:
-        banner = _read_until(process, lines, "Ctrl-C stops the endpoint", timeout_s=600)
+        banner = _read_until(process, lines, "Ctrl-C stops the endpoint", timeout_s=600, stderr=stderr)
         url = f"http://127.0.0.1:{port}"
         assert f"serving at {url}/v1" in banner
         assert f"models: {tiny_model_dir.name}" in banner
