@@ -1,7 +1,8 @@
 """``rlhf submit`` and ``rlhf jobs``: run rlhf commands on a Ray cluster through the Ray Jobs API.
 
 A job is an ``rlhf`` command line run as the entrypoint ``python -m rlhf.cli ...`` by the
-cluster's job server, with a runtime environment:
+cluster's job server (``python`` as the head node's environment finds it: the cluster image's
+Python, with this project's dependencies installed), with a runtime environment:
 
 * ``working_dir``: this project's source tree (by default the directory holding the
   ``rlhf`` package), uploaded to the cluster so the job runs the same code; caches, virtual

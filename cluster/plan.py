@@ -14,11 +14,13 @@ model of P parameters trained with Adam on Nd data-parallel ranks:
   adapters' own full model states;
 * frozen roles (reference, reward model): the weights in bf16, one full copy per rank.
 
-Activations per micro-batch of b sequences of s tokens, hidden size h, a heads, L layers
-(Korthikanti et al. 2022, bf16, no tensor parallelism): ``s*b*h*(34 + 5*a*s/h)`` bytes per
-layer; with gradient checkpointing only each layer's input is kept (``2*s*b*h`` per layer)
-plus one layer recomputed in full. The logits add ``4*s*b*V`` bytes (fp32). A frozen
-forward pass keeps one layer's activations at a time.
+Activations per micro-batch of b sequences of s tokens, hidden size h, MLP width i, a heads,
+L layers, counted as Korthikanti et al. (2022) count them for GPT, redone for a Llama layer
+(RMSNorm, SwiGLU MLP, no dropout), in bytes at 2 bytes per value: attention ``11*s*b*h +
+5*a*s^2*b``, MLP ``2*s*b*h + 8*s*b*i``, norms ``4*s*b*h`` per layer (twice that in fp32);
+with gradient checkpointing only each layer's input is kept (``2*s*b*h`` per layer) plus one
+layer recomputed in full. The logits add ``4*s*b*V`` bytes (fp32). A frozen forward pass
+keeps one layer's activations at a time.
 
 vLLM rollout replicas (``rlhf ppo``) get GPUs of their own: ``rollout.num_replicas`` x
 ``tensor_parallel_size``, each filled to vLLM's ``gpu_memory_utilization`` (weights, then
@@ -54,6 +56,7 @@ class ModelShape:
     num_heads: int
     vocab_size: int
     lora_parameters: int = 0  # of the adapters, when LoRA is on
+    intermediate_size: int = 0  # MLP width (0: 4 x hidden_size)
 
 
 def model_state_bytes(
@@ -78,16 +81,22 @@ def model_state_bytes(
 
 
 def activation_bytes(
-    shape: ModelShape, micro_batch: int, sequence: int, checkpointing: bool, training: bool = True
+    shape: ModelShape,
+    micro_batch: int,
+    sequence: int,
+    checkpointing: bool,
+    training: bool = True,
+    bytes_per_value: int = 2,
 ) -> float:
     """Bytes of activations (and logits) one forward(+backward) pass of a micro-batch holds at its peak."""
     s, b, h, a, layers = sequence, micro_batch, shape.hidden_size, shape.num_heads, shape.num_layers
-    per_layer = s * b * h * (34 + 5 * a * s / h)
+    i = shape.intermediate_size or 4 * h
+    per_layer = (s * b * (17 * h + 8 * i) + 5 * a * s * s * b) * bytes_per_value / 2
     logits = 4.0 * s * b * shape.vocab_size
     if not training:
         return per_layer + logits
     if checkpointing:
-        return 2.0 * s * b * h * layers + per_layer + logits
+        return bytes_per_value * s * b * h * layers + per_layer + logits
     return per_layer * layers + logits
 
 
@@ -121,6 +130,7 @@ def shape_of(
         num_heads=text.num_attention_heads,
         vocab_size=text.vocab_size,
         lora_parameters=lora,
+        intermediate_size=getattr(text, "intermediate_size", 0) or 0,
     )
 
 
@@ -152,7 +162,9 @@ def trained_role(
         parts = model_state_bytes(
             shape.parameters, engine.zero_stage, ranks, mixed, engine.offload_optimizer, engine.offload_params
         )
-    parts["activations"] = activation_bytes(shape, engine.micro_batch_size, sequence, model.gradient_checkpointing)
+    parts["activations"] = activation_bytes(
+        shape, engine.micro_batch_size, sequence, model.gradient_checkpointing, bytes_per_value=2 if mixed else 4
+    )
     parts["CUDA context"] = CUDA_CONTEXT_BYTES
     return RoleMemory(role, ranks, gpus_per_rank, parts)
 

@@ -34,6 +34,9 @@ def head() -> str:
     port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix sockets live under it
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    # the cluster's `python` (what a job's entrypoint runs) is this environment's, as on a cluster built from an
+    # image with rlhf installed
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     process = subprocess.Popen(
         [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",

@@ -119,3 +119,59 @@ def test_the_cli_prints_the_plan_and_exits_2_when_it_does_not_fit() -> None:
     assert refused.returncode == 2 and "the job needs 4 GPUs, the cluster has 1 x 2 = 2" in refused.stdout
     bad = plan("--nodes", "1", "--gpus-per-node", "2", "--gpu-memory", "lots")
     assert bad.returncode == 2 and "--gpu-memory 'lots'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_qlora_puts_a_70b_model_on_one_80gb_gpu_where_full_training_cannot() -> None:
+    shape = LLAMA_70B
+    lora_shape = ModelShape(**{**shape.__dict__, "lora_parameters": 16 * (8192 + 8192) * 2 * 80})  # r=16, q and v
+    shapes = {"llama-70b": lora_shape}
+    common = ["model.name_or_path=llama-70b", "data.max_length=1024", "engine.micro_batch_size=1",
+              "model.gradient_checkpointing=true", "cluster.num_workers=1", "cluster.gpus_per_worker=1"]  # fmt: skip
+    qlora = configtree.load(
+        SFTConfig, EXAMPLES_DIR / "sft.yaml", [*common, "model.lora.enabled=true", "model.quantization=4bit"]
+    )
+    plan = plan_job(qlora, "sft", 1, 1, 80 * GB, shapes=shapes)
+    assert plan.fits, plan.problems
+    assert plan.roles[0].parts["frozen base weights"] / GB == pytest.approx(0.5 * 68.98, rel=0.01)  # 4-bit base
+    full = configtree.load(SFTConfig, EXAMPLES_DIR / "sft.yaml", common)
+    refused = plan_job(full, "sft", 1, 1, 80 * GB, shapes=shapes)
+    assert not refused.fits and refused.roles[0].total / GB > 1000  # 16 bytes x 69B
+
+
+PEAK_PROBE = """
+import json, resource
+import psutil, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+h, layers, heads, vocab, s, b = 768, 6, 12, 1024, 256, 4
+config = LlamaConfig(hidden_size=h, intermediate_size=2048, num_hidden_layers=layers, num_attention_heads=heads,
+                     num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=s, attn_implementation="eager")
+model = LlamaForCausalLM(config)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+before = psutil.Process().memory_info().rss  # the weights are allocated by now
+ids = torch.randint(0, vocab, (b, s))
+for _ in range(2):
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"parameters": sum(p.numel() for p in model.parameters()), "growth": peak - before}))
+"""
+
+
+def test_the_estimate_is_close_to_the_measured_peak_of_a_training_step_on_cpu() -> None:
+    """Peak resident memory of fp32 AdamW steps on a 50M Llama-shaped model, beyond its weights, vs the estimate."""
+    import json
+
+    from cluster.plan import activation_bytes
+
+    result = subprocess.run([sys.executable, "-c", PEAK_PROBE], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    shape = ModelShape(measured["parameters"], 768, 6, 12, 1024, intermediate_size=2048)
+    states = model_state_bytes(shape.parameters, 0, 1, mixed_precision=False)
+    estimate = states["gradients"] + states["optimizer"] + activation_bytes(shape, 4, 256, False, bytes_per_value=4)
+    ratio = measured["growth"] / estimate
+    print(f"\npeak growth beyond the weights: measured {measured['growth'] / GB:.2f} GB, estimated "
+          f"{estimate / GB:.2f} GB (x{ratio:.2f})")  # fmt: skip
+    assert 0.75 < ratio < 1.5  # CPU allocator caching and the step's temporaries come on top of the estimate
