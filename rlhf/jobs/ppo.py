@@ -396,7 +396,7 @@ def make_experience(roles: Roles, samples: list[Any], prompts: list[dict], confi
         reference_call, reference_slices = _sharded_pass(roles.reference, "logprobs", batch, mbs, temperature)
     if roles.value is not None:
         value_call, value_slices = _sharded_pass(roles.value, "values", batch, config.value_engine.micro_batch_size)
-    texts = [prompts[s.prompt_index // 1]["prompt_text"] for s in samples]
+    texts = [prompts[s.prompt_index]["prompt_text"] for s in samples]
     responses = [s.text for s in samples]
     reward_slices = split_rows(len(samples), roles.reward.world_size)
     reward_call = roles.reward.submit_sharded(
@@ -648,7 +648,7 @@ def run(config: PPOConfig) -> dict[str, Any]:
         max_model_len=r.max_model_len,
         max_tokens_limit=r.max_model_len,
     )
-    resolve(config.policy.name_or_path)
+    resolve(config.policy.name_or_path)  # builds the embedded tiny model on first use, before a replica loads it
     deployment = rollout_module.deploy(serve_config, r.app_name, timeout_s=config.roles.call_timeout_s)
     roles: Roles | None = None
     weights_dir = output_dir / "rollout-weights"
