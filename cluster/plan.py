@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 GB = 1e9
@@ -283,8 +284,6 @@ def plan_job(
     if config.algorithm.estimator == "ppo":
         value = value_model_config(config)
         roles.append(trained_role("value", shape(value), value, config.value_engine, r.value_workers, gpus, sequence))
-    from pathlib import Path
-
     if Path(config.reward).expanduser().is_dir():
         from rlhf.models.config import ModelConfig
 

@@ -384,7 +384,6 @@ def make_experience(roles: Roles, samples: list[Any], prompts: list[dict], confi
     """
     from rlhf.rl.experience import place_response_values, sequence_batch, split_rows
 
-    group_size = config.rollout.group_size
     batch = sequence_batch([s.prompt_token_ids for s in samples], [s.token_ids for s in samples], pad_id)
     width = batch["response_mask"].shape[1]
     temperature = config.rollout.temperature
@@ -412,7 +411,6 @@ def make_experience(roles: Roles, samples: list[Any], prompts: list[dict], confi
         "reference_logprobs": None if reference_call is None else _gather(reference_call, reference_slices, width),
         "values": None if value_call is None else _gather(value_call, value_slices, width),
         "scores": torch.tensor([x for part in reward_call.result() for x in part], dtype=torch.float32),
-        "group_size": group_size,
     }
     return experience
 
@@ -567,6 +565,26 @@ def evaluate(rollout: Any, roles: Roles, prompts: list[dict], config: PPOConfig,
     }
 
 
+def start_roles(
+    config: PPOConfig, client: Any, output_dir: Path, weights_dir: Path, step: int, kl_coef: float
+) -> tuple[Roles, int, float]:
+    """Build the role groups, load the last checkpoint if there is one, and sync its policy to the replicas.
+
+    Returns the groups and the step and KL coefficient to go on from (the checkpoint's, else the given ones).
+    """
+    roles = build_roles(config)
+    try:
+        resumed = latest_checkpoint(output_dir)
+        if resumed is not None:
+            restore(roles, resumed[0], config.roles.call_timeout_s)
+            step, kl_coef = resumed[1]["step"], resumed[1]["kl_coef"]
+        sync_weights(roles, client, weights_dir, config)
+    except BaseException:
+        roles.kill()
+        raise
+    return roles, step, kl_coef
+
+
 # ---- the run -------------------------------------------------------------------------------
 
 
@@ -673,12 +691,7 @@ def run(config: PPOConfig) -> dict[str, Any]:
         while step < total:
             try:
                 if roles is None:
-                    roles = build_roles(config)
-                    resumed = latest_checkpoint(output_dir)
-                    if resumed is not None:
-                        restore(roles, resumed[0], config.roles.call_timeout_s)
-                        step, kl_coef = resumed[1]["step"], resumed[1]["kl_coef"]
-                    sync_weights(roles, client, weights_dir, config)
+                    roles, step, kl_coef = start_roles(config, client, output_dir, weights_dir, step, kl_coef)
                     if step == 0 and eval_prompts and not any(x.get("kind") == "eval" for x in records):
                         evaluation = evaluate(client, roles, eval_prompts, config, seed=config.train.seed)
                         records.append({"kind": "eval", "step": 0, **evaluation})
