@@ -83,6 +83,38 @@ class _TrainableWorker(RankWorker):
         finally:
             self.engine.train()
 
+    def _update(
+        self,
+        mini_batches: list[list[dict[str, torch.Tensor]]],
+        denominators: list[dict[str, float]],
+        loss_fn: Any,
+        loss_name: str,
+        stat_names: dict[str, str],
+    ) -> dict[str, float]:
+        """One optimizer step per mini-batch over its micro-batches, ``loss_fn(batch, denominator)`` each.
+
+        ``denominators[i]`` are mini-batch ``i``'s global ``num_tokens`` and ``num_sequences``, so the
+        ranks' losses add up to the whole batch's. Returns this rank's sums: each metric x the
+        micro-batch's response tokens, ``tokens``, the summed loss as ``loss_name``, and the last
+        optimizer step's engine stats renamed by ``stat_names``; the driver adds the ranks.
+        """
+        from rlhf.algos import masked_count
+        from rlhf.jobs.worker import to_device
+
+        sums: dict[str, float] = {"tokens": 0.0}
+        for micro_batches, denominator in zip(mini_batches, denominators, strict=True):
+            for batch in micro_batches:
+                batch = to_device(batch, self.engine.device)
+                loss, metrics = loss_fn(batch, denominator)
+                self.engine.backward(loss)
+                stats = self.engine.step() or {}
+                tokens = float(masked_count(batch["response_mask"]))
+                sums["tokens"] += tokens
+                _weighted(metrics, tokens, sums)
+                sums[loss_name] = sums.get(loss_name, 0.0) + float(loss.detach())
+                sums |= {name: stats[key] for key, name in stat_names.items() if key in stats}
+        return sums
+
     def save_checkpoint(self, directory: str, client_state: dict[str, Any] | None = None) -> None:
         """Write this rank's part of a resumable checkpoint (weights, optimizer, schedule, RNG)."""
         self.engine.save_checkpoint(directory, client_state)
@@ -123,67 +155,53 @@ class PolicyWorker(_TrainableWorker):
     def train(
         self, mini_batches: list[list[dict[str, torch.Tensor]]], denominators: list[dict[str, float]], settings: dict
     ) -> dict[str, float]:
-        """One optimizer step per mini-batch over its micro-batches; metric sums weighted by tokens.
+        """One optimizer step per mini-batch on the clipped surrogate (+ entropy, + KL as a loss term).
 
         Each micro-batch holds ``input_ids``, ``attention_mask``, ``response_mask``,
         ``advantages``, ``rollout_logprobs`` and optionally ``old_logprobs`` (else this pass's own
         detached log-probs: one on-policy pass), ``reference_logprobs`` (KL in the loss) and
-        ``importance_weights``. Without ``old_logprobs`` the trainer-vs-rollout gap is measured here. ``denominators[i]`` are mini-batch ``i``'s global
-        ``num_tokens`` and ``num_sequences``, so the ranks' losses add up to the whole batch's.
-        Returns sums over this rank (``<metric>`` x tokens, plus ``tokens``); the driver adds the ranks.
+        ``importance_weights``. Without ``old_logprobs`` the trainer-vs-rollout gap is measured
+        here. See :meth:`_update` for the denominators and the sums returned.
         """
-        from rlhf.algos import entropy_loss, kl_estimate, masked_count, masked_sum, ppo_policy_loss, token_logprobs
-        from rlhf.jobs.worker import to_device
+        from rlhf.algos import entropy_loss, kl_estimate, masked_sum, ppo_policy_loss, token_logprobs
         from rlhf.rl.experience import logprob_gap
 
         s = PolicyLossSettings(**settings)
-        sums: dict[str, float] = {"tokens": 0.0}
-        for micro_batches, denominator in zip(mini_batches, denominators, strict=True):
-            for batch in micro_batches:
-                batch = to_device(batch, self.engine.device)
-                mask = batch["response_mask"]
-                logits = causal_logits(self.engine, batch, s.temperature)
-                logprobs = token_logprobs(logits, batch["input_ids"][:, 1:])
-                old_logprobs = batch.get("old_logprobs")
-                gap: dict[str, torch.Tensor] = {}
-                if old_logprobs is None:
-                    old_logprobs = logprobs.detach()
-                    gap = logprob_gap(old_logprobs, batch["rollout_logprobs"], mask)
-                    gap.pop("logprob_gap_max")  # a token-weighted mean over ranks is not a max
-                loss, metrics = ppo_policy_loss(
-                    logprobs,
-                    old_logprobs,
-                    batch["advantages"],
-                    mask,
-                    clip_low=s.clip_low,
-                    clip_high=s.clip_high,
-                    aggregation=s.aggregation,
-                    importance_weights=batch.get("importance_weights"),
-                    num_tokens=denominator["num_tokens"],
-                    num_sequences=denominator["num_sequences"],
-                )
-                metrics = {"policy_loss_share": loss.detach(), **metrics, **gap}
-                if s.entropy_coef:
-                    entropy_term, entropy_metrics = entropy_loss(logits, mask, denominator["num_tokens"])
-                    loss = loss + s.entropy_coef * entropy_term
-                else:
-                    with torch.no_grad():
-                        _, entropy_metrics = entropy_loss(logits.detach(), mask, denominator["num_tokens"])
-                metrics |= entropy_metrics
-                if s.kl_coef_in_loss and "reference_logprobs" in batch:
-                    kl = kl_estimate(logprobs, batch["reference_logprobs"], s.kl_estimator)
-                    kl_term = masked_sum(kl, mask) / denominator["num_tokens"]
-                    loss = loss + s.kl_coef_in_loss * kl_term
-                self.engine.backward(loss)
-                stats = self.engine.step()
-                tokens = float(masked_count(mask))
-                sums["tokens"] += tokens
-                _weighted({k: v for k, v in metrics.items() if k != "policy_loss_share"}, tokens, sums)
-                sums["policy_loss"] = sums.get("policy_loss", 0.0) + float(loss.detach())
-                if stats:
-                    sums["grad_norm"] = stats["grad_norm"]
-                    sums["lr"] = stats["lr"]
-        return sums
+
+        def loss_fn(batch: dict[str, torch.Tensor], denominator: dict[str, float]) -> tuple[torch.Tensor, dict]:
+            mask = batch["response_mask"]
+            logits = causal_logits(self.engine, batch, s.temperature)
+            logprobs = token_logprobs(logits, batch["input_ids"][:, 1:])
+            old_logprobs = batch.get("old_logprobs")
+            gap: dict[str, torch.Tensor] = {}
+            if old_logprobs is None:
+                old_logprobs = logprobs.detach()
+                gap = logprob_gap(old_logprobs, batch["rollout_logprobs"], mask)
+                gap.pop("logprob_gap_max")  # a token-weighted mean over ranks is not a max
+            loss, metrics = ppo_policy_loss(
+                logprobs,
+                old_logprobs,
+                batch["advantages"],
+                mask,
+                clip_low=s.clip_low,
+                clip_high=s.clip_high,
+                aggregation=s.aggregation,
+                importance_weights=batch.get("importance_weights"),
+                num_tokens=denominator["num_tokens"],
+                num_sequences=denominator["num_sequences"],
+            )
+            if s.entropy_coef:
+                entropy_term, entropy_metrics = entropy_loss(logits, mask, denominator["num_tokens"])
+                loss = loss + s.entropy_coef * entropy_term
+            else:
+                with torch.no_grad():
+                    _, entropy_metrics = entropy_loss(logits.detach(), mask, denominator["num_tokens"])
+            if s.kl_coef_in_loss and "reference_logprobs" in batch:
+                kl = kl_estimate(logprobs, batch["reference_logprobs"], s.kl_estimator)
+                loss = loss + s.kl_coef_in_loss * masked_sum(kl, mask) / denominator["num_tokens"]
+            return loss, {**metrics, **gap, **entropy_metrics}
+
+        return self._update(mini_batches, denominators, loss_fn, "policy_loss", {"grad_norm": "grad_norm", "lr": "lr"})
 
 
 class ValueWorker(_TrainableWorker):
@@ -224,31 +242,20 @@ class ValueWorker(_TrainableWorker):
         clip_range: float | None,
     ) -> dict[str, float]:
         """One optimizer step per mini-batch on the clipped value loss (``old_values``, ``returns``)."""
-        from rlhf.algos import masked_count, value_loss
-        from rlhf.jobs.worker import to_device
+        from rlhf.algos import value_loss
 
-        sums: dict[str, float] = {"tokens": 0.0}
-        for micro_batches, denominator in zip(mini_batches, denominators, strict=True):
-            for batch in micro_batches:
-                batch = to_device(batch, self.engine.device)
-                values = self._values(self.engine, batch)
-                loss, metrics = value_loss(
-                    values,
-                    batch["old_values"],
-                    batch["returns"],
-                    batch["response_mask"],
-                    clip_range,
-                    num_tokens=denominator["num_tokens"],
-                )
-                self.engine.backward(loss)
-                stats = self.engine.step()
-                tokens = float(masked_count(batch["response_mask"]))
-                sums["tokens"] += tokens
-                _weighted(metrics, tokens, sums)
-                sums["value_loss"] = sums.get("value_loss", 0.0) + float(loss.detach())
-                if stats:
-                    sums["value_grad_norm"] = stats["grad_norm"]
-        return sums
+        def loss_fn(batch: dict[str, torch.Tensor], denominator: dict[str, float]) -> tuple[torch.Tensor, dict]:
+            values = self._values(self.engine, batch)
+            return value_loss(
+                values,
+                batch["old_values"],
+                batch["returns"],
+                batch["response_mask"],
+                clip_range,
+                num_tokens=denominator["num_tokens"],
+            )
+
+        return self._update(mini_batches, denominators, loss_fn, "value_loss", {"grad_norm": "value_grad_norm"})
 
 
 class ReferenceWorker(RankWorker):
