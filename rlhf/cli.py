@@ -17,6 +17,16 @@ from typing import Any
 
 from rlhf import configtree
 from rlhf.config import JOBS
+from rlhf.gen.config import GEN_JOBS
+
+ALL_JOBS = {**JOBS, **GEN_JOBS}
+GEN_MODULES = {
+    "generate": "generate",
+    "synth": "synth",
+    "best-of-n": "best_of_n",
+    "iterative-dpo": "iterative_dpo",
+    "eval": "evaluate",
+}
 
 EXAMPLES_DIR = Path(__file__).parent / "configs"
 
@@ -26,6 +36,11 @@ JOB_SUMMARIES = {
     "dpo": "DPO-family preference training (dpo, ipo, cdpo, simpo, orpo, kto)",
     "ppo": "RLHF with PPO, GRPO, RLOO or REINFORCE++ on Ray actors",
     "serve": "an OpenAI-compatible Ray Serve endpoint hosting vLLM replicas",
+    "generate": "batch generation over a prompts dataset with vLLM replicas, with prompt templates",
+    "synth": "synthetic data: self-instruct, evol-instruct, or judged preference pairs",
+    "best-of-n": "rejection sampling with a reward model -> an SFT dataset (then SFT: expert iteration)",
+    "iterative-dpo": "generate -> judge -> DPO for N rounds, with the judged win rate against the start",
+    "eval": "exact match, token F1, format, reward, self-consistency and win rate; JSON, markdown and a plot",
 }
 
 
@@ -35,11 +50,20 @@ EXAMPLE_OVERRIDES = {
     "dpo": "preference.loss=ipo",
     "ppo": "algorithm.estimator=grpo",
     "serve": "--model runs/demo/dpo/final",
+    "generate": "sampling.n=4",
+    "synth": "mode=self_instruct",
+    "best-of-n": "finetune=true",
+    "iterative-dpo": "rounds=3",
+    "eval": "baseline=tiny",
 }
 
 
 def _runner(job: str) -> Callable[[Any], dict[str, Any]]:
     """The job's ``run`` function."""
+    import importlib
+
+    if job in GEN_JOBS:
+        return importlib.import_module(f"rlhf.gen.{GEN_MODULES[job]}").run
     if job == "sft":
         from rlhf.jobs.sft import run
     elif job == "rm":
@@ -52,8 +76,8 @@ def _runner(job: str) -> Callable[[Any], dict[str, Any]]:
 
 
 def _add_job(sub: argparse._SubParsersAction, job: str) -> None:
-    cls = JOBS[job]
-    example = EXAMPLES_DIR / f"{job}.yaml"
+    cls = ALL_JOBS[job]
+    example = EXAMPLES_DIR / f"{job.replace('-', '_')}.yaml"
     parser = sub.add_parser(
         job,
         help=JOB_SUMMARIES[job],
@@ -145,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--vocab-size", type=int, default=1024, help="largest tokenizer vocabulary (default 1024)")
     init.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
 
-    for job in JOBS:
+    for job in ALL_JOBS:
         _add_job(sub, job)
 
     demo = sub.add_parser(
@@ -305,7 +329,7 @@ def _run_job(args: argparse.Namespace) -> None:
     import yaml
 
     overrides = [*args.overrides, *(_serve_overrides(args) if args.job == "serve" else [])]
-    config = configtree.load(JOBS[args.job], args.config, overrides)
+    config = configtree.load(ALL_JOBS[args.job], args.config, overrides)
     if args.print_config:
         print(yaml.safe_dump(configtree.to_dict(config), sort_keys=False), end="")
         return

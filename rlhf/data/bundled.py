@@ -108,6 +108,29 @@ def positive_word_reward(response: str) -> float:
     return 0.0 if total == 0 else (positive - negative) / total
 
 
+def judge_case(num_prompts: int = 24, seed: int = 7) -> list[dict]:
+    """A bundled case for checking a judge: prompts, each with responses the rule-based reward orders.
+
+    Each row is ``{"prompt", "responses", "oracle"}``: four responses to the prompt with two
+    positive, one positive and one negative, one neutral and one negative, and two negative
+    adjectives (in a shuffled order), and their :func:`positive_word_reward` (1, 0, -1, -1).
+    """
+    rng = random.Random(f"judge-case-{seed}")
+    rows = []
+    for _ in range(num_prompts):
+        thing, prompt = _prompt(rng)
+        pairs = [
+            rng.sample(POSITIVE, 2),
+            [rng.choice(POSITIVE), rng.choice(NEGATIVE)],
+            [rng.choice(NEUTRAL), rng.choice(NEGATIVE)],
+            rng.sample(NEGATIVE, 2),
+        ]
+        rng.shuffle(pairs)
+        responses = [f"The {thing} is {a} and {b}." for a, b in pairs]
+        rows.append({"prompt": prompt, "responses": responses, "oracle": [positive_word_reward(r) for r in responses]})
+    return rows
+
+
 def _rows(name: str, n: int, seed: int) -> Iterator[dict]:
     rng = random.Random(f"{name}-{seed}")
     for _ in range(n):

@@ -1,0 +1,204 @@
+"""What the generation commands share: reading prompts, filtering, judged pairs, and writing a dataset.
+
+Every command writes ``<output_dir>/data.jsonl`` in a format the training jobs read
+(``prompt``/``completion`` for SFT, ``prompt``/``chosen``/``rejected`` for DPO and reward
+models) with a ``provenance`` column per row (how the row was made: command, model,
+template, sample, seed, judge and scores, source row, time, rlhf version), and
+``manifest.json`` (the config, counts, what the filters dropped and why, timings).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf.data.errors import DataError, Source
+from rlhf.data.formats import Text
+from rlhf.gen.config import DataSource, FilterConfig, TemplateConfig
+
+
+class OutputExistsError(ValueError):
+    """The output directory already holds a dataset: nothing is overwritten."""
+
+
+def read_rows(data: DataSource) -> tuple[list[dict[str, Any]], Source]:
+    """The rows of ``data`` (at most ``max_rows``), and where they came from."""
+    from rlhf.data.loading import load_rows
+
+    rows, source = load_rows(data.path, data.split)
+    rows = [dict(row) for row in (rows if data.max_rows is None else list(rows)[: data.max_rows])]
+    if not rows:
+        raise DataError("no rows", detail=f"split {data.split!r}", source=source.name)
+    return rows, source
+
+
+def build_prompts(rows: Sequence[dict[str, Any]], source: Source, template: TemplateConfig) -> list[Text]:
+    """The prompt of every row under ``template``."""
+    from rlhf.data.loading import column_names
+    from rlhf.gen.templates import prompt_builder
+
+    builder = prompt_builder(template, column_names(rows), source)
+    return [builder.build(row, index) for index, row in enumerate(rows)]
+
+
+def answer(prompt: Text, text: str) -> Text:
+    """A response in the form of its prompt: text for a text prompt, an assistant turn for a conversation."""
+    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+
+
+def prompt_text(prompt: Text) -> str:
+    """A prompt as one string (a conversation's turns joined), for filters and dedup."""
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
+def provenance(command: str, **fields: Any) -> dict[str, Any]:
+    """The provenance column of a row: the command, what made the row, when, and by which rlhf."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("rlhf")
+    except PackageNotFoundError:
+        release = "unknown"
+    return {
+        "command": command,
+        **fields,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rlhf": release,
+    }
+
+
+@dataclass
+class Dropped:
+    """Why rows were dropped, counted by reason."""
+
+    reasons: Counter = field(default_factory=Counter)
+
+    def add(self, reason: str) -> None:
+        """Count one dropped row under ``reason`` (its category: the text before a colon)."""
+        self.reasons[reason.split(":")[0]] += 1
+
+    @property
+    def total(self) -> int:
+        """Rows dropped in all."""
+        return sum(self.reasons.values())
+
+
+def quality_problem(prompt: Text, response: str, config: FilterConfig, score: float | None = None) -> str | None:
+    """Why a response fails the quality rules of ``config`` (and ``min_score``), or None when it passes."""
+    from rlhf.gen.filters import quality_problem as rules
+
+    if config.enabled:
+        problem = rules(
+            prompt_text(prompt),
+            response,
+            min_words=config.min_words,
+            max_words=config.max_words,
+            max_repeated_ngram_share=config.max_repeated_ngram_share,
+            min_letter_share=config.min_letter_share,
+        )
+        if problem:
+            return problem
+    if config.min_score is not None and score is not None and score < config.min_score:
+        return f"score below min_score: {score:.3g} < {config.min_score:g}"
+    if score is None and config.min_score is not None:
+        return "not scored: the judge's answer held no score"
+    return None
+
+
+def deduplicate(texts: Sequence[str], config: FilterConfig, dropped: Dropped) -> list[int]:
+    """Indices of the texts kept: each one that is not a near duplicate of an earlier one."""
+    from rlhf.gen.filters import near_duplicates
+
+    if config.dedup_threshold is None:
+        return list(range(len(texts)))
+    kept = []
+    for index, duplicate_of in enumerate(near_duplicates(texts, threshold=config.dedup_threshold)):
+        if duplicate_of is None:
+            kept.append(index)
+        else:
+            dropped.add("near duplicate")
+    return kept
+
+
+def score_samples(judge: Any, prompts: Sequence[Text], samples: Sequence[Sequence[str]]) -> list[list[float | None]]:
+    """The judge's score of every sample of every prompt, in one batch, per prompt."""
+    flat = judge.score(
+        [p for p, texts in zip(prompts, samples, strict=True) for _ in texts], [t for s in samples for t in s]
+    )
+    scores, start = [], 0
+    for texts in samples:
+        scores.append(flat[start : start + len(texts)])
+        start += len(texts)
+    return scores
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A judged preference pair of one prompt."""
+
+    prompt_index: int
+    chosen: str
+    rejected: str
+    chosen_score: float
+    rejected_score: float
+    scores: list[float | None]
+
+
+def preference_pairs(
+    prompts: Sequence[Text],
+    samples: Sequence[Sequence[str]],
+    scores: Sequence[Sequence[float | None]],
+    config: FilterConfig,
+    min_margin: float,
+    dropped: Dropped,
+) -> list[Pair]:
+    """The best- and worst-scored acceptable samples of each prompt, when their scores differ by more than ``min_margin``.
+
+    Samples failing the quality rules, and those the judge gave no score, take no part;
+    a prompt left with fewer than two samples, or with too small a margin, gives no pair.
+    """
+    pairs = []
+    for index, (prompt, texts, marks) in enumerate(zip(prompts, samples, scores, strict=True)):
+        candidates = []
+        for text, score in zip(texts, marks, strict=True):
+            problem = quality_problem(prompt, text, config, score)
+            if problem is None and score is None:
+                problem = "not scored"
+            if problem:
+                dropped.add(f"sample {problem}")
+            else:
+                candidates.append((score, text))
+        if len(candidates) < 2:
+            dropped.add("prompt with fewer than 2 acceptable samples")
+            continue
+        best = max(candidates, key=lambda c: c[0])
+        worst = min(candidates, key=lambda c: c[0])
+        if best[0] - worst[0] <= min_margin:
+            dropped.add("prompt with no score margin")
+            continue
+        pairs.append(Pair(index, best[1], worst[1], best[0], worst[0], list(marks)))
+    return pairs
+
+
+def prepare_output(output_dir: str | Path) -> Path:
+    """The output directory, created; OutputExistsError when it already holds a dataset."""
+    path = Path(output_dir).expanduser().resolve()
+    if (path / "data.jsonl").exists():
+        raise OutputExistsError(f"{path} already holds data.jsonl; choose another output_dir (nothing was overwritten)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_dataset(output_dir: Path, rows: Sequence[dict[str, Any]], manifest: dict[str, Any]) -> Path:
+    """Write ``data.jsonl`` and ``manifest.json``; the dataset's path."""
+    data = output_dir / "data.jsonl"
+    with data.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (output_dir / "manifest.json").write_text(json.dumps({"rows": len(rows), **manifest}, indent=2, default=str))
+    return data

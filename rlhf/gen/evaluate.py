@@ -1,0 +1,172 @@
+"""``rlhf eval``: generate on an eval set with vLLM replicas, score, and report.
+
+Metrics (``metrics``), each over the eval rows with a 95% interval:
+
+* ``exact_match`` and ``token_f1``: the first sample's answer (``answer_pattern``'s group,
+  else the whole response) against the reference (``reference``, a template over the
+  row's columns), SQuAD-normalised (:mod:`rlhf.gen.metrics`);
+* ``format``: the share of first samples that match ``format_regex`` and/or parse as JSON
+  satisfying the ``format_schema`` file;
+* ``reward``: the judge's mean score of the first samples;
+* ``self_consistency``: exact match of the majority answer over the ``sampling.n`` samples
+  (Wang et al. 2023), and the mean share of the majority (``self_consistency_agreement``);
+* ``win_rate``: the judge compares the model's first sample with the ``baseline`` model's
+  on each prompt (ties count half).
+
+Outputs in ``output_dir``: ``report.json``, ``report.md`` (a table), ``report.png`` (a bar
+chart) and ``samples.jsonl`` (every prompt, reference, sample and per-row score), so any
+figure can be recomputed from the samples.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rlhf.configtree import ConfigError
+from rlhf.gen.config import EvalConfig
+
+PROPORTIONS = ("exact_match", "format", "self_consistency", "win_rate")
+"""Metrics whose per-row values are 0 or 1 (ties of win_rate: 0.5): their intervals are Wilson's."""
+
+
+def load_schema(config: EvalConfig) -> dict | None:
+    """The JSON schema of the ``format`` metric, read and checked; None without one."""
+    from rlhf.gen.metrics import check_schema
+
+    if not config.format_schema:
+        return None
+    path = Path(config.format_schema).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config key 'format_schema': no such file {path}")
+    try:
+        schema = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config key 'format_schema': {path} is not JSON: {exc}") from None
+    check_schema(schema, "format_schema")
+    return schema
+
+
+def check_config(config: EvalConfig) -> dict | None:
+    """Check the patterns and the schema before any replica starts; the schema."""
+    import re
+
+    from rlhf.gen.metrics import compile_answer_pattern
+
+    if config.answer_pattern:
+        compile_answer_pattern(config.answer_pattern, "answer_pattern")
+    if config.format_regex:
+        try:
+            re.compile(config.format_regex)
+        except re.error as exc:
+            raise ConfigError(
+                f"config key 'format_regex': {config.format_regex!r} is not a valid regex: {exc}"
+            ) from None
+    return load_schema(config)
+
+
+def row_scores(samples: list[str], reference: str | None, config: EvalConfig, schema: dict | None) -> dict[str, float]:
+    """The per-row values of the text metrics (not those needing a judge)."""
+    from rlhf.gen import metrics as m
+
+    first = m.extract_answer(samples[0], config.answer_pattern)
+    scores: dict[str, float] = {}
+    if "exact_match" in config.metrics:
+        scores["exact_match"] = m.exact_match(first, reference)
+    if "token_f1" in config.metrics:
+        scores["token_f1"] = m.token_f1(first, reference)
+    if "format" in config.metrics:
+        scores["format"] = float(m.format_problem(samples[0], regex=config.format_regex, schema=schema) is None)
+    if "self_consistency" in config.metrics:
+        majority, share = m.majority_vote([m.extract_answer(s, config.answer_pattern) for s in samples])
+        scores["self_consistency"] = m.exact_match(majority, reference)
+        scores["self_consistency_agreement"] = share
+    return scores
+
+
+def run(config: EvalConfig) -> dict[str, Any]:
+    """Evaluate; write the report; return it."""
+    from cluster.connect import connect
+    from rlhf.gen import metrics as m
+    from rlhf.gen import report as report_module
+    from rlhf.gen.common import build_prompts, read_rows
+    from rlhf.gen.judges import open_judge
+    from rlhf.gen.sampler import Sampler
+    from rlhf.gen.templates import fill
+
+    schema = check_config(config)
+    rows, source = read_rows(config.data)
+    prompts = build_prompts(rows, source, config.template)
+    needs_reference = {"exact_match", "token_f1", "self_consistency"} & set(config.metrics)
+    references = (
+        [fill(config.reference, row, "reference", source, i) for i, row in enumerate(rows)]
+        if needs_reference
+        else [None] * len(rows)
+    )
+    output_dir = Path(config.output_dir).expanduser().resolve()
+    if (output_dir / "report.json").exists():
+        raise ConfigError(f"config key 'output_dir': {output_dir} already holds report.json; choose another")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    connect(config.cluster)
+    with Sampler(config.model, config.sampling) as sampler:
+        samples = [
+            [c.text for c in per] for per in sampler.generate(sampler.encode(prompts, source), description="eval")
+        ]
+    baseline: list[str] = []
+    if config.baseline:
+        with Sampler(config.baseline, config.sampling) as sampler:
+            ids = sampler.encode(prompts, source)
+            baseline = [per[0].text for per in sampler.generate(ids, n=1, description="baseline")]
+    per_row = [row_scores(s, r, config, schema) for s, r in zip(samples, references, strict=True)]
+    judged: dict[str, list[float | None]] = {}
+    describe = None
+    if {"reward", "win_rate"} & set(config.metrics):
+        with open_judge(config.judge, config.model, config.sampling) as judge:
+            firsts = [s[0] for s in samples]
+            if "reward" in config.metrics:
+                judged["reward"] = judge.score(prompts, firsts)
+            if "win_rate" in config.metrics:
+                judged["win_rate"] = judge.compare(prompts, firsts, baseline)
+            describe = judge.describe
+    for i, scores in enumerate(per_row):
+        if "reward" in judged and judged["reward"][i] is not None:
+            scores["reward"] = judged["reward"][i]
+        if "win_rate" in judged and judged["win_rate"][i] is not None:
+            scores["win_rate"] = m.pairwise_outcome(judged["win_rate"][i], 0.0)
+    report = {
+        "model": config.model,
+        "baseline": config.baseline,
+        "dataset": f"{config.data.path} ({config.data.split})",
+        "rows": len(rows),
+        "samples_per_prompt": config.sampling.n,
+        "judge": describe,
+        "metrics": _aggregate(per_row, config.metrics),
+    }
+    with (output_dir / "samples.jsonl").open("w") as handle:
+        for i, (prompt, texts, reference, scores) in enumerate(zip(prompts, samples, references, per_row, strict=True)):
+            row = {"row": i, "prompt": prompt, "reference": reference, "samples": texts, "scores": scores}
+            if baseline:
+                row["baseline"] = baseline[i]
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (output_dir / "report.md").write_text(report_module.markdown(report))
+    report_module.plot(report, output_dir / "report.png")
+    print(report_module.markdown(report), flush=True)
+    return report
+
+
+def _aggregate(per_row: list[dict[str, float]], names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Each metric's mean over the rows that have it, with a 95% interval (Wilson for the shares of yes/no scores)."""
+    from rlhf.gen.metrics import mean_interval, win_rate
+
+    columns = [*names, *(["self_consistency_agreement"] if "self_consistency" in names else [])]
+    out = {}
+    for name in columns:
+        values = [scores[name] for scores in per_row if name in scores]
+        if not values:
+            out[name] = {"value": float("nan"), "low": None, "high": None, "n": 0}
+            continue
+        value, low, high = win_rate(values) if name in PROPORTIONS else mean_interval(values)
+        out[name] = {"value": value, "low": low, "high": high, "n": len(values)}
+    return out
