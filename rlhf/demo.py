@@ -4,8 +4,9 @@ Stages: build the tiny model; supervised fine-tuning on the bundled toy-world da
 responses use positive and negative adjectives at random; a reward model on the bundled
 preference pairs (positive over negative); RLHF with PPO from the SFT model against that
 reward model (policy, reference, value and reward actor groups, rollouts from a vLLM replica
-on Ray Serve); then the PPO model is served (Ray Serve + vLLM) and asked a question through
-the ``openai`` client. SFT and RM run 2 data-parallel Ray Train workers (DeepSpeed ZeRO-2
+on Ray Serve); ``rlhf eval`` of the PPO model against the SFT model (format, reward-model
+score and the reward model's judged win rate on held-out prompts); then the PPO model is
+served (Ray Serve + vLLM) and asked a question through the ``openai`` client. SFT and RM run 2 data-parallel Ray Train workers (DeepSpeed ZeRO-2
 over gloo); each stage prints its before/after figures.
 """
 
@@ -40,6 +41,22 @@ def _config(cls: type, job: str, output_dir: Path, overrides: list[str]):
     return configtree.load(cls, EXAMPLES_DIR / f"{job}.yaml", [f"train.output_dir={output_dir / job}", *overrides])
 
 
+DEMO_PARTS = ("tiny-model", "sft", "rm", "ppo", "eval")
+
+
+def clear_previous_demo(output_dir: Path) -> None:
+    """Remove an earlier demo's outputs from ``output_dir``; refuse a directory that holds anything else."""
+    import shutil
+
+    if not output_dir.exists():
+        return
+    others = sorted(p.name for p in output_dir.iterdir() if p.name not in DEMO_PARTS)
+    if others:
+        raise ValueError(f"{output_dir} holds more than an earlier demo ({', '.join(others[:5])}); choose --output-dir")
+    for part in DEMO_PARTS:
+        shutil.rmtree(output_dir / part, ignore_errors=True)
+
+
 def run_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
     """Run every stage; print and return the before/after figures."""
     from rlhf.data.bundled import positive_word_reward
@@ -48,24 +65,25 @@ def run_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
 
     started = time.perf_counter()
     output_dir = Path(output_dir).resolve()
-    print(f"[1/5] init-model -> {output_dir / 'tiny-model'}", flush=True)
+    clear_previous_demo(output_dir)
+    print(f"[1/6] init-model -> {output_dir / 'tiny-model'}", flush=True)
     model_dir = init_model(output_dir / "tiny-model")
     before = sample(model_dir)
 
-    print(f"[2/5] sft: {workers} Ray Train workers, DeepSpeed ZeRO-2, bundled mixed-sentiment data", flush=True)
+    print(f"[2/6] sft: {workers} Ray Train workers, DeepSpeed ZeRO-2, bundled mixed-sentiment data", flush=True)
     data = ["data.path=bundled:sft_mixed", f"cluster.num_workers={workers}"]
     sft_summary = sft.run(_config(SFTConfig, "sft", output_dir, [f"model.name_or_path={model_dir}", *data]))
     sft_model = sft_summary["final_model"]
     after_sft = sample(sft_model)
 
-    print("[3/5] reward model on the bundled preference pairs (positive over negative adjectives)", flush=True)
+    print("[3/6] reward model on the bundled preference pairs (positive over negative adjectives)", flush=True)
     rm_summary = rm.run(
         _config(RMConfig, "rm", output_dir, [f"model.name_or_path={sft_model}", f"cluster.num_workers={workers}"])
     )
     reward_model = rm_summary["final_model"]
 
     print(
-        f"[4/5] ppo: {PPO_STEPS} steps from the SFT model against the reward model (policy, reference, value and "
+        f"[4/6] ppo: {PPO_STEPS} steps from the SFT model against the reward model (policy, reference, value and "
         "reward actor groups; rollouts from a vLLM replica on Ray Serve)",
         flush=True,
     )
@@ -79,7 +97,10 @@ def run_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
     )
     after_ppo = sample(ppo_summary["final_model"])
 
-    print("[5/5] serve the PPO model (Ray Serve + vLLM) and ask it through the openai client", flush=True)
+    print("[5/6] eval: the PPO model against the SFT model on held-out prompts, judged by the reward model", flush=True)
+    report = evaluate(ppo_summary["final_model"], sft_model, reward_model, output_dir / "eval")
+
+    print("[6/6] serve the PPO model (Ray Serve + vLLM) and ask it through the openai client", flush=True)
     served = ask_served_model(ppo_summary["final_model"])
     elapsed = time.perf_counter() - started
 
@@ -93,6 +114,13 @@ def run_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
         f"(training batches: {ppo_summary['reward_first_steps']:+.2f} -> {ppo_summary['reward_last_steps']:+.2f}; "
         f"{ppo_summary['seconds_per_step']:.2f} s per step)"
     )
+    metrics = report["metrics"]
+    win = metrics["win_rate"]
+    print(
+        f"eval PPO vs SFT (64 held-out prompts): judged win rate {win['value']:.2f} [{win['low']:.2f}, "
+        f"{win['high']:.2f}], RM score {metrics['reward']['value']:+.2f}, format {metrics['format']['value']:.2f} "
+        f"({output_dir / 'eval'}/report.md)"
+    )
     print(f"prompt                    : {EXAMPLE_PROMPT}")
     for name, answer in (("base model", before), ("after SFT", after_sft), ("after PPO", after_ppo)):
         print(f"  {name:<23} : {answer!r} (rule-based reward {positive_word_reward(answer):+.2f})")
@@ -100,7 +128,30 @@ def run_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
     print(f"  {'answer':<23} : {served['answer']!r}")
     print(f"run directories           : {output_dir}/{{sft,rm,ppo}} (final/, metrics.jsonl, curves.png, config.yaml)")
     print(f"wall time                 : {elapsed:.0f} s")
-    return {"sft": sft_summary, "rm": rm_summary, "ppo": ppo_summary, "served": served, "seconds": elapsed}
+    return {
+        "sft": sft_summary,
+        "rm": rm_summary,
+        "ppo": ppo_summary,
+        "eval": report,
+        "served": served,
+        "seconds": elapsed,
+    }
+
+
+def evaluate(model: str, baseline: str, reward_model: str, output_dir: Path) -> dict:
+    """``rlhf eval`` of ``model`` against ``baseline`` on the bundled held-out prompts, judged by ``reward_model``."""
+    from rlhf.cli import EXAMPLES_DIR
+    from rlhf.gen import evaluate as eval_job
+    from rlhf.gen.config import EvalConfig
+
+    overrides = [
+        f"model={model}",
+        f"baseline={baseline}",
+        f"judge.reward={reward_model}",
+        "metrics=[format,reward,win_rate]",
+        f"output_dir={output_dir}",
+    ]
+    return eval_job.run(configtree.load(EvalConfig, EXAMPLES_DIR / "eval.yaml", overrides))
 
 
 def ask_served_model(model_dir: str, question: str = EXAMPLE_PROMPT) -> dict[str, str]:

@@ -55,9 +55,10 @@ def run(config: BestOfNConfig) -> dict[str, Any]:
         score_samples,
         write_dataset,
     )
-    from rlhf.gen.judges import open_judge
+    from rlhf.gen.judges import check_judge, open_judge
     from rlhf.gen.sampler import Sampler
 
+    check_judge(config.judge)
     rows, source = read_rows(config.data)
     prompts = build_prompts(rows, source, config.template)
     output_dir = prepare_output(config.output_dir)

@@ -91,11 +91,13 @@ def run(config: EvalConfig) -> dict[str, Any]:
     from rlhf.gen import metrics as m
     from rlhf.gen import report as report_module
     from rlhf.gen.common import build_prompts, read_rows
-    from rlhf.gen.judges import open_judge
+    from rlhf.gen.judges import check_judge, open_judge
     from rlhf.gen.sampler import Sampler
     from rlhf.gen.templates import fill
 
     schema = check_config(config)
+    if {"reward", "win_rate"} & set(config.metrics):
+        check_judge(config.judge)
     rows, source = read_rows(config.data)
     prompts = build_prompts(rows, source, config.template)
     needs_reference = {"exact_match", "token_f1", "self_consistency"} & set(config.metrics)
@@ -109,15 +111,16 @@ def run(config: EvalConfig) -> dict[str, Any]:
         raise ConfigError(f"config key 'output_dir': {output_dir} already holds report.json; choose another")
     output_dir.mkdir(parents=True, exist_ok=True)
     connect(config.cluster)
-    with Sampler(config.model, config.sampling) as sampler:
-        samples = [
-            [c.text for c in per] for per in sampler.generate(sampler.encode(prompts, source), description="eval")
-        ]
     baseline: list[str] = []
-    if config.baseline:
+    with Sampler(config.model, config.sampling) as sampler:
+        generated = sampler.generate(sampler.encode(prompts, source), description="eval")
+        samples = [[c.text for c in per] for per in generated]
+        if config.baseline and sampler.can_load(config.baseline):  # same architecture: swap the weights in
+            sampler.load_weights(config.baseline)
+            baseline = _first_samples(sampler, prompts, source)
+    if config.baseline and not baseline:
         with Sampler(config.baseline, config.sampling) as sampler:
-            ids = sampler.encode(prompts, source)
-            baseline = [per[0].text for per in sampler.generate(ids, n=1, description="baseline")]
+            baseline = _first_samples(sampler, prompts, source)
     per_row = [row_scores(s, r, config, schema) for s, r in zip(samples, references, strict=True)]
     judged: dict[str, list[float | None]] = {}
     describe = None
@@ -154,6 +157,10 @@ def run(config: EvalConfig) -> dict[str, Any]:
     report_module.plot(report, output_dir / "report.png")
     print(report_module.markdown(report), flush=True)
     return report
+
+
+def _first_samples(sampler: Any, prompts: list[Any], source: Any) -> list[str]:
+    return [per[0].text for per in sampler.generate(sampler.encode(prompts, source), n=1, description="baseline")]
 
 
 def _aggregate(per_row: list[dict[str, float]], names: tuple[str, ...]) -> dict[str, dict[str, Any]]:

@@ -48,12 +48,13 @@ def run(config: IterativeDPOConfig) -> dict[str, Any]:
     """Run the rounds; return a summary with the judged win rate against the start after each."""
     from cluster.connect import connect
     from rlhf.gen.common import Dropped, build_prompts, prepare_output, read_rows
-    from rlhf.gen.judges import open_judge
+    from rlhf.gen.judges import check_judge, open_judge
     from rlhf.gen.metrics import pairwise_outcome, win_rate
     from rlhf.gen.sampler import Sampler
     from rlhf.jobs.dpo import run as dpo
 
     check_config(config)
+    check_judge(config.judge)
     rows, source = read_rows(config.data)
     prompts = build_prompts(rows, source, config.template)
     eval_rows, eval_source = read_rows(config.eval_data)
@@ -102,7 +103,8 @@ def run(config: IterativeDPOConfig) -> dict[str, Any]:
                     "win_rate_high": high,
                     "judged": len(outcomes),
                     "unjudged": len(margins) - len(outcomes),
-                    "dpo_loss_before": result.get("eval_loss_before", result.get("loss_first_steps")),
+                    "dpo_loss_first": result.get("first_loss"),
+                    "dpo_loss_last": result.get("last_loss"),
                 }
             )
             print(

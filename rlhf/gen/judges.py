@@ -63,15 +63,43 @@ def parse_choice(answer: str) -> float | None:
     return None if match is None else float(match.group(1) == "A")
 
 
+def check_judge(config: JudgeConfig) -> None:
+    """Refuse a judge that cannot work, naming the config key, before any replica or actor starts."""
+    from pathlib import Path
+
+    from rlhf.gen.metrics import compile_answer_pattern
+    from rlhf.gen.templates import placeholders
+    from rlhf.rl.rewards import RewardError, make_reward, reward_model_config
+
+    if config.kind == "llm":
+        for key, template, needed in (
+            ("judge.template", config.template, {"prompt", "response"}),
+            ("judge.pairwise_template", config.pairwise_template, {"prompt", "response_a", "response_b"}),
+        ):
+            names = set(placeholders(template, key))
+            if names != needed:
+                raise ConfigError(
+                    f"config key '{key}': the template must use exactly {sorted(needed)}, it uses {sorted(names)}"
+                )
+        compile_answer_pattern(config.score_pattern, "judge.score_pattern")
+        return
+    try:
+        if Path(config.reward).expanduser().is_dir():
+            reward_model_config(Path(config.reward).expanduser())  # the model itself loads in the actors
+        else:
+            make_reward(config.reward)
+    except RewardError as exc:
+        raise ConfigError(str(exc).replace("config key 'reward'", "config key 'judge.reward'")) from None
+
+
 class RewardJudge:
     """A reward source on ``config.workers`` Ray actors; ``describe`` says which."""
 
     def __init__(self, config: JudgeConfig) -> None:
         from cluster.groups import ActorGroup
-        from rlhf.rl.rewards import make_reward
         from rlhf.rl.workers import RewardWorker
 
-        make_reward(config.reward)  # a bad spec fails here, naming the key, before actors start
+        check_judge(config)
         self.config = config
         self.group = ActorGroup(
             "judge",
@@ -116,17 +144,8 @@ class LLMJudge:
 
     def __init__(self, config: JudgeConfig, sampler: Any) -> None:
         from rlhf.gen.metrics import compile_answer_pattern
-        from rlhf.gen.templates import placeholders
 
-        for key, template, needed in (
-            ("judge.template", config.template, {"prompt", "response"}),
-            ("judge.pairwise_template", config.pairwise_template, {"prompt", "response_a", "response_b"}),
-        ):
-            names = set(placeholders(template, key))
-            if names != needed:
-                raise ConfigError(
-                    f"config key '{key}': the template must use exactly {sorted(needed)}, it uses {sorted(names)}"
-                )
+        check_judge(config)
         self.config = config
         self.sampler = sampler
         self.pattern = compile_answer_pattern(config.score_pattern, "judge.score_pattern")

@@ -12,6 +12,7 @@ tokens), so what a command generates is what the policy would see in training.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from rlhf.data.formats import Text
 from rlhf.gen.config import SamplingConfig
 
 log = logging.getLogger(__name__)
+
+_NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
 
 MODEL_NAME = "policy"
 """The model's name inside the Serve application (the one RLHF's rollout replicas use)."""
@@ -88,9 +91,28 @@ class Sampler:
             rollout.release(self.sampling.app_name, self._deployment)
             self._deployment = None
 
+    def can_load(self, model: str) -> bool:
+        """Whether ``model`` is a local directory of the same architecture and shapes as the served one.
+
+        Such a model is served by loading its weights into the running replicas
+        (:meth:`load_weights`, about a second) instead of starting new ones.
+        """
+        from rlhf.models.loading import resolve
+
+        configs = []
+        for name in (self.model, model):
+            path = Path(resolve(name)) / "config.json"
+            if not path.is_file():
+                return False
+            config = json.loads(path.read_text())
+            configs.append({k: v for k, v in config.items() if k not in _NOT_ARCHITECTURE})
+        return configs[0] == configs[1]
+
     def load_weights(self, directory: str | Path) -> None:
         """Serve the weights in ``directory`` (same architecture, safetensors) from now on."""
-        self._client.sync_weights(directory, timeout_s=self.sampling.timeout_s)
+        from rlhf.models.loading import resolve
+
+        self._client.sync_weights(resolve(str(directory)), timeout_s=self.sampling.timeout_s)
         self.model = str(directory)
 
     def encode(self, prompts: Sequence[Text], source: Any = None) -> list[list[int]]:

@@ -13,11 +13,14 @@
   than ``min_margin`` -> prompt/chosen/rejected rows for ``rlhf dpo`` or ``rlhf rm``.
 
 Every row records its provenance (the seeds or parent instruction, the operations, the
-judge and the scores); ``manifest.json`` counts what each filter dropped.
+judge and the scores); ``manifest.json`` counts what each filter dropped, and for the
+instruction modes ``instructions.jsonl`` lists every proposed instruction and response
+with its fate (``kept`` or why it was dropped).
 """
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -48,8 +51,11 @@ def run(config: SynthConfig) -> dict[str, Any]:
     from cluster.connect import connect
     from rlhf import configtree
     from rlhf.gen.common import prepare_output, read_rows, write_dataset
+    from rlhf.gen.judges import check_judge
     from rlhf.gen.sampler import Sampler
 
+    if config.mode == "preference":
+        check_judge(config.judge)
     rows, source = read_rows(config.data)
     output_dir = prepare_output(config.output_dir)
     connect(config.cluster)
@@ -60,10 +66,13 @@ def run(config: SynthConfig) -> dict[str, Any]:
         from rlhf.gen.common import build_prompts
 
         seeds = [_plain(p) for p in build_prompts(rows, source, config.template)]
+        log: list[dict[str, Any]] = []
         with Sampler(config.model, config.sampling) as sampler:
             make = _self_instruct if config.mode == "self_instruct" else _evol_instruct
-            instructions = make(config, seeds, sampler, dropped)
-            out = _respond(config, instructions, sampler, dropped)
+            instructions = make(config, seeds, sampler, dropped, log)
+            out = _respond(config, instructions, sampler, dropped, log)
+        with (output_dir / "instructions.jsonl").open("w") as handle:
+            handle.writelines(json.dumps(entry, ensure_ascii=False) + "\n" for entry in log)
     summary = {
         "output": str(output_dir / "data.jsonl"),
         "mode": config.mode,
@@ -87,29 +96,37 @@ def _proposals(sampler: Any, questions: list[str], config: SynthConfig, descript
 
 
 def _keep_new(
-    config: SynthConfig, parents: list[str], candidates: list[tuple[str, dict]], dropped: Dropped
+    config: SynthConfig, parents: list[str], candidates: list[tuple[str, dict]], dropped: Dropped, log: list[dict]
 ) -> list[tuple[str, dict]]:
-    """Candidates that pass the quality rules and are not near duplicates of the parents or each other."""
+    """Candidates that pass the quality rules and are not near duplicates of the parents or each other.
+
+    Every candidate goes to ``log`` with its fate: ``kept`` or why it was dropped.
+    """
     from rlhf.gen.common import deduplicate, quality_problem
 
-    passing = []
+    passing, fates = [], []
     for text, origin in candidates:
         problem = quality_problem(origin.get("parent", ""), text, config.filter)
         if problem is None and any(text.strip().lower() == p.strip().lower() for p in parents):
             problem = "unchanged or a copy of a seed"
         if problem:
             dropped.add(f"instruction {problem}")
+            log.append({"instruction": text, **origin, "fate": problem})
         else:
             passing.append((text, origin))
     kept = deduplicate([*parents, *(text for text, _ in passing)], config.filter, Dropped())
     fresh = {i - len(parents) for i in kept if i >= len(parents)}
-    for i in range(len(passing)):
+    for i, (text, origin) in enumerate(passing):
         if i not in fresh:
             dropped.add("instruction near duplicate")
+        fates.append({"instruction": text, **origin, "fate": "kept" if i in fresh else "near duplicate"})
+    log += fates
     return [passing[i] for i in sorted(fresh)]
 
 
-def _self_instruct(config: SynthConfig, seeds: list[str], sampler: Any, dropped: Dropped) -> list[tuple[str, dict]]:
+def _self_instruct(
+    config: SynthConfig, seeds: list[str], sampler: Any, dropped: Dropped, log: list[dict]
+) -> list[tuple[str, dict]]:
     rng = random.Random(config.sampling.seed)
     questions, origins = [], []
     for _ in range(config.num_instructions):
@@ -118,10 +135,12 @@ def _self_instruct(config: SynthConfig, seeds: list[str], sampler: Any, dropped:
         questions.append(SELF_INSTRUCT_PROMPT.format(tasks=tasks, next=len(shown) + 1))
         origins.append({"method": "self_instruct", "seed_rows": shown})
     proposals = _proposals(sampler, questions, config, "self-instruct")
-    return _keep_new(config, seeds, list(zip(proposals, origins, strict=True)), dropped)
+    return _keep_new(config, seeds, list(zip(proposals, origins, strict=True)), dropped, log)
 
 
-def _evol_instruct(config: SynthConfig, seeds: list[str], sampler: Any, dropped: Dropped) -> list[tuple[str, dict]]:
+def _evol_instruct(
+    config: SynthConfig, seeds: list[str], sampler: Any, dropped: Dropped, log: list[dict]
+) -> list[tuple[str, dict]]:
     current = [(seed, {"method": "evol_instruct", "seed_row": i, "operations": []}) for i, seed in enumerate(seeds)]
     for round_index in range(config.evol_rounds):
         operations = [config.evolutions[(i + round_index) % len(config.evolutions)] for i in range(len(current))]
@@ -133,12 +152,12 @@ def _evol_instruct(config: SynthConfig, seeds: list[str], sampler: Any, dropped:
             (new, {**origin, "parent": text, "operations": [*origin["operations"], op]})
             for new, op, (text, origin) in zip(evolved, operations, current, strict=True)
         ]
-        current = _keep_new(config, seeds, candidates, dropped)
+        current = _keep_new(config, seeds, candidates, dropped, log)
     return current
 
 
 def _respond(
-    config: SynthConfig, instructions: list[tuple[str, dict]], sampler: Any, dropped: Dropped
+    config: SynthConfig, instructions: list[tuple[str, dict]], sampler: Any, dropped: Dropped, log: list[dict]
 ) -> list[dict[str, Any]]:
     """A response to each instruction (in the template's layout), filtered; the rows to write."""
     from rlhf.gen.common import answer, provenance, quality_problem
@@ -151,7 +170,9 @@ def _respond(
     out = []
     for prompt, (_, origin), samples in zip(prompts, instructions, completions, strict=True):
         response = samples[0].text
-        if problem := quality_problem(prompt, response, config.filter):
+        problem = quality_problem(prompt, response, config.filter)
+        log.append({"instruction": _plain(prompt), "response": response, "fate": f"response {problem or 'kept'}"})
+        if problem:
             dropped.add(f"response {problem}")
             continue
         made = provenance("synth", model=config.model, **origin, seed=config.sampling.seed)
