@@ -1,6 +1,6 @@
 """Serving throughput and latency: rlhf's endpoint against a hand-rolled FastAPI + ``generate()`` server.
 
-Same tiny model, same 32 prompts (the first of the bundled ``prompts`` test split, sent in
+Same model (the tiny one, then a larger one: :data:`SMALL`), same 32 prompts (the first of the bundled ``prompts`` test split, sent in
 the same order), greedy decoding and exactly TOKENS generated tokens per request on both
 sides: every request carries vLLM's ``min_tokens`` and ``ignore_eos``, which the baseline
 turns into ``min_new_tokens = max_new_tokens``; a response whose ``usage.completion_tokens``
@@ -225,8 +225,60 @@ def _errors(side: Side) -> str:
     return f"{side.name}: " + ", ".join(f"{count} x {kind}" for kind, count in counts.most_common())
 
 
+SMALL = {"hidden_size": 768, "intermediate_size": 2048, "num_layers": 8, "num_heads": 12}
+"""A second, larger model (about 60M parameters, Llama-shaped) where the work per token, not the per-step overhead
+of the tiny model, dominates: the regime of real models, where batching pays."""
+
+
+def small_model() -> tuple[str, str]:
+    """The larger benchmark model, built once into the cache; its directory and a description."""
+    from rlhf.models.init_model import TinyModelSpec, init_model
+    from rlhf.models.loading import cache_dir
+
+    path = cache_dir() / "bench-small-model"
+    if not (path / "config.json").is_file():
+        init_model(path, TinyModelSpec(**SMALL))
+    return str(path), _describe(str(path))
+
+
+def _describe(model_dir: str) -> str:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    size = Path(model_dir, "model.safetensors").stat().st_size / 4  # fp32 parameters
+    return (
+        f"{size / 1e6:.1f}M parameters (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+        f"MLP {config['intermediate_size']})"
+    )
+
+
 def report(model_dir: str, peak_flops: float, seconds: float = SECONDS) -> str:
-    """Run both sides and return the markdown section (``peak_flops`` is unused: serving has no MFU here)."""
+    """Both sides on the tiny model and on a larger one; the markdown section (``peak_flops`` is unused)."""
+    small_dir, small = small_model()
+    tables = []
+    for title, directory in ((f"Tiny model, {_describe(model_dir)}", model_dir), (f"Small model, {small}", small_dir)):
+        tables += ["", f"### {title}", "", *_table(directory, seconds)]
+    return "\n".join(
+        [
+            "## Serving throughput and latency: rlhf vs a FastAPI server calling transformers generate()",
+            "",
+            f"The same {PROMPTS} bundled prompts in the same order, greedy, exactly {TOKENS} generated "
+            "tokens per request on both sides (`min_tokens`/`ignore_eos`; the baseline uses `min_new_tokens = "
+            "max_new_tokens`), `/v1/completions` through the async `openai` client with retries off. rlhf: "
+            "`serving.server.start` with one vLLM (CPU) replica behind the guarded ingress on Ray Serve (vLLM "
+            "runs the fp32 checkpoint in bf16, its CPU default). Baseline: one uvicorn process whose route runs "
+            "`model.generate()` for one request at a time (single-thread executor, requests wait FIFO), fp32. "
+            f"Each level runs {seconds:.0f} s (at most {MAX_REQUESTS} requests; requests in flight at the "
+            f"deadline are waited for and counted) after a warm-up of {WARMUP_REQUESTS} requests from "
+            f"{WARMUP_CLIENTS} clients that is not counted. Clients and servers share this machine's cores. "
+            "Ratio rows: throughput rlhf / baseline; latency baseline / rlhf (above 1: rlhf answers sooner). "
+            "Two models: the tiny one of the tests, whose steps are so cheap that vLLM's fixed cost per "
+            "decoding step dominates, and a larger one where the work per token does, as with real models.",
+            *tables,
+        ]
+    )
+
+
+def _table(model_dir: str, seconds: float) -> list[str]:
+    """Both sides on one model: the table rows, the start-up times and the errors."""
     from benchmarks.common import isolated
 
     ours = isolated(run_rlhf, model_dir, seconds)
@@ -245,27 +297,12 @@ def report(model_dir: str, peak_flops: float, seconds: float = SECONDS) -> str:
             f"| {mine.clients} | **ratio rlhf / baseline** | | | | **{throughput:.2f}x** | **{throughput:.2f}x** | "
             f"{p50:.2f}x | {p99:.2f}x |"
         )
-    return "\n".join(
-        [
-            "## Serving throughput and latency: rlhf vs a FastAPI server calling transformers generate()",
-            "",
-            f"Tiny model, the same {PROMPTS} bundled prompts in the same order, greedy, exactly {TOKENS} generated "
-            "tokens per request on both sides (`min_tokens`/`ignore_eos`; the baseline uses `min_new_tokens = "
-            "max_new_tokens`), `/v1/completions` through the async `openai` client with retries off. rlhf: "
-            "`serving.server.start` with one vLLM (CPU) replica behind the guarded ingress on Ray Serve (vLLM "
-            "runs the fp32 checkpoint in bf16, its CPU default). Baseline: one uvicorn process whose route runs "
-            "`model.generate()` for one request at a time (single-thread executor, requests wait FIFO), fp32. "
-            f"Each level runs {seconds:.0f} s (at most {MAX_REQUESTS} requests; requests in flight at the "
-            f"deadline are waited for and counted) after a warm-up of {WARMUP_REQUESTS} requests from "
-            f"{WARMUP_CLIENTS} clients that is not counted. Clients and servers share this machine's cores. "
-            f"Start until the endpoint answers: rlhf {ours.startup_seconds:.0f} s, baseline "
-            f"{theirs.startup_seconds:.0f} s. Ratio rows: throughput rlhf / baseline; latency baseline / rlhf "
-            "(above 1: rlhf answers sooner).",
-            "",
-            "| clients | server | requests | errors | seconds | requests/s | generated tokens/s | p50 ms | p99 ms |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-            *rows,
-            "",
-            f"Errors (must be none): {_errors(ours)}; {_errors(theirs)}.",
-        ]
-    )
+    return [
+        f"Start until the endpoint answers: rlhf {ours.startup_seconds:.0f} s, baseline {theirs.startup_seconds:.0f} s.",
+        "",
+        "| clients | server | requests | errors | seconds | requests/s | generated tokens/s | p50 ms | p99 ms |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"Errors (must be none): {_errors(ours)}; {_errors(theirs)}.",
+    ]

@@ -117,7 +117,7 @@ def run_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
     metrics = report["metrics"]
     win = metrics["win_rate"]
     print(
-        f"eval PPO vs SFT (64 held-out prompts): judged win rate {win['value']:.2f} [{win['low']:.2f}, "
+        f"eval PPO vs SFT (64 held-out prompts, sampled): RM-judged win rate {win['value']:.2f} [{win['low']:.2f}, "
         f"{win['high']:.2f}], RM score {metrics['reward']['value']:+.2f}, format {metrics['format']['value']:.2f} "
         f"({output_dir / 'eval'}/report.md)"
     )
@@ -149,6 +149,7 @@ def evaluate(model: str, baseline: str, reward_model: str, output_dir: Path) -> 
         f"baseline={baseline}",
         f"judge.reward={reward_model}",
         "metrics=[format,reward,win_rate]",
+        "sampling.temperature=1.0",  # sampled, as PPO's held-out reward is: greedy answers hide the spread
         f"output_dir={output_dir}",
     ]
     return eval_job.run(configtree.load(EvalConfig, EXAMPLES_DIR / "eval.yaml", overrides))

@@ -95,7 +95,7 @@ def run(config: IterativeDPOConfig) -> dict[str, Any]:
             history.append(
                 {
                     "round": round_index,
-                    "pairs": sum(1 for _ in data.open()),
+                    "pairs": len(data.read_text().splitlines()),
                     "dropped": dict(dropped.reasons),
                     "policy": policy,
                     "win_rate": rate,

@@ -168,12 +168,15 @@ def test_self_instruct_and_evol_instruct_account_for_every_instruction(
 
 
 @pytest.fixture(scope="module")
-def expert_iteration(sft_policy: Path, rollout_app: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One round of expert iteration: best of 4 by the rule-based reward, then SFT on the best."""
+def expert_iteration(
+    sft_policy: Path, rollout_app: str, reward_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
+    """One round of expert iteration: the best of 4 by the reward model, then SFT on the best."""
     out = tmp_path_factory.mktemp("best-of-n")
     return run(
         "best-of-n",
         f"model={sft_policy}",
+        f"judge.reward={reward_model}",
         "sampling.n=4",
         "data.max_rows=128",
         "finetune=true",
@@ -184,13 +187,15 @@ def expert_iteration(sft_policy: Path, rollout_app: str, tmp_path_factory: pytes
     )
 
 
-def test_best_of_n_keeps_the_best_and_fine_tunes_on_them(expert_iteration: dict) -> None:
+def test_best_of_n_keeps_the_reward_models_best_and_fine_tunes_on_them(expert_iteration: dict) -> None:
     summary = expert_iteration
     kept = rows(summary["output"])
     assert len(kept) >= 100 and summary["rows"] == len(kept)
-    assert summary["mean_score_kept"] > summary["mean_score_all"] + 0.3
+    assert summary["mean_score_kept"] > summary["mean_score_all"]
     assert all(r["provenance"]["rank"] == 1 and r["provenance"]["n"] == 4 for r in kept)
-    assert all(positive_word_reward(r["completion"]) == r["provenance"]["score"] for r in kept)
+    assert all(r["provenance"]["judge"].startswith("ModelReward(") for r in kept)
+    # the reward model's choice is the rule's: the SFT policy's samples score about 0 on average (-0.02 measured)
+    assert sum(positive_word_reward(r["completion"]) for r in kept) / len(kept) > 0.4
     assert Path(summary["sft"]["final_model"], "config.json").is_file()
 
 
@@ -232,7 +237,7 @@ def test_eval_reports_every_metric_and_the_expert_iteration_model_wins(
     ]
     assert metrics["win_rate"]["value"] == pytest.approx(sum(wins) / 64)
     assert metrics["format"]["value"] >= 0.6  # the toy template (measured: 0.72; the untrained model: 0)
-    # one round of expert iteration moved the model towards the judge's preference
+    # one round of expert iteration (selected by the reward model) moved the model towards the rule's preference
     assert metrics["win_rate"]["value"] > 0.6, metrics["win_rate"]
     assert metrics["format"]["low"] <= metrics["format"]["value"] <= metrics["format"]["high"]
     assert (tmp_path / "report.md").read_text().count("\n| ") == 8

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.config import JOBS
+from rlhf.cli import ALL_JOBS
 
 RLHF = shutil.which("rlhf") or str(Path(sys.executable).parent / "rlhf")
 
@@ -18,13 +18,13 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([RLHF, *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("job", sorted(JOBS))
+@pytest.mark.parametrize("job", sorted(ALL_JOBS))
 def test_job_help_lists_every_key(job: str) -> None:
     from rlhf import configtree
 
     result = _run(job, "--help")
     assert result.returncode == 0, result.stderr
-    for key, *_ in configtree.describe(JOBS[job]):
+    for key, *_ in configtree.describe(ALL_JOBS[job]):
         assert key in result.stdout, f"rlhf {job} --help does not list {key}"
 
 
