@@ -86,6 +86,7 @@ def run(config: BestOfNConfig) -> dict[str, Any]:
                 judge=describe,
                 score=score,
                 rank=sorted((x for x in scores[p] if x is not None), reverse=True).index(score) + 1,
+                scores=scores[p],
                 n=config.sampling.n,
                 sample=j,
                 seed=config.sampling.seed,

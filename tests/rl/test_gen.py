@@ -192,7 +192,12 @@ def test_best_of_n_keeps_the_reward_models_best_and_fine_tunes_on_them(expert_it
     kept = rows(summary["output"])
     assert len(kept) >= 100 and summary["rows"] == len(kept)
     assert summary["mean_score_kept"] > summary["mean_score_all"]
-    assert all(r["provenance"]["rank"] == 1 and r["provenance"]["n"] == 4 for r in kept)
+    for row in kept:
+        made = row["provenance"]
+        assert made["n"] == 4 and len(made["scores"]) == 4
+        # rank among all 4 scores: a better-scored sample may have failed the quality rules (empty, too short)
+        assert made["score"] == sorted(made["scores"], reverse=True)[made["rank"] - 1]
+    assert sum(r["provenance"]["rank"] == 1 for r in kept) >= 0.9 * len(kept)
     assert all(r["provenance"]["judge"].startswith("ModelReward(") for r in kept)
     # the reward model's choice is the rule's: the SFT policy's samples score about 0 on average (-0.02 measured)
     assert sum(positive_word_reward(r["completion"]) for r in kept) / len(kept) > 0.4
