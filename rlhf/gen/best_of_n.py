@@ -21,19 +21,11 @@ def select(
     prompts: list[Any], samples: list[list[str]], scores: list[list[float | None]], config: BestOfNConfig, dropped: Any
 ) -> list[tuple[int, int, float]]:
     """``(prompt index, sample index, score)`` of the kept responses: per prompt the ``top_k`` best acceptable ones."""
-    from rlhf.gen.common import quality_problem
+    from rlhf.gen.common import acceptable_samples
 
     kept = []
     for p, (prompt, texts, marks) in enumerate(zip(prompts, samples, scores, strict=True)):
-        acceptable = []
-        for j, (text, score) in enumerate(zip(texts, marks, strict=True)):
-            problem = quality_problem(prompt, text, config.filter, score)
-            if problem is None and score is None:
-                problem = "not scored"
-            if problem:
-                dropped.add(f"sample {problem}")
-            else:
-                acceptable.append((score, j))
+        acceptable = acceptable_samples(prompt, texts, marks, config.filter, dropped)
         acceptable.sort(key=lambda item: -item[0])
         kept += [(p, j, score) for score, j in acceptable[: config.top_k]]
     return kept

@@ -149,6 +149,22 @@ class Pair:
     scores: list[float | None]
 
 
+def acceptable_samples(
+    prompt: Text, texts: Sequence[str], scores: Sequence[float | None], config: FilterConfig, dropped: Dropped
+) -> list[tuple[float, int]]:
+    """``(score, sample index)`` of the samples of one prompt that pass the quality rules and were scored."""
+    acceptable = []
+    for index, (text, score) in enumerate(zip(texts, scores, strict=True)):
+        problem = quality_problem(prompt, text, config, score)
+        if problem is None and score is None:
+            problem = "not scored"
+        if problem:
+            dropped.add(f"sample {problem}")
+        else:
+            acceptable.append((score, index))
+    return acceptable
+
+
 def preference_pairs(
     prompts: Sequence[Text],
     samples: Sequence[Sequence[str]],
@@ -164,15 +180,7 @@ def preference_pairs(
     """
     pairs = []
     for index, (prompt, texts, marks) in enumerate(zip(prompts, samples, scores, strict=True)):
-        candidates = []
-        for text, score in zip(texts, marks, strict=True):
-            problem = quality_problem(prompt, text, config, score)
-            if problem is None and score is None:
-                problem = "not scored"
-            if problem:
-                dropped.add(f"sample {problem}")
-            else:
-                candidates.append((score, text))
+        candidates = acceptable_samples(prompt, texts, marks, config, dropped)
         if len(candidates) < 2:
             dropped.add("prompt with fewer than 2 acceptable samples")
             continue
@@ -181,7 +189,7 @@ def preference_pairs(
         if best[0] - worst[0] <= min_margin:
             dropped.add("prompt with no score margin")
             continue
-        pairs.append(Pair(index, best[1], worst[1], best[0], worst[0], list(marks)))
+        pairs.append(Pair(index, texts[best[1]], texts[worst[1]], best[0], worst[0], list(marks)))
     return pairs
 
 
