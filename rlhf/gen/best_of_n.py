@@ -44,11 +44,10 @@ def run(config: BestOfNConfig) -> dict[str, Any]:
         prompt_text,
         provenance,
         read_rows,
-        score_samples,
+        sample_and_judge,
         write_dataset,
     )
-    from rlhf.gen.judges import check_judge, open_judge
-    from rlhf.gen.sampler import Sampler
+    from rlhf.gen.judges import check_judge
 
     check_judge(config.judge)
     rows, source = read_rows(config.data)
@@ -56,12 +55,7 @@ def run(config: BestOfNConfig) -> dict[str, Any]:
     output_dir = prepare_output(config.output_dir)
     connect(config.cluster)
     started = time.perf_counter()
-    with Sampler(config.model, config.sampling) as sampler:
-        completions = sampler.generate(sampler.encode(prompts, source))
-    samples = [[c.text for c in per_prompt] for per_prompt in completions]
-    with open_judge(config.judge, config.model, config.sampling) as judge:
-        scores = score_samples(judge, prompts, samples)
-        describe = judge.describe
+    samples, scores, describe = sample_and_judge(config.model, config.sampling, config.judge, prompts, source)
     dropped = Dropped()
     chosen = select(prompts, samples, scores, config, dropped)
     texts = [prompt_text(prompts[p]) + "\n" + samples[p][j] for p, j, _ in chosen]

@@ -19,7 +19,7 @@ from typing import Any
 
 from rlhf.data.errors import DataError, Source
 from rlhf.data.formats import Text
-from rlhf.gen.config import DataSource, FilterConfig, TemplateConfig
+from rlhf.gen.config import DataSource, FilterConfig, JudgeConfig, SamplingConfig, TemplateConfig
 
 
 class OutputExistsError(ValueError):
@@ -135,6 +135,29 @@ def score_samples(judge: Any, prompts: Sequence[Text], samples: Sequence[Sequenc
         scores.append(flat[start : start + len(texts)])
         start += len(texts)
     return scores
+
+
+def sample_and_judge(
+    model: str,
+    sampling: SamplingConfig,
+    judge_config: JudgeConfig,
+    prompts: Sequence[Text],
+    source: Source,
+    rows: Sequence[int] | None = None,
+) -> tuple[list[list[str]], list[list[float | None]], str]:
+    """``sampling.n`` samples of each prompt from ``model``'s replicas, then the judge's score of each.
+
+    Returns the samples and scores per prompt and the judge's description. ``rows`` maps
+    prompt ``i`` to its row of ``source`` (for errors), when the prompts are a subset.
+    """
+    from rlhf.gen.judges import open_judge
+    from rlhf.gen.sampler import Sampler
+
+    with Sampler(model, sampling) as sampler:
+        completions = sampler.generate(sampler.encode(prompts, source, rows))
+    samples = [[c.text for c in per_prompt] for per_prompt in completions]
+    with open_judge(judge_config, model, sampling) as judge:
+        return samples, score_samples(judge, prompts, samples), judge.describe
 
 
 @dataclass(frozen=True)

@@ -88,11 +88,9 @@ def row_scores(samples: list[str], reference: str | None, config: EvalConfig, sc
 def run(config: EvalConfig) -> dict[str, Any]:
     """Evaluate; write the report; return it."""
     from cluster.connect import connect
-    from rlhf.gen import metrics as m
     from rlhf.gen import report as report_module
     from rlhf.gen.common import build_prompts, read_rows
-    from rlhf.gen.judges import check_judge, open_judge
-    from rlhf.gen.sampler import Sampler
+    from rlhf.gen.judges import check_judge
     from rlhf.gen.templates import fill
 
     schema = check_config(config)
@@ -111,6 +109,27 @@ def run(config: EvalConfig) -> dict[str, Any]:
         raise ConfigError(f"config key 'output_dir': {output_dir} already holds report.json; choose another")
     output_dir.mkdir(parents=True, exist_ok=True)
     connect(config.cluster)
+    samples, baseline = _generate(config, prompts, source)
+    per_row = [row_scores(s, r, config, schema) for s, r in zip(samples, references, strict=True)]
+    describe = _judge(config, prompts, samples, baseline, per_row)
+    report = {
+        "model": config.model,
+        "baseline": config.baseline,
+        "dataset": f"{config.data.path} ({config.data.split})",
+        "rows": len(rows),
+        "samples_per_prompt": config.sampling.n,
+        "judge": describe,
+        "metrics": _aggregate(per_row, config.metrics),
+    }
+    _write(output_dir, report, prompts, samples, references, per_row, baseline)
+    print(report_module.markdown(report), flush=True)
+    return report
+
+
+def _generate(config: EvalConfig, prompts: list[Any], source: Any) -> tuple[list[list[str]], list[str]]:
+    """The model's ``sampling.n`` samples per prompt and, with a baseline, the baseline's first sample."""
+    from rlhf.gen.sampler import Sampler
+
     baseline: list[str] = []
     with Sampler(config.model, config.sampling) as sampler:
         generated = sampler.generate(sampler.encode(prompts, source), description="eval")
@@ -121,31 +140,43 @@ def run(config: EvalConfig) -> dict[str, Any]:
     if config.baseline and not baseline:
         with Sampler(config.baseline, config.sampling) as sampler:
             baseline = _first_samples(sampler, prompts, source)
-    per_row = [row_scores(s, r, config, schema) for s, r in zip(samples, references, strict=True)]
-    judged: dict[str, list[float | None]] = {}
-    describe = None
-    if {"reward", "win_rate"} & set(config.metrics):
-        with open_judge(config.judge, config.model, config.sampling) as judge:
-            firsts = [s[0] for s in samples]
-            if "reward" in config.metrics:
-                judged["reward"] = judge.score(prompts, firsts)
-            if "win_rate" in config.metrics:
-                judged["win_rate"] = judge.compare(prompts, firsts, baseline)
-            describe = judge.describe
-    for i, scores in enumerate(per_row):
-        if "reward" in judged and judged["reward"][i] is not None:
-            scores["reward"] = judged["reward"][i]
-        if "win_rate" in judged and judged["win_rate"][i] is not None:
-            scores["win_rate"] = m.pairwise_outcome(judged["win_rate"][i], 0.0)
-    report = {
-        "model": config.model,
-        "baseline": config.baseline,
-        "dataset": f"{config.data.path} ({config.data.split})",
-        "rows": len(rows),
-        "samples_per_prompt": config.sampling.n,
-        "judge": describe,
-        "metrics": _aggregate(per_row, config.metrics),
-    }
+    return samples, baseline
+
+
+def _judge(
+    config: EvalConfig, prompts: list[Any], samples: list[list[str]], baseline: list[str], per_row: list[dict]
+) -> str | None:
+    """Add the judged metrics (reward, win_rate) to each row's scores; the judge's description."""
+    from rlhf.gen.judges import open_judge
+    from rlhf.gen.metrics import pairwise_outcome
+
+    if not {"reward", "win_rate"} & set(config.metrics):
+        return None
+    firsts = [s[0] for s in samples]
+    with open_judge(config.judge, config.model, config.sampling) as judge:
+        rewards = judge.score(prompts, firsts) if "reward" in config.metrics else [None] * len(firsts)
+        margins = judge.compare(prompts, firsts, baseline) if "win_rate" in config.metrics else [None] * len(firsts)
+        describe = judge.describe
+    for scores, reward, margin in zip(per_row, rewards, margins, strict=True):
+        if reward is not None:
+            scores["reward"] = reward
+        if margin is not None:
+            scores["win_rate"] = pairwise_outcome(margin, 0.0)
+    return describe
+
+
+def _write(
+    output_dir: Path,
+    report: dict[str, Any],
+    prompts: list[Any],
+    samples: list[list[str]],
+    references: list[str | None],
+    per_row: list[dict],
+    baseline: list[str],
+) -> None:
+    """``samples.jsonl`` (every sample and per-row score), ``report.json``, ``report.md`` and ``report.png``."""
+    from rlhf.gen import report as report_module
+
     with (output_dir / "samples.jsonl").open("w") as handle:
         for i, (prompt, texts, reference, scores) in enumerate(zip(prompts, samples, references, per_row, strict=True)):
             row = {"row": i, "prompt": prompt, "reference": reference, "samples": texts, "scores": scores}
@@ -155,8 +186,6 @@ def run(config: EvalConfig) -> dict[str, Any]:
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
     (output_dir / "report.md").write_text(report_module.markdown(report))
     report_module.plot(report, output_dir / "report.png")
-    print(report_module.markdown(report), flush=True)
-    return report
 
 
 def _first_samples(sampler: Any, prompts: list[Any], source: Any) -> list[str]:

@@ -115,8 +115,11 @@ class Sampler:
         self._client.sync_weights(resolve(str(directory)), timeout_s=self.sampling.timeout_s)
         self.model = str(directory)
 
-    def encode(self, prompts: Sequence[Text], source: Any = None) -> list[list[int]]:
-        """Token ids of each prompt; DataError naming the row when one leaves no room for ``max_new_tokens``."""
+    def encode(self, prompts: Sequence[Text], source: Any = None, rows: Sequence[int] | None = None) -> list[list[int]]:
+        """Token ids of each prompt; DataError naming the row when one leaves no room for ``max_new_tokens``.
+
+        ``source`` and ``rows`` place an error: prompt ``i`` is row ``rows[i]`` (default ``i``) of ``source``.
+        """
         from rlhf.data.encode import LengthLimits, encode_prompt
         from rlhf.data.formats import PromptExample
 
@@ -124,17 +127,18 @@ class Sampler:
         unlimited = LengthLimits(max_length=1 << 30)
         encoded = []
         for index, prompt in enumerate(prompts):
+            row = index if rows is None else rows[index]
             try:
                 ids = encode_prompt(PromptExample(prompt), self.tokenizer, unlimited)["prompt_ids"]
             except DataError as err:
-                raise (err.located(source, index) if source is not None else err) from None
+                raise (err.located(source, row) if source is not None else err) from None
             if len(ids) > budget:
                 err = DataError(
                     "prompt too long",
                     detail=f"{len(ids)} tokens + sampling.max_new_tokens {self.sampling.max_new_tokens} > "
                     f"sampling.max_model_len {self.sampling.max_model_len}",
                 )
-                raise err.located(source, index) if source is not None else err
+                raise err.located(source, row) if source is not None else err
             encoded.append(ids)
         return encoded
 

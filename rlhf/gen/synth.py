@@ -188,20 +188,13 @@ def _preference(config: SynthConfig, rows: list[dict], source: Any, dropped: Dro
         preference_pairs,
         prompt_text,
         provenance,
-        score_samples,
+        sample_and_judge,
     )
-    from rlhf.gen.judges import open_judge
-    from rlhf.gen.sampler import Sampler
 
     prompts = build_prompts(rows, source, config.template)
     kept = deduplicate([prompt_text(p) for p in prompts], config.filter, dropped)
     prompts = [prompts[i] for i in kept]
-    with Sampler(config.model, config.sampling) as sampler:
-        completions = sampler.generate(sampler.encode(prompts, source))
-    samples = [[c.text for c in per_prompt] for per_prompt in completions]
-    with open_judge(config.judge, config.model, config.sampling) as judge:
-        scores = score_samples(judge, prompts, samples)
-        describe = judge.describe
+    samples, scores, describe = sample_and_judge(config.model, config.sampling, config.judge, prompts, source, kept)
     pairs = preference_pairs(prompts, samples, scores, config.filter, config.min_margin, dropped)
     return [
         {
