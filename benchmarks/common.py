@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from collections import defaultdict
@@ -183,3 +184,28 @@ def trainer_step_timing(timer: StageTimer, first_timed_step: int) -> tuple[type,
             marks["end"] = now
 
     return TimedTrainingStep, StepTiming()
+
+
+SMALL = {"hidden_size": 768, "intermediate_size": 2048, "num_layers": 8, "num_heads": 12}
+"""A second, larger model (about 60M parameters, Llama-shaped) where the work per token, not the per-step overhead
+of the tiny model, dominates: the regime of real models, where batching pays."""
+
+
+def small_model() -> tuple[str, str]:
+    """The larger benchmark model, built once into the cache; its directory and a description."""
+    from rlhf.models.init_model import TinyModelSpec, init_model
+    from rlhf.models.loading import cache_dir
+
+    path = cache_dir() / "bench-small-model"
+    if not (path / "config.json").is_file():
+        init_model(path, TinyModelSpec(**SMALL))
+    return str(path), describe_model(str(path))
+
+
+def describe_model(model_dir: str) -> str:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    size = Path(model_dir, "model.safetensors").stat().st_size / 4  # fp32 parameters
+    return (
+        f"{size / 1e6:.1f}M parameters (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+        f"MLP {config['intermediate_size']})"
+    )

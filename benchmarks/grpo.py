@@ -1,6 +1,6 @@
 """GRPO steps/s and generated tokens/s: ``rlhf ppo`` (``algorithm.estimator=grpo``) against TRL's GRPOTrainer.
 
-Same tiny model, same bundled prompts, same rule-based reward (``positive_word_reward`` of the
+Same model (the tiny one, then a larger one), same bundled prompts, same rule-based reward (``positive_word_reward`` of the
 response), same group size, prompts per step and generation length, temperature 1, no KL term
 (TRL: ``beta=0``; rlhf: ``kl.coefficient=0``, so neither runs a reference model), one pass
 over each batch with the clipped ratio (epsilon 0.2) and token-level aggregation, one
@@ -8,9 +8,10 @@ optimizer step per generation round over one micro-batch of every completion, fp
 learning rate. Each side runs in a fresh process on this CPU, one after the other.
 
 rlhf generates with a vLLM replica on Ray Serve and trains on a policy actor (DeepSpeed
-ZeRO-0) given both cores (Ray sets an actor's torch threads to its CPUs), then loads the new
-weights into the replica; TRL generates with transformers'
-``generate`` in the trainer's process and needs no sync. A timed step is the whole RL step on
+ZeRO-0) given both cores (Ray sets an actor's torch threads to its CPUs), then brings the
+replica the new weights: through vLLM's weight-transfer API (gloo, the default), and in a
+second run through files. TRL generates with transformers' ``generate`` in the trainer's
+process and needs no sync. A timed step is the whole RL step on
 both sides (rlhf: ``time/step`` of its metrics, every stage included; TRL: from one
 ``on_step_end`` to the next). The first step of each side is a warm-up and not timed; start-up
 (Ray, the replica, model loading) is not part of any step.
@@ -36,12 +37,12 @@ OUR_STAGES = [
     ("generate", "generate (vLLM replica)"),
     ("experience", "experience: policy log-probs + rewards + advantages"),
     ("train_policy", "policy update (forward, backward, AdamW)"),
-    ("sync", "weight sync: save + reload into the replica"),
+    ("sync", "weight sync: transfer into the replica (pause, broadcast, load, resume)"),
     ("checkpoint", "checkpoint (last step only)"),
 ]
 
 
-def run_rlhf(model_dir: str, steps: int, output_dir: str) -> dict[str, Any]:
+def run_rlhf(model_dir: str, steps: int, output_dir: str, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """``rlhf ppo`` with GRPO on an embedded Ray cluster; the per-step figures of its metrics."""
     import os
 
@@ -78,6 +79,7 @@ def run_rlhf(model_dir: str, steps: int, output_dir: str) -> dict[str, Any]:
             f"engine.learning_rate={LEARNING_RATE}",
             "engine.lr_scheduler=constant",
             "engine.warmup_steps=0",
+            *overrides,
         ],
     )
     run(config)
@@ -129,48 +131,78 @@ def _share_rows(seconds: dict[str, float], labels: list[tuple[str, str]], total:
     ]
 
 
-def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 1) -> str:
-    """Run both sides and return the markdown section (``peak_flops`` and ``warmup`` are not used here)."""
+def _model_section(title: str, model_dir: str, steps: int) -> list[str]:
+    """rlhf (weights by transfer, then by files) and TRL on one model, each in a fresh process; the table rows."""
     from benchmarks.common import isolated
     from benchmarks.trl_grpo import STAGES as TRL_STAGES
 
-    with tempfile.TemporaryDirectory() as ours_dir, tempfile.TemporaryDirectory() as theirs_dir:
-        ours = isolated(run_rlhf, model_dir, steps, ours_dir + "/run")
-        theirs = isolated(run_trl, model_dir, steps, theirs_dir)
+    with tempfile.TemporaryDirectory() as root:
+        ours = isolated(run_rlhf, model_dir, steps, root + "/transfer", ("rollout.weight_sync=transfer",))
+        files = isolated(run_rlhf, model_dir, steps, root + "/files", ("rollout.weight_sync=files",))
+        theirs = isolated(run_trl, model_dir, steps, root + "/trl")
     timed = steps - 1
     ratio = theirs["median_step_seconds"] / ours["median_step_seconds"]
     token_ratio = ours["tokens_per_second"] / theirs["tokens_per_second"]
+    runs = (
+        ("rlhf ppo (grpo), weights by transfer (default)", ours),
+        ("rlhf ppo (grpo), weights by files", files),
+        ("TRL GRPOTrainer", theirs),
+    )
     rows = [
         f"| {name} | {m['median_step_seconds'] * 1000:,.0f} | {m['tokens_per_second']:,.0f} | "
         f"{m['response_length']:.1f} | {m['rewards'][0]:+.2f} -> {m['rewards'][-1]:+.2f} |"
-        for name, m in (("rlhf ppo (grpo)", ours), ("TRL GRPOTrainer", theirs))
+        for name, m in runs
     ]
+    sync_ms = {name: m["stage_seconds"]["sync"] / timed * 1000 for name, m in (("transfer", ours), ("files", files))}
+    return [
+        f"### {title}",
+        "",
+        "| run | median step (ms) | generated tokens/s | mean response tokens | step reward first -> last |",
+        "|---|---:|---:|---:|---|",
+        *rows,
+        f"| **rlhf (transfer) / TRL** (steps/s, tokens/s; above 1: rlhf faster) | **{ratio:.2f}x** | "
+        f"**{token_ratio:.2f}x** | | |",
+        "",
+        f"Weight sync per step: {sync_ms['transfer']:,.0f} ms by transfer (gloo, from the policy's memory), "
+        f"{sync_ms['files']:,.0f} ms by files (save, then each replica reloads).",
+        "",
+        "Where rlhf's step goes (transfer; ms per timed step, share of the timed steps):",
+        "",
+        "| stage | ms | share |",
+        "|---|---:|---:|",
+        *_share_rows(ours["stage_seconds"], OUR_STAGES, ours["timed_seconds"], timed),
+        "",
+        "Where TRL's step goes:",
+        "",
+        "| stage | ms | share |",
+        "|---|---:|---:|",
+        *_share_rows(theirs["stage_seconds"], TRL_STAGES, theirs["timed_seconds"], timed),
+        "",
+    ]
+
+
+def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 1) -> str:
+    """Run every side on the tiny model and on a larger one; the markdown section (``peak_flops`` and ``warmup``
+    are not used here)."""
+    from benchmarks.common import describe_model, small_model
+
+    small_dir, small = small_model()
+    timed = steps - 1
     return "\n".join(
         [
             "## GRPO step time and generated tokens/s: rlhf ppo vs TRL GRPOTrainer",
             "",
-            f"Tiny model, bundled prompts, rule-based reward, {PROMPTS_PER_STEP} prompts x {GROUP_SIZE} samples per "
-            f"step, up to {MAX_NEW_TOKENS} new tokens at temperature 1, no KL (no reference model on either side), "
-            f"one clipped pass per batch, one optimizer step per generation round over one micro-batch, fp32; "
+            f"Bundled prompts, rule-based reward, {PROMPTS_PER_STEP} prompts x {GROUP_SIZE} samples per step, up to "
+            f"{MAX_NEW_TOKENS} new tokens at temperature 1, no KL (no reference model on either side), one clipped "
+            "pass per batch, one optimizer step per generation round over one micro-batch, fp32; "
             f"{steps} steps each, the first a warm-up, the median of the other {timed} reported. rlhf generates on a "
-            "vLLM replica (Ray Serve) and syncs the new weights into it every step; TRL generates with "
-            "transformers in-process. Each side runs in its own process on this CPU.",
+            "vLLM replica (Ray Serve) and brings it the new weights every step, by default through vLLM's "
+            "weight-transfer API (gloo on this CPU), and, in a second run, through files; TRL generates with "
+            "transformers in-process and needs no sync. Each run is its own process on this CPU, one after the "
+            "other. Two models: the tiny one of the tests, whose steps are so cheap that vLLM's fixed cost per "
+            "decoding step dominates, and a larger one where the work per token does, as with real models.",
             "",
-            "| run | median step (ms) | generated tokens/s | mean response tokens | step reward first -> last |",
-            "|---|---:|---:|---:|---|",
-            *rows,
-            f"| **rlhf / TRL** (steps/s, tokens/s; above 1: rlhf faster) | **{ratio:.2f}x** | **{token_ratio:.2f}x** | | |",
-            "",
-            "Where rlhf's step goes (ms per timed step, share of the timed steps):",
-            "",
-            "| stage | ms | share |",
-            "|---|---:|---:|",
-            *_share_rows(ours["stage_seconds"], OUR_STAGES, ours["timed_seconds"], timed),
-            "",
-            "Where TRL's step goes:",
-            "",
-            "| stage | ms | share |",
-            "|---|---:|---:|",
-            *_share_rows(theirs["stage_seconds"], TRL_STAGES, theirs["timed_seconds"], timed),
+            *_model_section(f"Tiny model, {describe_model(model_dir)}", model_dir, steps),
+            *_model_section(f"Small model, {small}", small_dir, steps),
         ]
-    )
+    ).rstrip()

@@ -38,6 +38,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.common import describe_model, small_model
 from cluster.connect import free_port
 
 CLIENTS = (1, 8, 32)
@@ -225,36 +226,14 @@ def _errors(side: Side) -> str:
     return f"{side.name}: " + ", ".join(f"{count} x {kind}" for kind, count in counts.most_common())
 
 
-SMALL = {"hidden_size": 768, "intermediate_size": 2048, "num_layers": 8, "num_heads": 12}
-"""A second, larger model (about 60M parameters, Llama-shaped) where the work per token, not the per-step overhead
-of the tiny model, dominates: the regime of real models, where batching pays."""
-
-
-def small_model() -> tuple[str, str]:
-    """The larger benchmark model, built once into the cache; its directory and a description."""
-    from rlhf.models.init_model import TinyModelSpec, init_model
-    from rlhf.models.loading import cache_dir
-
-    path = cache_dir() / "bench-small-model"
-    if not (path / "config.json").is_file():
-        init_model(path, TinyModelSpec(**SMALL))
-    return str(path), _describe(str(path))
-
-
-def _describe(model_dir: str) -> str:
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    size = Path(model_dir, "model.safetensors").stat().st_size / 4  # fp32 parameters
-    return (
-        f"{size / 1e6:.1f}M parameters (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
-        f"MLP {config['intermediate_size']})"
-    )
-
-
 def report(model_dir: str, peak_flops: float, seconds: float = SECONDS) -> str:
     """Both sides on the tiny model and on a larger one; the markdown section (``peak_flops`` is unused)."""
     small_dir, small = small_model()
     tables = []
-    for title, directory in ((f"Tiny model, {_describe(model_dir)}", model_dir), (f"Small model, {small}", small_dir)):
+    for title, directory in (
+        (f"Tiny model, {describe_model(model_dir)}", model_dir),
+        (f"Small model, {small}", small_dir),
+    ):
         tables += ["", f"### {title}", "", *_table(directory, seconds)]
     return "\n".join(
         [

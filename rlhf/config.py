@@ -148,6 +148,13 @@ class RolloutConfig:
     max_model_len: int = field(default=1024, metadata={"help": "context length of the replicas"})
     timeout_s: float = field(default=300.0, metadata={"help": "deadline of one step's generation"})
     sync_timeout_s: float = field(default=300.0, metadata={"help": "deadline of one weight sync to every replica"})
+    weight_sync: Literal["transfer", "files"] = field(
+        default="transfer",
+        metadata={
+            "help": "how new weights reach the replicas: transfer (vLLM's weight-transfer API from the trainer's "
+            "memory: NCCL on GPUs, gloo on CPUs) or files (safetensors in train.output_dir, reloaded by each replica)"
+        },
+    )
     truncated_is: float | None = field(
         default=None,
         metadata={

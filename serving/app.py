@@ -51,7 +51,8 @@ def api_keys(config: ServeConfig) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*config.api_keys, *from_env]))
 
 
-def _on_gpu() -> bool:
+def on_gpu() -> bool:
+    """Whether the Ray cluster this process is connected to has GPUs."""
     import ray
 
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
@@ -66,8 +67,12 @@ def _lora_rank(adapter_dir: Path) -> int:
         raise ServeError(f"adapters: {adapter_dir} is not a peft LoRA adapter directory ({exc})") from None
 
 
-def llm_config(config: ServeConfig, gpu: bool | None = None) -> Any:
-    """The ``LLMConfig`` of the model replicas for ``config``."""
+def llm_config(config: ServeConfig, gpu: bool | None = None, weight_transfer: bool = False) -> Any:
+    """The ``LLMConfig`` of the model replicas for ``config``.
+
+    ``weight_transfer`` gives the engines vLLM's weight-transfer backend of the device
+    (:mod:`serving.weight_transfer`), so a trainer can push new weights into them.
+    """
     from ray.serve.llm import LLMConfig
 
     from rlhf.models.loading import resolve
@@ -88,9 +93,13 @@ def llm_config(config: ServeConfig, gpu: bool | None = None) -> Any:
             "max_loras": len(dirs),
             "lora_modules": [{"name": name, "path": str(path)} for name, path in dirs.items()],
         }
-    gpu = _on_gpu() if gpu is None else gpu
+    gpu = on_gpu() if gpu is None else gpu
     if gpu:
         engine["tensor_parallel_size"] = config.tensor_parallel_size
+    if weight_transfer:
+        from serving.weight_transfer import backend
+
+        engine["weight_transfer_config"] = {"backend": backend(gpu)}
     if config.min_replicas == config.max_replicas:
         scaling: dict[str, Any] = {"num_replicas": config.min_replicas}
     else:

@@ -81,6 +81,9 @@ log = logging.getLogger(__name__)
 APP_NAME = "rlhf"
 """The application name ``rlhf serve`` deploys (:data:`serving.server.APP_NAME`)."""
 
+RPC_GRACE_S = 30.0
+"""Added to vLLM's timeout of a ``collective_rpc`` beyond the caller's deadline (see :meth:`ReplicaSet.rpc_each`)."""
+
 RESUME_GRACE_S = 10.0
 """Time allowed for ``resume`` after a sync that ran out of time, so no replica stays paused."""
 
@@ -332,56 +335,112 @@ class RolloutClient:
         """
         weights = str(Path(directory).expanduser().absolute())
         started = time.monotonic()
-        deadline = started + timeout_s
-        replicas = self.replicas()
-        if not replicas:
-            raise RolloutError(f"{self._where} has no running replica to sync")
+        replicas = self.replica_set(timeout_s)
+        deadline = replicas.deadline(timeout_s)
 
         def check(replica: Replica) -> Any:
             return _actor(replica).__ray_call__.remote(_weights_problem, weights)
 
-        problems = self._on_each(replicas, check, f"checking {weights}", deadline, timeout_s)
+        problems = replicas.on_each(check, f"checking {weights}", deadline, timeout_s)
         if unreadable := [f"{replica}: {problem}" for replica, problem in problems.items() if problem]:
             raise RolloutError(f"cannot sync weights from {weights}: " + "; ".join(unreadable))
         try:
-            self._call_each(replicas, "pause", {"mode": "wait", "clear_cache": True}, deadline, timeout_s)
+            replicas.call_each("pause", {"mode": "wait", "clear_cache": True}, deadline, timeout_s)
             reload = {"method": "reload_weights", "kwargs": {"weights_path": weights}}
-            reload["timeout"] = max(1.0, deadline - time.monotonic())
-            self._call_each(replicas, "collective_rpc", reload, deadline, timeout_s)
-            self._call_each(replicas, "reset_prefix_cache", {}, deadline, timeout_s)
+            reload["timeout"] = max(1.0, deadline - time.monotonic()) + RPC_GRACE_S
+            replicas.call_each("collective_rpc", reload, deadline, timeout_s)
+            replicas.call_each("reset_prefix_cache", {}, deadline, timeout_s)
         except BaseException:
-            try:
-                self._resume(replicas, deadline)
-            except RolloutError as exc:
-                log.error("%s", exc)
+            replicas.resume_quietly(deadline)
             raise
-        self._resume(replicas, deadline)
-        log.info("synced %d replicas to %s in %.2f s", len(replicas), weights, time.monotonic() - started)
-        return replicas
+        replicas.resume(deadline)
+        log.info("synced %d replicas to %s in %.2f s", len(replicas.replicas), weights, time.monotonic() - started)
+        return list(replicas.replicas)
 
-    def _resume(self, replicas: list[Replica], deadline: float) -> None:
-        deadline = max(deadline, time.monotonic() + RESUME_GRACE_S)
-        self._call_each(replicas, "resume", {}, deadline, deadline - time.monotonic())
+    def replica_set(self, timeout_s: float) -> ReplicaSet:
+        """The running replicas as a :class:`ReplicaSet` (picklable: it may travel to another actor)."""
+        replicas = self.replicas()
+        if not replicas:
+            raise RolloutError(f"{self._where} has no running replica")
+        return ReplicaSet(self.app_name, self._where, tuple(replicas), timeout_s)
 
-    def _call_each(self, replicas: list[Replica], method: str, kwargs: dict, deadline: float, timeout_s: float) -> dict:
+
+@dataclass(frozen=True)
+class ReplicaSet:
+    """Calls to every one of a fixed set of replicas at once, each set of calls with one deadline.
+
+    Picklable, so the trainer's rank 0 can drive the replicas itself during a weight
+    transfer (:class:`ReplicaWeightSync`). A replica that fails or does not answer in time
+    is named in the :class:`RolloutError`; pending calls are cancelled.
+    """
+
+    app_name: str
+    where: str
+    replicas: tuple[Replica, ...]
+    timeout_s: float
+
+    def deadline(self, timeout_s: float | None = None) -> float:
+        """The monotonic time ``timeout_s`` (default: the set's timeout) from now."""
+        return time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+
+    def call_each(
+        self, method: str, kwargs: dict, deadline: float | None = None, timeout_s: float | None = None
+    ) -> dict[Replica, Any]:
         """``LLMServer.<method>(**kwargs)`` on every replica at once; their results by replica."""
-        return self._on_each(
-            replicas,
-            lambda replica: _call_replica(replica, self.app_name, method, kwargs=kwargs),
-            method,
-            deadline,
-            timeout_s,
+        return self.on_each(
+            lambda replica: _call_replica(replica, self.app_name, method, kwargs=kwargs), method, deadline, timeout_s
         )
 
-    def _on_each(
-        self, replicas: list[Replica], send: Callable[[Replica], Any], what: str, deadline: float, timeout_s: float
+    def rpc_each(self, method: str, kwargs_per_replica: list[dict] | dict | None = None) -> None:
+        """vLLM's ``collective_rpc(method, kwargs)`` on every worker of every replica, within the timeout.
+
+        ``kwargs_per_replica`` is one dict for all or a list with one per replica.
+        """
+        deadline = self.deadline()
+        per = (
+            kwargs_per_replica
+            if isinstance(kwargs_per_replica, list)
+            else [kwargs_per_replica or {}] * len(self.replicas)
+        )
+        calls = dict(zip(self.replicas, per, strict=True))
+
+        def send(replica: Replica) -> Any:
+            # vLLM's own timeout comes after ours and after the workers' (which they are given as the same
+            # timeout): if it fired while a worker was still busy, the worker's late answer would be taken for
+            # the answer to the engine's next call
+            timeout = max(1.0, deadline - time.monotonic()) + RPC_GRACE_S
+            rpc = {"method": method, "kwargs": calls[replica], "timeout": timeout}
+            return _call_replica(replica, self.app_name, "collective_rpc", kwargs=rpc)
+
+        self.on_each(send, method, deadline, self.timeout_s)
+
+    def resume(self, deadline: float) -> None:
+        """Resume every replica (given a few seconds even when the deadline has passed)."""
+        deadline = max(deadline, time.monotonic() + RESUME_GRACE_S)
+        self.call_each("resume", {}, deadline, deadline - time.monotonic())
+
+    def resume_quietly(self, deadline: float | None = None) -> None:
+        """:meth:`resume` after a failure: logs what goes wrong instead of hiding the first error."""
+        try:
+            self.resume(self.deadline(0.0) if deadline is None else deadline)
+        except RolloutError as exc:
+            log.error("%s", exc)
+
+    def on_each(
+        self,
+        send: Callable[[Replica], Any],
+        what: str,
+        deadline: float | None = None,
+        timeout_s: float | None = None,
     ) -> dict[Replica, Any]:
         """Send one call to every replica and wait for all answers until ``deadline``; name the failures."""
         import ray
 
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = self.deadline(timeout_s) if deadline is None else deadline
         calls: dict[Any, Replica] = {}
         failures = []
-        for replica in replicas:
+        for replica in self.replicas:
             try:
                 calls[send(replica)] = replica
             except ValueError as exc:  # ray.get_actor: the replica's actor is gone
@@ -401,7 +460,8 @@ class RolloutClient:
                 failures.append(f"{calls[ref]}: {_reason(exc)}")
         if failures:
             raise RolloutError(
-                f"{what} failed on {len(failures)} of {len(replicas)} replicas of {self._where}: " + "; ".join(failures)
+                f"{what} failed on {len(failures)} of {len(self.replicas)} replicas of {self.where}: "
+                + "; ".join(failures)
             )
         return results
 
@@ -507,7 +567,7 @@ def _reason(exc: BaseException) -> str:
     return lines[-1] if isinstance(exc, ray.exceptions.RayTaskError) else f"{type(exc).__name__}: {lines[-1]}"
 
 
-def deploy(config: Any, app_name: str, timeout_s: float = 600.0) -> str:
+def deploy(config: Any, app_name: str, timeout_s: float = 600.0, weight_transfer: bool = False) -> str:
     """Make sure ``app_name`` runs the LLMServer replicas of ``config`` (a ``ServeConfig``); say how.
 
     Returns ``"reused"`` when an application of that name was running already (it is used
@@ -515,8 +575,10 @@ def deploy(config: Any, app_name: str, timeout_s: float = 600.0) -> str:
     deployed on the running Serve instance, and ``"started"`` when Serve itself was started
     for it (without HTTP proxies: rollouts go through the deployment handle). Pass the
     answer to :func:`release` at the end. Only the model deployment is deployed, without
-    the OpenAI ingress or an HTTP route. Raises :class:`RolloutError` when the application
-    fails to deploy or is not running within ``timeout_s``.
+    the OpenAI ingress or an HTTP route. ``weight_transfer`` starts the engines with
+    vLLM's weight-transfer backend (:mod:`serving.weight_transfer`). Raises
+    :class:`RolloutError` when the application fails to deploy or is not running within
+    ``timeout_s``.
     """
     from ray import serve
     from ray.llm._internal.serve.core.server.builder import build_llm_deployment
@@ -531,7 +593,7 @@ def deploy(config: Any, app_name: str, timeout_s: float = 600.0) -> str:
         how = "started"
     elif app_name in serve.status().applications:
         return "reused"
-    llm = llm_config(config)
+    llm = llm_config(config, weight_transfer=weight_transfer)
     # a step sends hundreds of requests: no access-log line per request
     llm.deployment_config["logging_config"] = {"enable_access_log": False}
     serve.run(build_llm_deployment(llm), name=app_name, route_prefix=None, blocking=False)

@@ -152,6 +152,8 @@ class Roles:
     reference: Any = None
     value: Any = None
     placements: list[Any] = field(default_factory=list)
+    transfer_to: tuple[Any, ...] | None = None
+    """The replicas the policy's weight transfer is open to (None: not open)."""
 
     def kill(self) -> None:
         """Kill every actor and release the placements."""
@@ -544,9 +546,38 @@ def train_policy(roles: Roles, experience: dict, config: PPOConfig, step: int, k
 
 
 def sync_weights(roles: Roles, rollout: Any, weights_dir: Path, config: PPOConfig) -> list[Any]:
-    """Write the policy's weights and make every rollout replica load them."""
-    roles.policy.call("export", str(weights_dir), timeout_s=config.roles.call_timeout_s)
-    return rollout.sync_weights(weights_dir, timeout_s=config.rollout.sync_timeout_s)
+    """Bring every rollout replica to the policy's weights; return the replicas synced.
+
+    ``rollout.weight_sync=transfer`` sends them from the policy's memory through vLLM's
+    weight-transfer API (the transfer is opened on first use and again when the replicas
+    change); ``files`` writes them to ``weights_dir`` for every replica to reload.
+    """
+    from cluster.groups import GroupError
+    from serving.app import on_gpu
+    from serving.rollout import RolloutError
+    from serving.weight_transfer import ReplicaWeightSync, backend
+
+    r = config.rollout
+    if r.weight_sync == "files":
+        roles.policy.call("export", str(weights_dir), timeout_s=config.roles.call_timeout_s)
+        return rollout.sync_weights(weights_dir, timeout_s=r.sync_timeout_s)
+    replicas = rollout.replica_set(r.sync_timeout_s)
+    # the policy's call waits a little longer than the replicas' deadline, so the replica's failure is the one told
+    wait = r.sync_timeout_s + 30
+    try:
+        if roles.transfer_to != replicas.replicas:
+            roles.transfer_to = None
+            sync = ReplicaWeightSync(replicas)
+            roles.policy.call("open_weight_transfer", sync, backend(on_gpu()), r.sync_timeout_s, timeout_s=wait)
+            roles.transfer_to = replicas.replicas
+        roles.policy.call("send_weights", timeout_s=wait)
+    except GroupError as error:
+        roles.transfer_to = None  # the group may be half-used: open a new one next time
+        replicas.resume_quietly()
+        if error.kind == "error" and error.cause.startswith("RolloutError: "):
+            raise RolloutError(error.cause.removeprefix("RolloutError: ")) from None
+        raise
+    return list(replicas.replicas)
 
 
 def evaluate(rollout: Any, roles: Roles, prompts: list[dict], config: PPOConfig, seed: int) -> dict[str, float]:
@@ -667,7 +698,9 @@ def run(config: PPOConfig) -> dict[str, Any]:
         max_tokens_limit=r.max_model_len,
     )
     resolve(config.policy.name_or_path)  # builds the embedded tiny model on first use, before a replica loads it
-    deployment = rollout_module.deploy(serve_config, r.app_name, timeout_s=config.roles.call_timeout_s)
+    deployment = rollout_module.deploy(
+        serve_config, r.app_name, timeout_s=config.roles.call_timeout_s, weight_transfer=r.weight_sync == "transfer"
+    )
     roles: Roles | None = None
     weights_dir = output_dir / "rollout-weights"
     records: list[dict[str, Any]] = []

@@ -132,6 +132,8 @@ class _TrainableWorker(RankWorker):
 class PolicyWorker(_TrainableWorker):
     """One rank of the trainable policy."""
 
+    transfer: Any = None
+
     def build(self, model: dict[str, Any], engine: dict[str, Any], total_steps: int, seed: int) -> None:
         """Load the policy and wrap it in the training engine (call on every rank together)."""
         from rlhf.engine import TrainingEngine
@@ -202,6 +204,27 @@ class PolicyWorker(_TrainableWorker):
             return loss, {**metrics, **gap, **entropy_metrics}
 
         return self._update(mini_batches, denominators, loss_fn, "policy_loss", {"grad_norm": "grad_norm", "lr": "lr"})
+
+    def open_weight_transfer(self, sync: Any, backend: str, timeout_s: float) -> None:
+        """Open the weight transfer to the rollout replicas (every rank together; rank 0 sends)."""
+        from rlhf.rl.weight_source import weight_source
+        from serving.weight_transfer import open_trainer
+
+        self.close_weight_transfer()
+        source = weight_source(self.engine.module, self.engine.config.zero_stage)
+        self.transfer = open_trainer(sync, source, self.rank, backend, timeout_s)
+
+    def send_weights(self) -> None:
+        """Push the current weights into every replica (every rank together)."""
+        if self.transfer is None:
+            raise RuntimeError("no weight transfer is open: call open_weight_transfer first")
+        self.transfer.send_weights()
+
+    def close_weight_transfer(self) -> None:
+        """Close this rank's side of the weight transfer, if one is open."""
+        if self.transfer is not None:
+            self.transfer.shutdown()
+            self.transfer = None
 
 
 class ValueWorker(_TrainableWorker):

@@ -52,6 +52,7 @@ def rollout_app(ray_cluster, sft_policy: Path):
     config = ServeConfig(
         model=str(sft_policy), model_name="policy", max_model_len=MAX_MODEL_LEN, max_tokens_limit=MAX_MODEL_LEN
     )
-    assert deploy(config, APP_NAME, timeout_s=600) in ("started", "deployed")
+    # with vLLM's weight-transfer backend, as rlhf ppo deploys it, so the runs can push weights into it
+    assert deploy(config, APP_NAME, timeout_s=600, weight_transfer=True) in ("started", "deployed")
     yield APP_NAME
     serve.shutdown()

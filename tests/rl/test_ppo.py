@@ -130,6 +130,48 @@ def test_after_a_sync_every_replica_serves_the_policy_and_before_it_does_not(ppo
     assert all(gap < LOGPROB_TOL for gap in after)
 
 
+def test_a_weight_transfer_from_the_policy_actor_reaches_every_replica_and_before_it_they_differ(
+    ppo_run: dict, sft_policy: Path
+) -> None:
+    """The transfer path on its own: a policy actor holding the trained weights sends them over gloo."""
+    from cluster.groups import ActorGroup
+    from rlhf import configtree
+    from rlhf.engine import EngineConfig
+    from rlhf.models.config import ModelConfig
+    from rlhf.rl.workers import PolicyWorker
+    from serving.rollout import RolloutClient
+    from serving.weight_transfer import ReplicaWeightSync
+
+    client = RolloutClient("policy", app_name=APP_NAME)
+    final = ppo_run["summary"]["final_model"]
+    sequence = [1, *range(40, 60)]
+    trained = transformers_logprobs(final, sequence)
+
+    def worst_gap(replica) -> float:
+        served = client.sequence_logprobs([sequence], replica=replica)[0]
+        return max(abs(a - b) for a, b in zip(served, trained, strict=True))
+
+    with ActorGroup("policy", PolicyWorker, num_actors=1, call_timeout_s=300) as policy:
+        model = configtree.to_dict(ModelConfig(name_or_path=final))
+        policy.call("build", model, configtree.to_dict(EngineConfig(zero_stage=0)), 1, 0)
+        replicas = client.replicas()
+        client.sync_weights(sft_policy)  # "before": the replicas hold other weights
+        before = [worst_gap(replica) for replica in replicas]
+        sync = ReplicaWeightSync(client.replica_set(timeout_s=120))
+        policy.call("open_weight_transfer", sync, "gloo", 120.0)
+        started = time.monotonic()
+        policy.call("send_weights")
+        seconds = time.monotonic() - started
+        after = [worst_gap(replica) for replica in replicas]
+        client.sync_weights(sft_policy)
+        policy.call("send_weights")  # a second round over the same group
+        again = [worst_gap(replica) for replica in replicas]
+    print(f"\ntransfer: before {before}, after {after}, again {again} (tolerance {LOGPROB_TOL}); {seconds:.2f} s")
+    assert all(gap > LOGPROB_TOL for gap in before)
+    assert all(gap < LOGPROB_TOL for gap in after)
+    assert all(gap < LOGPROB_TOL for gap in again)
+
+
 def test_grpo_raises_the_reward_without_a_value_group(sft_policy: Path, rollout_app: str, tmp_path: Path) -> None:
     from rlhf.jobs.ppo import run
 
@@ -205,8 +247,14 @@ def role_pids(role_class: str) -> list[int]:
     return pids
 
 
+@pytest.mark.parametrize(
+    ("role", "worker"),
+    # the value actor dies and the reward actor beside it does not; the policy actor dies and the replicas,
+    # whose weight transfer it held open, take a new one from its successor
+    [("value", "ValueWorker"), ("policy", "PolicyWorker")],
+)
 def test_a_killed_role_actor_is_recovered_from_the_last_checkpoint(
-    sft_policy: Path, rollout_app: str, tmp_path: Path
+    role: str, worker: str, sft_policy: Path, rollout_app: str, tmp_path: Path
 ) -> None:
     from rlhf.jobs.ppo import run
 
@@ -216,7 +264,7 @@ def test_a_killed_role_actor_is_recovered_from_the_last_checkpoint(
         "algorithm.estimator=ppo",
         "train.max_steps=8",
         "train.save_every=2",
-        "roles.colocate=policy+reference,value+reward",  # the value actor dies, the reward actor beside it does not
+        "roles.colocate=policy+reference,value+reward",
         "kl.target=0.001",  # adaptive coefficient
     )
     result: dict = {}
@@ -234,8 +282,8 @@ def test_a_killed_role_actor_is_recovered_from_the_last_checkpoint(
     while killed is None and time.monotonic() < deadline and thread.is_alive():
         metrics = tmp_path / "metrics.jsonl"
         steps = [r["step"] for r in records(tmp_path) if r["kind"] == "train"] if metrics.exists() else []
-        if steps and steps[-1] >= 3 and role_pids("ValueWorker"):
-            killed = role_pids("ValueWorker")[0]
+        if steps and steps[-1] >= 3 and role_pids(worker):
+            killed = role_pids(worker)[0]
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.05)
     thread.join(timeout=300)
@@ -246,7 +294,7 @@ def test_a_killed_role_actor_is_recovered_from_the_last_checkpoint(
     assert summary["steps"] == 8 and summary["failures"] == 1
     log = records(tmp_path)
     failure = next(i for i, r in enumerate(log) if r["kind"] == "failure")
-    assert "value rank 0" in log[failure]["error"] and "died" in log[failure]["error"]
+    assert f"{role} rank 0" in log[failure]["error"] and "died" in log[failure]["error"]
     resumed = [r["step"] for r in log[failure + 1 :] if r["kind"] == "train"]
     # resumed from the last checkpoint: a step divisible by 2, at most 2 steps back
     assert resumed[0] - 1 in (log[failure]["step"] - 1, log[failure]["step"]) and (resumed[0] - 1) % 2 == 0
