@@ -420,7 +420,12 @@ def make_experience(roles: Roles, samples: list[Any], prompts: list[dict], confi
 def advantages(experience: dict, config: PPOConfig, kl_coef: float) -> dict[str, float]:
     """Advantages (and returns) of the whole batch, the IS weights, and the rollout-vs-trainer gap."""
     from rlhf.algos import explained_variance
-    from rlhf.rl.experience import advantages_and_returns, logprob_gap, truncated_importance_weights
+    from rlhf.rl.experience import (
+        advantages_and_returns,
+        importance_weight_stats,
+        logprob_gap,
+        truncated_importance_weights,
+    )
 
     batch = experience["batch"]
     algorithm = config.algorithm
@@ -451,6 +456,9 @@ def advantages(experience: dict, config: PPOConfig, kl_coef: float) -> dict[str,
             experience["rollout_logprobs"],
             batch["response_mask"],
             config.rollout.truncated_is,
+        )
+        metrics |= importance_weight_stats(
+            experience["importance_weights"], batch["response_mask"], config.rollout.truncated_is
         )
     if returns is not None:
         metrics["explained_variance"] = explained_variance(experience["values"], returns, batch["response_mask"])
@@ -659,16 +667,11 @@ def rl_step(
     return metrics, timer
 
 
-def run(config: PPOConfig) -> dict[str, Any]:
-    """Run RLHF as configured; return a summary (rewards before and after, final model, steps, failures)."""
-    from cluster.connect import connect
-    from cluster.groups import GroupError
-    from rlhf.algos import adaptive_kl_coefficient
-    from rlhf.config import ServeConfig
-    from rlhf.jobs.progress import RunLog
+def prepare(config: PPOConfig) -> tuple[Path, dict[str, Any], Any, str]:
+    """Check everything that can be checked before the cluster is used; the output directory, the state to start
+    from (a checkpoint's, when resuming), the tokenizer and a description of the reward."""
     from rlhf.jobs.runner import prepare_output_dir, write_config
-    from rlhf.models.loading import load_tokenizer, resolve
-    from serving import rollout as rollout_module
+    from rlhf.models.loading import load_tokenizer
 
     check_config(config)
     output_dir = Path(config.train.output_dir).expanduser().resolve()
@@ -676,18 +679,24 @@ def run(config: PPOConfig) -> dict[str, Any]:
     if (output_dir / "final").is_dir():
         raise JobError(f"{output_dir} holds a finished run (final/); choose another train.output_dir")
     tokenizer = load_tokenizer(config.policy)
-    prompts, eval_prompts = load_prompts(config, tokenizer)
     reward_description = check_reward(config)
-    connect(config.cluster)
     write_config(config, output_dir)
-    resumed = latest_checkpoint(output_dir)
     state = {"step": 0, "kl_coef": config.kl.coefficient, "prompt_position": 0}
+    resumed = latest_checkpoint(output_dir)
     if resumed is not None:
-        state = resumed[1]
         if config.train.resume == "never":
             raise JobError(f"{output_dir} has checkpoints (resume=never): choose another train.output_dir")
+        state = resumed[1]
         print(f"resuming from {resumed[0]} (step {state['step']})", flush=True)
-    total = config.train.max_steps
+    return output_dir, state, tokenizer, reward_description
+
+
+def deploy_rollouts(config: PPOConfig) -> str:
+    """Deploy (or find) the policy's rollout replicas; how, for :func:`serving.rollout.release`."""
+    from rlhf.config import ServeConfig
+    from rlhf.models.loading import resolve
+    from serving.rollout import deploy
+
     r = config.rollout
     serve_config = ServeConfig(
         model=config.policy.name_or_path,
@@ -698,11 +707,65 @@ def run(config: PPOConfig) -> dict[str, Any]:
         max_tokens_limit=r.max_model_len,
     )
     resolve(config.policy.name_or_path)  # builds the embedded tiny model on first use, before a replica loads it
-    deployment = rollout_module.deploy(
-        serve_config, r.app_name, timeout_s=config.roles.call_timeout_s, weight_transfer=r.weight_sync == "transfer"
+    weight_transfer = r.weight_sync == "transfer"
+    return deploy(serve_config, r.app_name, timeout_s=config.roles.call_timeout_s, weight_transfer=weight_transfer)
+
+
+def train_step(
+    step: int,
+    roles: Roles,
+    rollout: Any,
+    prompts: list[dict],
+    config: PPOConfig,
+    kl_coef: float,
+    pad_id: int,
+    output_dir: Path,
+) -> tuple[dict[str, Any], float]:
+    """Step ``step`` (0-based) as a metrics record, and the KL coefficient for the next; a checkpoint when one is due."""
+    from rlhf.algos import adaptive_kl_coefficient
+
+    r = config.rollout
+    started = time.perf_counter()
+    metrics, timer = rl_step(step, roles, rollout, prompts, config, kl_coef, pad_id, output_dir / "rollout-weights")
+    done = step + 1
+    if config.kl.target is not None:
+        batch = r.prompts_per_step * r.group_size
+        kl_coef = adaptive_kl_coefficient(kl_coef, metrics["kl_sequence"], config.kl.target, config.kl.horizon, batch)
+    save_every = config.train.save_every
+    if done == config.train.max_steps or (save_every and done % save_every == 0):
+        with timer("checkpoint"):
+            state = {"step": done, "kl_coef": kl_coef, "prompt_position": done * r.prompts_per_step}
+            checkpoint(roles, output_dir, state, config.train.keep_checkpoints, config.roles.call_timeout_s)
+    record = {"kind": "train", "step": done, "total_steps": config.train.max_steps, **metrics}
+    record |= {f"time/{name}": timer.seconds.get(name, 0.0) for name in STAGES}
+    record["time/step"] = time.perf_counter() - started
+    return record, kl_coef
+
+
+def check_recoverable(error: Any, failures: int, config: PPOConfig, step: int) -> None:
+    """Raise a :class:`JobError` unless ``error`` (a ``GroupError``) can be recovered from by rebuilding the groups."""
+    if error.kind not in ("died", "timeout", "broken") or failures >= config.train.max_failures:
+        raise JobError(f"rlhf ppo failed at step {step + 1}: {error}") from None
+    print(
+        f"\n{error}\nrecovering ({failures + 1} of {config.train.max_failures}): rebuilding the role groups "
+        "from the last checkpoint",
+        flush=True,
     )
+
+
+def run(config: PPOConfig) -> dict[str, Any]:
+    """Run RLHF as configured; return a summary (rewards before and after, final model, steps, failures)."""
+    from cluster.connect import connect
+    from cluster.groups import GroupError
+    from rlhf.jobs.progress import RunLog
+    from serving.rollout import RolloutClient, release
+
+    output_dir, state, tokenizer, reward_description = prepare(config)
+    prompts, eval_prompts = load_prompts(config, tokenizer)
+    connect(config.cluster)
+    r, total = config.rollout, config.train.max_steps
+    deployment = deploy_rollouts(config)
     roles: Roles | None = None
-    weights_dir = output_dir / "rollout-weights"
     records: list[dict[str, Any]] = []
     failures = 0
     run_log = RunLog(
@@ -713,8 +776,13 @@ def run(config: PPOConfig) -> dict[str, Any]:
         panels=PANELS,
         initial_step=state["step"],
     )
+
+    def log(record: dict[str, Any]) -> None:
+        records.append(record)
+        run_log.write([record])
+
     try:
-        client = rollout_module.RolloutClient(POLICY_MODEL_NAME, app_name=r.app_name)
+        client = RolloutClient(POLICY_MODEL_NAME, app_name=r.app_name)
         step, kl_coef = state["step"], state["kl_coef"]
         print(
             f"ppo: estimator {config.algorithm.estimator}, reward {reward_description}, "
@@ -724,52 +792,31 @@ def run(config: PPOConfig) -> dict[str, Any]:
         while step < total:
             try:
                 if roles is None:
-                    roles, step, kl_coef = start_roles(config, client, output_dir, weights_dir, step, kl_coef)
-                    if step == 0 and eval_prompts and not any(x.get("kind") == "eval" for x in records):
-                        evaluation = evaluate(client, roles, eval_prompts, config, seed=config.train.seed)
-                        records.append({"kind": "eval", "step": 0, **evaluation})
-                        run_log.write(records[-1:])
-                started = time.perf_counter()
-                metrics, timer = rl_step(
-                    step, roles, client, prompts, config, kl_coef, tokenizer.pad_token_id, weights_dir
+                    roles, step, kl_coef = start_roles(
+                        config, client, output_dir, output_dir / "rollout-weights", step, kl_coef
+                    )
+                    if step == 0 and eval_prompts and not any(x["kind"] == "eval" for x in records):
+                        log(
+                            {
+                                "kind": "eval",
+                                "step": 0,
+                                **evaluate(client, roles, eval_prompts, config, config.train.seed),
+                            }
+                        )
+                record, kl_coef = train_step(
+                    step, roles, client, prompts, config, kl_coef, tokenizer.pad_token_id, output_dir
                 )
                 step += 1
-                if config.kl.target is not None:
-                    kl_coef = adaptive_kl_coefficient(
-                        kl_coef,
-                        metrics["kl_sequence"],
-                        config.kl.target,
-                        config.kl.horizon,
-                        r.prompts_per_step * r.group_size,
-                    )
-                save_every = config.train.save_every
-                if step == total or (save_every and step % save_every == 0):
-                    with timer("checkpoint"):
-                        state = {"step": step, "kl_coef": kl_coef, "prompt_position": step * r.prompts_per_step}
-                        checkpoint(roles, output_dir, state, config.train.keep_checkpoints, config.roles.call_timeout_s)
-                step_seconds = time.perf_counter() - started
-                record = {"kind": "train", "step": step, "total_steps": total, **metrics}
-                record |= {f"time/{name}": timer.seconds.get(name, 0.0) for name in STAGES}
-                record["time/step"] = step_seconds
-                records.append(record)
-                run_log.write([record])
+                log(record)
             except GroupError as error:
-                if error.kind not in ("died", "timeout", "broken") or failures >= config.train.max_failures:
-                    raise JobError(f"rlhf ppo failed at step {step + 1}: {error}") from None
+                check_recoverable(error, failures, config, step)
                 failures += 1
-                print(
-                    f"\n{error}\nrecovering ({failures} of {config.train.max_failures}): rebuilding the role groups "
-                    "from the last checkpoint",
-                    flush=True,
-                )
-                run_log.write([{"kind": "failure", "step": step, "error": str(error)}])
+                log({"kind": "failure", "step": step, "error": str(error)})
                 if roles is not None:
                     roles.kill()
                 roles = None
         if eval_prompts:
-            evaluation = evaluate(client, roles, eval_prompts, config, seed=config.train.seed)
-            records.append({"kind": "eval", "step": step, **evaluation})
-            run_log.write(records[-1:])
+            log({"kind": "eval", "step": step, **evaluate(client, roles, eval_prompts, config, config.train.seed)})
         final = roles.policy.call("export", str(output_dir / "final"), timeout_s=config.roles.call_timeout_s)[0]
     except GroupError as error:
         raise JobError(f"rlhf ppo failed: {error}") from None
@@ -777,7 +824,7 @@ def run(config: PPOConfig) -> dict[str, Any]:
         run_log.close()
         if roles is not None:
             roles.kill()
-        rollout_module.release(r.app_name, deployment)
+        release(r.app_name, deployment)
     return summarize(records, output_dir, final, failures)
 
 

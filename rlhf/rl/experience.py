@@ -168,6 +168,15 @@ def truncated_importance_weights(
     return torch.where(response_mask.bool(), ratio, torch.ones_like(ratio))
 
 
+def importance_weight_stats(weights: torch.Tensor, response_mask: torch.Tensor, cap: float) -> dict[str, torch.Tensor]:
+    """``is_weight_mean``: the mean truncated IS weight on response tokens; ``is_capped_fraction``: the share at the cap."""
+    mask = response_mask.bool()
+    return {
+        "is_weight_mean": masked_mean(weights, mask),
+        "is_capped_fraction": masked_mean((weights >= cap).float(), mask),
+    }
+
+
 def logprob_gap(
     trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, response_mask: torch.Tensor
 ) -> dict[str, torch.Tensor]:

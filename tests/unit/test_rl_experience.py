@@ -10,6 +10,7 @@ from rlhf.engine import EngineConfig
 from rlhf.jobs.ppo import colocation_sets, engine_for, prompts_for_step
 from rlhf.rl.experience import (
     advantages_and_returns,
+    importance_weight_stats,
     logprob_gap,
     place_response_values,
     sequence_batch,
@@ -165,3 +166,11 @@ def test_one_mini_batch_is_one_optimizer_step() -> None:
     assert engine_for(engine, batch=32, workers=2, mini_batches=2).gradient_accumulation_steps == 2
     assert engine_for(engine, batch=32, workers=1, mini_batches=1).gradient_accumulation_steps == 8
     assert engine_for(engine, batch=6, workers=2, mini_batches=1).gradient_accumulation_steps == 1
+
+
+def test_importance_weight_stats_count_response_tokens_only() -> None:
+    weights = torch.tensor([[1.0, 2.0, 0.5, 2.0], [9.0, 1.0, 2.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0]])
+    stats = importance_weight_stats(weights, mask, cap=2.0)
+    assert float(stats["is_weight_mean"]) == pytest.approx((1 + 2 + 0.5 + 1 + 2) / 5)
+    assert float(stats["is_capped_fraction"]) == pytest.approx(2 / 5)
