@@ -15,19 +15,34 @@ from typing import Any
 
 
 class MetricsSink:
-    """Holds metric records until the driver drains them (used as a Ray actor)."""
+    """Holds metric records until the driver drains them (used as a Ray actor).
+
+    Records are numbered as they arrive; the driver says how many it has written
+    (:meth:`written`), so a worker can wait until its records are on disk before it takes a
+    checkpoint (:meth:`rlhf.jobs.worker.Reporter.flush`).
+    """
 
     def __init__(self) -> None:
         self._records: list[dict[str, Any]] = []
+        self._received = 0
+        self._written = 0
 
-    def put(self, record: dict[str, Any]) -> None:
-        """Add one record (a flat dict of numbers and strings)."""
+    def put(self, record: dict[str, Any]) -> int:
+        """Add one record (a flat dict of numbers and strings); its number, counting from 1."""
         self._records.append(record)
+        self._received += 1
+        return self._received
 
     def drain(self) -> list[dict[str, Any]]:
         """Return and forget the records received since the last drain."""
         records, self._records = self._records, []
         return records
+
+    def written(self, count: int | None = None) -> int:
+        """How many records the driver has written; ``count`` (from the driver) sets it."""
+        if count is not None:
+            self._written = count
+        return self._written
 
 
 class RunLog:
@@ -102,6 +117,7 @@ class ProgressMonitor:
     def __init__(self, sink: Any, output_dir: Path, total_steps: int | None, description: str) -> None:
         self.sink = sink
         self.log = RunLog(output_dir, total_steps, description)
+        self._written = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -132,3 +148,6 @@ class ProgressMonitor:
         except Exception:  # the cluster is shutting down; the last poll after fit() catches up
             return
         self.log.write(records)
+        if records:
+            self._written += len(records)
+            self.sink.written.remote(self._written)  # on disk now: checkpoints after them may be taken

@@ -56,6 +56,7 @@ class Reporter:
     def __init__(self, sink: Any, info: WorkerInfo) -> None:
         self.sink = sink
         self.info = info
+        self._last: Any = None  # the number of the last record sent, as an ObjectRef
 
     def announce(self) -> None:
         """Every rank reports its process id and host once per start (restarts announce again)."""
@@ -70,7 +71,27 @@ class Reporter:
     def log(self, record: dict[str, Any]) -> None:
         """Send ``record`` (rank 0 only; other ranks' calls do nothing)."""
         if self.info.is_main and self.sink is not None:
-            self.sink.put.remote(record)
+            self._last = self.sink.put.remote(record)
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the driver has written every record sent so far; False if it has not within ``timeout_s``.
+
+        Called before a checkpoint: a run resumed from it then never lacks the metrics of the
+        steps before it (the driver may be stopped at any moment).
+        """
+        import time
+
+        import ray
+
+        if self._last is None:
+            return True
+        deadline = time.monotonic() + timeout_s
+        number = ray.get(self._last, timeout=timeout_s)
+        while ray.get(self.sink.written.remote(), timeout=timeout_s) < number:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
 
 def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
