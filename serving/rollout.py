@@ -10,7 +10,8 @@ RLHF samples its rollouts from the same Ray Serve + vLLM replicas that serve the
   the finish reason.
 * :meth:`RolloutClient.sync_weights` makes every replica reload the weights saved in a
   directory (safetensors in the layout ``save_pretrained`` writes) and drop its prefix
-  cache before it returns.
+  cache before it returns. :mod:`serving.weight_transfer` sends a trainer's weights from
+  its memory instead, driving the replicas through a :class:`ReplicaSet`.
 
 **Generation** goes through the ``LLMServer`` deployment's handle
 (``serve.get_deployment_handle``, the call the OpenAI ingress itself makes, with
