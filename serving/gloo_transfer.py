@@ -20,6 +20,7 @@ It registers as backend ``"gloo"`` through :func:`serving.weight_transfer.regist
 
 from __future__ import annotations
 
+import math
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -50,10 +51,7 @@ def _aligned(nbytes: int) -> int:
 
 
 def _nbytes(meta: ParamMeta) -> int:
-    numel = 1
-    for size in meta.shape:
-        numel *= size
-    return numel * torch.empty((), dtype=meta.dtype).element_size()
+    return math.prod(meta.shape) * meta.dtype.itemsize
 
 
 def plan_buckets(metas: list[ParamMeta], bucket_bytes: int) -> list[int]:

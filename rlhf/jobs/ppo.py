@@ -711,22 +711,15 @@ def deploy_rollouts(config: PPOConfig) -> str:
     return deploy(serve_config, r.app_name, timeout_s=config.roles.call_timeout_s, weight_transfer=weight_transfer)
 
 
-def train_step(
-    step: int,
-    roles: Roles,
-    rollout: Any,
-    prompts: list[dict],
-    config: PPOConfig,
-    kl_coef: float,
-    pad_id: int,
-    output_dir: Path,
-) -> tuple[dict[str, Any], float]:
-    """Step ``step`` (0-based) as a metrics record, and the KL coefficient for the next; a checkpoint when one is due."""
+def close_step(
+    step: int, metrics: dict[str, float], timer: StageTimer, roles: Roles, config: PPOConfig, kl_coef: float,
+    output_dir: Path, started: float,
+) -> tuple[dict[str, Any], float]:  # fmt: skip
+    """After :func:`rl_step` ``step`` (0-based): the KL coefficient for the next step, a checkpoint when one is due,
+    and the step's metrics record."""
     from rlhf.algos import adaptive_kl_coefficient
 
     r = config.rollout
-    started = time.perf_counter()
-    metrics, timer = rl_step(step, roles, rollout, prompts, config, kl_coef, pad_id, output_dir / "rollout-weights")
     done = step + 1
     if config.kl.target is not None:
         batch = r.prompts_per_step * r.group_size
@@ -765,6 +758,7 @@ def run(config: PPOConfig) -> dict[str, Any]:
     connect(config.cluster)
     r, total = config.rollout, config.train.max_steps
     deployment = deploy_rollouts(config)
+    weights_dir = output_dir / "rollout-weights"
     roles: Roles | None = None
     records: list[dict[str, Any]] = []
     failures = 0
@@ -792,9 +786,7 @@ def run(config: PPOConfig) -> dict[str, Any]:
         while step < total:
             try:
                 if roles is None:
-                    roles, step, kl_coef = start_roles(
-                        config, client, output_dir, output_dir / "rollout-weights", step, kl_coef
-                    )
+                    roles, step, kl_coef = start_roles(config, client, output_dir, weights_dir, step, kl_coef)
                     if step == 0 and eval_prompts and not any(x["kind"] == "eval" for x in records):
                         log(
                             {
@@ -803,9 +795,11 @@ def run(config: PPOConfig) -> dict[str, Any]:
                                 **evaluate(client, roles, eval_prompts, config, config.train.seed),
                             }
                         )
-                record, kl_coef = train_step(
-                    step, roles, client, prompts, config, kl_coef, tokenizer.pad_token_id, output_dir
+                started = time.perf_counter()
+                metrics, timer = rl_step(
+                    step, roles, client, prompts, config, kl_coef, tokenizer.pad_token_id, weights_dir
                 )
+                record, kl_coef = close_step(step, metrics, timer, roles, config, kl_coef, output_dir, started)
                 step += 1
                 log(record)
             except GroupError as error:
