@@ -49,11 +49,20 @@ class GroupError(RuntimeError):
     """A call on an actor group failed: timeout, dead actor, or an exception in the method.
 
     ``role``, ``method``, ``ranks`` and ``kind`` say what failed; ``cause`` is the root
-    cause in one line (for an exception: its type and the first line of its message).
+    cause in one line (for an exception: its type and the first line of its message), and
+    ``exception`` the exception the method raised on the failed rank, when Ray could rebuild it,
+    so that a caller can tell an error of its own domain from a broken actor by its type.
     """
 
     def __init__(
-        self, message: str, role: str, method: str, ranks: list[int], kind: FailureKind, cause: str = ""
+        self,
+        message: str,
+        role: str,
+        method: str,
+        ranks: list[int],
+        kind: FailureKind,
+        cause: str = "",
+        exception: BaseException | None = None,
     ) -> None:
         super().__init__(message)
         self.role = role
@@ -61,10 +70,11 @@ class GroupError(RuntimeError):
         self.ranks = ranks
         self.kind = kind
         self.cause = cause
+        self.exception = exception
 
     def __reduce__(self) -> tuple[Any, ...]:
         # picklable (e.g. raised inside a Ray task), which needs all constructor arguments
-        return (type(self), (str(self), self.role, self.method, self.ranks, self.kind, self.cause))
+        return (type(self), (str(self), self.role, self.method, self.ranks, self.kind, self.cause, self.exception))
 
 
 class RankWorker:
@@ -196,6 +206,7 @@ class _Failure:
     rank: int
     kind: Literal["died", "error"]
     cause: str
+    exception: BaseException | None = None
 
 
 @dataclass
@@ -246,7 +257,8 @@ class PendingCall:
         except RayActorError as error:
             failures.append(_Failure(rank, "died", _death_reason(error)))
         except Exception as error:
-            failures.append(_Failure(rank, "error", _root_cause(error)))
+            raised = _innermost(error)
+            failures.append(_Failure(rank, "error", _root_cause(raised), _rebuilt(raised)))
 
     def _failure_error(self, failures: list[_Failure], still_running: list[int]) -> GroupError:
         group = self.group
@@ -264,7 +276,9 @@ class PendingCall:
         if still_running and primary.kind == "error":
             # the others may wait for the failed rank in a collective until the collective timeout
             group.mark_broken(f"{message}; ranks {still_running} were still running {self.method}")
-        return GroupError(message, group.role, self.method, [primary.rank], primary.kind, primary.cause)
+        return GroupError(
+            message, group.role, self.method, [primary.rank], primary.kind, primary.cause, primary.exception
+        )
 
     def _timeout_error(self, ranks: list[int]) -> GroupError:
         group = self.group
@@ -369,7 +383,9 @@ class ActorGroup:
             if error.kind != "timeout":
                 raise
             hint = "; the actors did not start: is there room on the placement's bundles (other groups may hold it)?"
-            raise GroupError(str(error) + hint, self.role, error.method, error.ranks, error.kind, error.cause) from None
+            raise GroupError(
+                str(error) + hint, self.role, error.method, error.ranks, error.kind, error.cause, error.exception
+            ) from None
         self.node_ips = [ip for ip, _ in addresses]
         self.pids = pids_call.result()
         master_addr, master_port = addresses[0]
@@ -500,12 +516,26 @@ def _exception_line(traceback_text: str) -> str:
     return _first_line(lines[-1]) if lines else ""
 
 
-def _root_cause(error: BaseException) -> str:
-    """``Type: first line of the message`` of the innermost exception a remote call raised."""
+def _innermost(error: BaseException) -> BaseException:
+    """The exception a remote call raised, unwrapped from Ray's ``RayTaskError`` where Ray rebuilt it."""
     from ray.exceptions import RayTaskError
 
     while isinstance(error, RayTaskError) and isinstance(error.cause, BaseException) and error.cause is not error:
         error = error.cause
+    return error
+
+
+def _rebuilt(error: BaseException) -> BaseException | None:
+    """``error`` itself unless it is Ray's wrapper of an exception that could not be rebuilt."""
+    from ray.exceptions import RayTaskError
+
+    return None if isinstance(error, RayTaskError) else error
+
+
+def _root_cause(error: BaseException) -> str:
+    """``Type: first line of the message`` of an exception from :func:`_innermost`."""
+    from ray.exceptions import RayTaskError
+
     if isinstance(error, RayTaskError):  # the cause could not be rebuilt: its traceback names it
         return _exception_line(str(error)) or type(error).__name__
     message = _first_line(str(error))

@@ -582,8 +582,8 @@ def sync_weights(roles: Roles, rollout: Any, weights_dir: Path, config: PPOConfi
     except GroupError as error:
         roles.transfer_to = None  # the group may be half-used: open a new one next time
         replicas.resume_quietly()
-        if error.kind == "error" and error.cause.startswith("RolloutError: "):
-            raise RolloutError(error.cause.removeprefix("RolloutError: ")) from None
+        if isinstance(error.exception, RolloutError):  # a replica's failure, told by the policy's call
+            raise error.exception from None
         raise
     return list(replicas.replicas)
 

@@ -7,6 +7,7 @@ call's timeout (plus a little scheduling slack on this 2-core machine), never as
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import signal
 import time
@@ -210,6 +211,11 @@ def test_an_exception_in_a_method_surfaces_with_its_message(probes: ActorGroup) 
     assert error.cause == "ValueError: rank 1 refuses this shard"
     assert str(error).endswith("fail_if raised ValueError: rank 1 refuses this shard")
     assert "Traceback" not in str(error) and "second line" not in str(error)
+    # the exception itself reaches the caller, whole, so its type can be told apart from a broken actor's
+    assert isinstance(error.exception, ValueError)
+    assert str(error.exception) == "rank 1 refuses this shard\nsecond line of detail"
+    copy = pickle.loads(pickle.dumps(error))
+    assert (str(copy), copy.cause, str(copy.exception)) == (str(error), error.cause, str(error.exception))
     # a method that raised leaves the actors healthy
     assert probes.call(ProbeWorker.fail_if, False, timeout_s=60) == [0, 1]
 
