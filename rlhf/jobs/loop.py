@@ -151,7 +151,9 @@ def run_worker(args: dict[str, Any], config_cls: type, make_objective: Callable[
         if train.eval_every and done % train.eval_every == 0 and done < total_steps:
             log_eval(done)
         if (train.save_every and done % train.save_every == 0) or done == total_steps:
-            reporter.flush()  # the metrics of every step up to this one are on disk before its checkpoint
+            # the metrics of every step up to this one reach the disk first; a driver that does not
+            # acknowledge within the flush's timeout does not hold the checkpoint up
+            reporter.flush()
             save(engine, done, info.is_main)
     log_eval(total_steps)
     storage = RunStorage(config.train.output_dir)

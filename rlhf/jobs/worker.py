@@ -82,15 +82,19 @@ class Reporter:
         import time
 
         import ray
+        from ray.exceptions import GetTimeoutError
 
         if self._last is None:
             return True
         deadline = time.monotonic() + timeout_s
-        number = ray.get(self._last, timeout=timeout_s)
-        while ray.get(self.sink.written.remote(), timeout=timeout_s) < number:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
+        try:
+            number = ray.get(self._last, timeout=timeout_s)
+            while ray.get(self.sink.written.remote(), timeout=max(deadline - time.monotonic(), 0.1)) < number:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+        except GetTimeoutError:
+            return False
         return True
 
 
