@@ -12,7 +12,7 @@ export RLHF_CACHE ?= $(CURDIR)/.cache/rlhf
 export RAY_DEDUP_LOGS ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format bench clean gpu-wheels gpu-check
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,25 @@ format: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run
+
+# The GPU check (tests/gpu/check.py): NCCL collectives, the engine at ZeRO-0/2/3 in bf16, a job step, the DPO and
+# KTO live references, on a machine with a CUDA GPU, no venv and no registry (its own python3; ~1-2 minutes).
+#   here, once:      make gpu-wheels   (DeepSpeed 0.19.8 and the wheels it needs that the device lacks, for
+#                                       Python 3.12 x86_64, into .whl/, which .gitignore keeps out: about 5 MiB)
+#   on the device:   the device tool's run with carry [".whl"], command "make gpu-check" and timeout_s 480
+#                    ("sh tests/gpu/run.sh" where make is missing); it prints PASS/FAIL lines, exit 1 on a failure
+#   dry run here:    HF_HUB_OFFLINE=1 $(BIN)/python -m tests.gpu.check --device cpu   (gloo; NCCL parts skipped)
+gpu-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/pip wheel -q --no-deps -w .whl deepspeed==0.19.8
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+		typing-extensions==4.16.0
+	du -sh .whl
+
+gpu-check:
+	sh tests/gpu/run.sh
 
 clean:
 	rm -rf $(VENV) .cache runs

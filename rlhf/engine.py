@@ -126,6 +126,54 @@ def init_process_group(timeout_s: float = 600.0) -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
+def save_rng_state(path: Path) -> None:
+    """Write this process's Python, NumPy, torch and CUDA generator states to ``path`` (via a temporary name).
+
+    Only tensors, lists, tuples and numbers: ``torch.load(path, weights_only=True)`` reads it back, so loading a
+    checkpoint never unpickles arbitrary objects.
+    """
+    import numpy as np
+    import torch
+
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_rng_state(path: Path) -> None:
+    """Restore the generator states :func:`save_rng_state` wrote to ``path``.
+
+    A file of the earlier format (a pickled NumPy array, which ``weights_only=True`` refuses) is refused with
+    a message saying so: loading it would need ``weights_only=False``, which runs whatever the file holds.
+    """
+    import pickle
+
+    import numpy as np
+    import torch
+
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{path}: this RNG state cannot be read with torch.load(weights_only=True); it was written by an "
+            "earlier rlhf (which pickled NumPy arrays) or is damaged. Resume from a checkpoint written by this "
+            f"version, or delete {path.name} to resume without restoring this rank's random generators"
+        ) from exc
+    random.setstate(state["python"])
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _quiet_deepspeed() -> None:
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -232,36 +280,19 @@ class TrainingEngine:
 
     def save_checkpoint(self, directory: str | Path, client_state: dict[str, Any] | None = None) -> None:
         """Write a resumable checkpoint (weights, optimizer, scheduler, this rank's RNG) to ``directory``."""
-        import numpy as np
-        import torch
-
         directory = Path(directory)
         self.engine.save_checkpoint(str(directory), tag="state", client_state=client_state or {})
-        rng = {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        }
-        torch.save(rng, directory / f"rng_rank{self.rank}.pt")
+        save_rng_state(directory / f"rng_rank{self.rank}.pt")
 
     def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
         """Restore a checkpoint written by :meth:`save_checkpoint`; return its client state."""
-        import numpy as np
-        import torch
-
         directory = Path(directory)
         path, client_state = self.engine.load_checkpoint(str(directory), tag="state")
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
         rng_file = directory / f"rng_rank{self.rank}.pt"
         if rng_file.is_file():
-            rng = torch.load(rng_file, weights_only=False)
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            torch.set_rng_state(rng["torch"])
-            if rng["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            load_rng_state(rng_file)
         return client_state or {}
 
     def export(self, output_dir: str | Path, tokenizer: Any, base_config: ModelConfig | None = None) -> Path | None:
@@ -272,8 +303,8 @@ class TrainingEngine:
         ``base_config.lora.merge_on_save``).
         """
         import deepspeed
-        import torch.distributed as dist
 
+        from cluster.collectives import barrier
         from rlhf.models.loading import save_pretrained
 
         merge = base_config.lora.merge_on_save if base_config is not None else False
@@ -286,5 +317,5 @@ class TrainingEngine:
                     result = save_pretrained(module, tokenizer, output_dir, state, base_config, merge)
         elif self.rank == 0:
             result = save_pretrained(module, tokenizer, output_dir, None, base_config, merge)
-        dist.barrier()
+        barrier()
         return result

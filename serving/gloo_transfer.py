@@ -121,13 +121,11 @@ def open_group(
 
 
 def broadcast(group: Any, tensor: torch.Tensor) -> None:
-    """Broadcast ``tensor`` from the group's rank 0, in place; raises after the group's timeout."""
-    import torch.distributed as dist
+    """Broadcast ``tensor`` (a CPU tensor: the group is gloo) from the group's rank 0, in place; raises after the
+    group's timeout."""
+    from cluster.collectives import broadcast as broadcast_on
 
-    options = dist.BroadcastOptions()
-    options.rootRank = 0
-    options.rootTensor = 0
-    group.broadcast([tensor], options).wait()
+    broadcast_on(tensor, group)
 
 
 def _metas(names: list[str], dtype_names: list[str], shapes: list[list[int]]) -> list[ParamMeta]:

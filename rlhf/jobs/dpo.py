@@ -103,8 +103,11 @@ class PreferenceObjective:
         chosen, rejected = self._logps(model, batch).chunk(2)
         if config.loss in NEEDS_REFERENCE:
             if self.reference is not None:
+                from rlhf.jobs.loop import on_device
+
+                live = on_device(self.reference, batch["input_ids"].device)  # the engine's device, as the batch
                 with torch.no_grad():
-                    reference = self._logps(self.reference, batch)
+                    reference = self._logps(live, batch)
             else:
                 reference = batch["reference_logps"]
             ref_chosen, ref_rejected = reference.chunk(2)

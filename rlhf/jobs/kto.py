@@ -148,11 +148,11 @@ class UnpairedObjective:
         """Reference log-probs [B] of the matched and the mismatched rows: precomputed, or from the live model."""
         if self.reference is None:
             return batch["reference_logps"], batch["kl_reference_logps"]
-        device = batch["input_ids"].device
-        if next(self.reference.parameters()).device != device:
-            self.reference.to(device)
+        from rlhf.jobs.loop import on_device
+
+        reference = on_device(self.reference, batch["input_ids"].device)
         with torch.no_grad():
-            return self._logps(self.reference, batch), self._logps(self.reference, batch, "kl_")
+            return self._logps(reference, batch), self._logps(reference, batch, "kl_")
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """Completions."""
@@ -162,7 +162,7 @@ class UnpairedObjective:
         self, model: Any, batch: dict[str, torch.Tensor], reference_kl: torch.Tensor
     ) -> torch.Tensor:
         """z0: mean of log pi - log ref over the mismatched pairs of this micro-batch on every rank (0-dim, detached)."""
-        from rlhf.jobs.worker import all_reduce_sum
+        from cluster.collectives import all_reduce_sum
 
         with torch.no_grad():
             logratios = self._logps(model, batch, "kl_") - reference_kl

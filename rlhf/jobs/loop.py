@@ -58,7 +58,8 @@ class Objective(Protocol):
 
 def train_step(engine: Any, objective: Objective, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches; global loss and metrics, and engine stats."""
-    from rlhf.jobs.worker import all_reduce_sum, to_device
+    from cluster.collectives import all_reduce_sum
+    from rlhf.jobs.worker import to_device
 
     counts = [objective.count(b) for b in micro_batches]
     (denominator,) = all_reduce_sum(sum(counts))
@@ -80,7 +81,8 @@ def train_step(engine: Any, objective: Objective, micro_batches: list[dict[str, 
 
 def evaluate(engine: Any, objective: Objective, batches: list[dict[str, Any]]) -> dict[str, float]:
     """Held-out loss and metrics over all ranks' shards, prefixed ``eval_``."""
-    from rlhf.jobs.worker import all_reduce_sum, to_device
+    from cluster.collectives import all_reduce_sum
+    from rlhf.jobs.worker import to_device
 
     engine.eval()
     total_loss, weighted, items = 0.0, {}, 0
@@ -287,6 +289,14 @@ def reference_pass(
                 prepared.append({**example, "reference_logps": (a, b)})
     model.train()
     return prepared
+
+
+def on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` moved to ``device`` if it is elsewhere: a live reference model joins the engine's device on
+    first use (objectives build it before the engine exists)."""
+    if next(model.parameters()).device != device:
+        model.to(device)
+    return model
 
 
 def perplexity(loss: float) -> float:

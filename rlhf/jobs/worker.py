@@ -1,4 +1,4 @@
-"""Worker-side plumbing shared by the training jobs: rank, reductions, reporting."""
+"""Worker-side plumbing shared by the training jobs: rank, seeds, reporting (collectives: cluster.collectives)."""
 
 from __future__ import annotations
 
@@ -37,17 +37,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def all_reduce_sum(*values: Any) -> list[float]:
-    """Sum each value (number or 0-dim tensor) over all ranks; returns floats in the same order."""
-    import torch
-    import torch.distributed as dist
-
-    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
 
 
 class Reporter:

@@ -80,3 +80,25 @@ def test_packed_objective_matches_the_padded_one(tiny_model_dir: Path, pairs: li
     # the padded batch really is padded: packing removes work
     padded_batch = preference_batch(pairs, 0)
     assert padded_batch["input_ids"].numel() > packed_preference_batch(pairs)["input_ids"].numel()
+
+
+def test_the_live_reference_joins_the_engine_device_before_the_first_loss(tiny_model_dir: Path, pairs: list[dict]):
+    """Before: ``preference.reference=live`` left the frozen reference model on the CPU while the batches were on
+    the engine's device (a GPU), and the first loss failed on the device mismatch, as KTO's did not.
+
+    No GPU here: the engine's device is stood in by ``meta`` (shapes without data), where the policy and the
+    batch go as a training engine on a GPU puts them.
+    """
+    config = PreferenceLossConfig(loss="dpo", reference="live")
+    objective = PreferenceObjective(ModelConfig(name_or_path=str(tiny_model_dir)), config, pad_token_id=0)
+    policy = objective.build_model()
+    assert objective.prepare(policy, pairs) == pairs  # live: nothing is precomputed
+    for model in (policy, objective.reference):  # sdpa's path reads the mask's values, which meta tensors lack
+        model.set_attn_implementation("eager")
+    engine_device = torch.device("meta")
+    policy.to(engine_device)
+    batch = {name: tensor.to(engine_device) for name, tensor in objective.collate(pairs[:2]).items()}
+    loss, metrics = objective.loss(policy, batch, denominator=2.0)
+    assert next(objective.reference.parameters()).device == engine_device
+    assert loss.device == engine_device
+    assert metrics["rewards/margin"].device == engine_device
