@@ -103,7 +103,12 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY",
-        help="accept this bearer key (repeatable; also $RLHF_API_KEYS, comma-separated); none: no auth",
+        help="accept this bearer key (repeatable; also $RLHF_API_KEYS, comma-separated); none: no auth, on loopback only",
+    )
+    parser.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve with no API key on an address other machines reach (refused otherwise); sets allow_unauthenticated",
     )
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
@@ -121,6 +126,8 @@ def _serve_overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"host={args.host}")
     if args.port is not None:
         overrides.append(f"port={args.port}")
+    if args.allow_unauthenticated:
+        overrides.append("allow_unauthenticated=true")
     return overrides
 
 

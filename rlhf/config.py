@@ -298,7 +298,13 @@ class ServeConfig:
     )
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=8000, metadata={"help": "port to listen on"})
-    api_keys: tuple[str, ...] = field(default=(), metadata={"help": "accepted bearer API keys (empty: no auth)"})
+    api_keys: tuple[str, ...] = field(
+        default=(), metadata={"help": "accepted bearer API keys, also from $RLHF_API_KEYS (empty: no auth)"}
+    )
+    allow_unauthenticated: bool = field(
+        default=False,
+        metadata={"help": "serve with no API key on an address other machines reach (refused unless set)"},
+    )
     min_replicas: int = field(default=1, metadata={"help": "fewest vLLM replicas (autoscaling lower bound)"})
     max_replicas: int = field(default=1, metadata={"help": "most vLLM replicas (autoscaling upper bound)"})
     target_ongoing_requests: float = field(
@@ -313,6 +319,15 @@ class ServeConfig:
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per replica (GPU only)"})
     max_model_len: int = field(default=1024, metadata={"help": "context length of the replicas"})
     max_tokens_limit: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask for"})
+    default_max_tokens: int = field(
+        default=256, metadata={"help": "max_tokens of a request that sets none (at most max_tokens_limit)"}
+    )
+    max_n: int = field(default=8, metadata={"help": "largest n (and best_of) a request may ask for"})
+    max_logprobs: int = field(
+        default=20, metadata={"help": "largest logprobs, top_logprobs or prompt_logprobs a request may ask for"}
+    )
+    max_stop: int = field(default=4, metadata={"help": "most stop strings in one request"})
+    max_prompts: int = field(default=16, metadata={"help": "most prompts in one completion request"})
     max_request_bytes: int = field(default=1_000_000, metadata={"help": "largest request body accepted"})
 
 

@@ -9,17 +9,21 @@ what a deployment of a trained model needs on top:
 * adapters addressed by their own name (``model="my-adapter"``) and listed in
   ``/v1/models``: every replica loads them at start (vLLM's static LoRA modules), so
   adapter requests are load-balanced like base-model requests;
-* bearer API keys and request limits, checked before a request reaches a replica
-  (:mod:`serving.guard`).
+* bearer API keys on every route and request limits, checked before a request reaches a
+  replica (:mod:`serving.guard`);
+* fail-closed auth: an endpoint that other machines can reach (a host other than loopback,
+  an exported config, an application built on a cluster by :func:`app_builder`) is refused
+  without API keys unless ``allow_unauthenticated`` says so.
 
 The ingress reuses ``ray.serve.llm``'s own ingress class and FastAPI factory, which are
 internal to Ray; they are used here and nowhere else, and
-``tests/serving/test_app.py::test_ray_llm_internals_this_module_relies_on`` fails loudly
+``tests/unit/test_serving.py::test_ray_llm_internals_this_module_relies_on`` fails loudly
 when a Ray release moves them.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -123,6 +127,31 @@ def llm_config(config: ServeConfig, gpu: bool | None = None, weight_transfer: bo
     )
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (a name other than localhost counts as reachable)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_keys(config: ServeConfig, where: str) -> None:
+    """Refuse an endpoint that other machines reach (``where`` says how) when no API key is set.
+
+    Keys count from the config and from ``$RLHF_API_KEYS``; ``allow_unauthenticated``
+    serves without them on purpose.
+    """
+    if api_keys(config) or config.allow_unauthenticated:
+        return
+    raise ServeError(
+        f"{where} and no API key is set, so anyone who reaches it could use it: set api_keys (--api-key KEY, "
+        f"or ${API_KEYS_ENV}=KEY1,KEY2), or allow_unauthenticated=true (--allow-unauthenticated) to serve "
+        "without auth on purpose"
+    )
+
+
 def validate(config: ServeConfig) -> None:
     """Refuse a config that cannot be deployed, naming the key."""
     if config.min_replicas < 0 or config.max_replicas < max(1, config.min_replicas):
@@ -134,37 +163,73 @@ def validate(config: ServeConfig) -> None:
         raise ServeError(
             f"max_tokens_limit={config.max_tokens_limit} must be in 1..max_model_len ({config.max_model_len})"
         )
+    lowest = {"default_max_tokens": 1, "max_n": 1, "max_logprobs": 0, "max_stop": 0, "max_prompts": 1}
+    for key, low in lowest.items():
+        if getattr(config, key) < low:
+            raise ServeError(f"{key}={getattr(config, key)} is below {low}")
     if config.max_request_bytes < 1024:
         raise ServeError(f"max_request_bytes={config.max_request_bytes} is below 1024")
     if not 0 < config.port < 65536:
         raise ServeError(f"port={config.port} is not a TCP port")
+    if not is_loopback(config.host):
+        require_keys(config, f"host={config.host} is reachable from other machines")
+
+
+def limits(config: ServeConfig, models: tuple[str, ...]) -> Any:
+    """The guard's :class:`serving.guard.Limits` of ``config``, for a deployment serving ``models``."""
+    from serving.guard import Limits
+
+    return Limits(
+        max_request_bytes=config.max_request_bytes,
+        max_tokens=config.max_tokens_limit,
+        default_max_tokens=config.default_max_tokens,
+        max_n=config.max_n,
+        max_logprobs=config.max_logprobs,
+        max_stop=config.max_stop,
+        max_prompts=config.max_prompts,
+        models=models,
+    )
+
+
+ROUTES = ("models", "model_data", "completions", "chat", "tokenize", "detokenize")
+"""The routes of Ray's OpenAI ingress that a generation model serves (by its method names). Left out:
+``/v1/embeddings``, ``/v1/score`` and ``/v1/audio/transcriptions``, which a causal LM's engine cannot
+answer (a chat-shaped embeddings request even failed with a 500 in the fuzz test)."""
+
+
+def ingress(config: ServeConfig, base: str) -> tuple[Any, Any]:
+    """The guarded FastAPI app of the OpenAI routes, and the Serve ingress class that serves it.
+
+    The guard is the outermost middleware, so it sees every request first; FastAPI's own
+    errors (an unknown path, a wrong method) get OpenAI-style bodies too.
+    """
+    from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, init, make_fastapi_ingress
+    from starlette.exceptions import HTTPException
+
+    from serving.guard import Guard, http_error
+    from serving.ingress import Ingress
+
+    app = init()
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_middleware(Guard, keys=api_keys(config), limits=limits(config, (base, *config.adapters)))
+    endpoints = {name: DEFAULT_ENDPOINTS[name] for name in ROUTES}
+    return app, make_fastapi_ingress(Ingress, endpoint_map=endpoints, app=app)
 
 
 def build_app(config: ServeConfig, gpu: bool | None = None) -> Any:
     """The Serve application for ``config``: the model's replicas and the guarded OpenAI ingress."""
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-    from ray.llm._internal.serve.core.ingress.ingress import init, make_fastapi_ingress
     from ray.llm._internal.serve.core.server.builder import build_llm_deployment
 
-    from serving.guard import Guard, Limits
     from serving.ingress import Ingress
 
     validate(config)
     llm = llm_config(config, gpu)
     base = llm.model_id
-    app = init()
-    app.add_middleware(
-        Guard,
-        keys=api_keys(config),
-        limits=Limits(
-            max_request_bytes=config.max_request_bytes,
-            max_tokens=config.max_tokens_limit,
-            models=(base, *config.adapters),
-        ),
-    )
+    _, ingress_cls = ingress(config, base)
     options = Ingress.get_deployment_options([llm])
-    return serve.deployment(make_fastapi_ingress(Ingress, app=app), **options).bind(
+    return serve.deployment(ingress_cls, **options).bind(
         llm_deployments={base: build_llm_deployment(llm)},
         model_cards={base: to_model_metadata(base, llm)},
         adapters=dict.fromkeys(config.adapters, base),
@@ -172,6 +237,12 @@ def build_app(config: ServeConfig, gpu: bool | None = None) -> Any:
 
 
 def app_builder(args: dict[str, Any]) -> Any:
-    """Entry point for ``serve deploy``/``serve run``: ``args`` is a serve config tree (as in the YAML)."""
+    """Entry point for ``serve deploy``/``serve run``: ``args`` is a serve config tree (as in the YAML).
+
+    The application's HTTP proxy listens where the Serve config's ``http_options`` say,
+    which this builder cannot see (on a cluster: every node, ``0.0.0.0``), so it always
+    needs API keys (from ``$RLHF_API_KEYS`` on the cluster) or ``allow_unauthenticated``.
+    """
     config = configtree.from_dict(ServeConfig, args)
+    require_keys(config, "serving.app:app_builder builds an endpoint that serves the cluster's network")
     return build_app(config)

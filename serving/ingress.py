@@ -3,16 +3,24 @@
 Ray's ingress names adapters ``<base>:<adapter>`` and loads them per request from cloud
 storage (multiplexing). Here every replica loads its adapters at start from directories
 (vLLM's static LoRA modules), so a request for ``model="my-adapter"`` goes to any replica
-of the base model, and ``/v1/models`` lists the adapters next to it. Imports Ray internals:
-see :mod:`serving.app`.
+of the base model, and ``/v1/models`` lists the adapters next to it. A chat message whose
+``content`` fails validation is a 400 here (Ray's ingress answers it with a 500). Imports Ray
+internals: see :mod:`serving.app`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
+from ray.llm._internal.serve.core.configs.openai_api_models import (
+    ChatCompletionRequest,
+    ModelCard,
+    OpenAIHTTPException,
+)
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
+from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
+from starlette.requests import Request
+from starlette.responses import Response
 
 
 class Ingress(OpenAiIngress):
@@ -31,6 +39,14 @@ class Ingress(OpenAiIngress):
         if model in self._adapters:
             return model
         return await super()._get_model_id(model)
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        """Ray's chat route, with message contents that fail validation refused as a 400 (Ray answers 500)."""
+        try:  # what Ray does first (pydantic validates list contents lazily), so its error is ours to word
+            body = _sanitize_chat_completion_request(body)
+        except ValueError as exc:
+            raise OpenAIHTTPException(status_code=400, message=str(exc), type="invalid_request_error") from None
+        return await super().chat(body, request)
 
     async def model(self, model_id: str) -> Any:
         """The card of a base model or adapter, None if unknown."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from rlhf import configtree
 from rlhf.config import ServeConfig
-from serving.app import api_keys, build_app, model_name, validate
+from serving.app import api_keys, build_app, is_loopback, model_name, require_keys, validate
 
 APP_NAME = "rlhf"
 
@@ -99,18 +99,24 @@ def export(config: ServeConfig, path: Path) -> Path:
 
     The application is built on the cluster by :func:`serving.app.app_builder` from the
     same configuration tree, so the model and adapter paths must exist on the cluster's
-    nodes. API keys are not written; the cluster reads them from ``$RLHF_API_KEYS``.
+    nodes. API keys are not written; the cluster reads them from ``$RLHF_API_KEYS``. The
+    file listens on every node's network, so it is refused without keys (given here, to be
+    set on the cluster too) unless ``allow_unauthenticated`` is set; the builder checks the
+    cluster's keys again when it runs.
     """
     import yaml
 
     validate(config)
+    host = "0.0.0.0" if config.host == "127.0.0.1" else config.host
+    if not is_loopback(host):
+        require_keys(config, f"the exported endpoint listens on {host}:{config.port} on every node")
     tree = configtree.to_dict(config)
     tree.pop("api_keys", None)
     tree.pop("host", None)
     tree.pop("port", None)
     document: dict[str, Any] = {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0" if config.host == "127.0.0.1" else config.host, "port": config.port},
+        "http_options": {"host": host, "port": config.port},
         "applications": [
             {
                 "name": APP_NAME,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,8 +15,16 @@ from cluster.connect import free_port
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 API_KEY = "test-key"
-MAX_TOKENS_LIMIT = 64
 MAX_MODEL_LEN = 256
+LIMITS = {
+    "max_tokens_limit": 64,
+    "default_max_tokens": 16,
+    "max_n": 4,
+    "max_logprobs": 5,
+    "max_stop": 2,
+    "max_prompts": 4,
+}
+MAX_TOKENS_LIMIT = LIMITS["max_tokens_limit"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,8 @@ class Endpoint:
     adapter: str
     adapter_dir: Path
     model_dir: Path
+    config: Any
+    """The endpoint's ``ServeConfig``."""
 
 
 def make_adapter(model_dir: Path, out: Path) -> Path:
@@ -57,8 +68,8 @@ def endpoint(ray_cluster, tiny_model_dir: Path, tmp_path_factory: pytest.TempPat
         min_replicas=2,
         max_replicas=2,
         max_model_len=MAX_MODEL_LEN,
-        max_tokens_limit=MAX_TOKENS_LIMIT,
+        **LIMITS,
     )
     url = start(config, timeout_s=600)
-    yield Endpoint(url, "tiny", "positive", adapter_dir, tiny_model_dir)
+    yield Endpoint(url, "tiny", "positive", adapter_dir, tiny_model_dir, config)
     serve.shutdown()

@@ -13,7 +13,16 @@ import yaml
 from rlhf.config import ServeConfig
 from serving.guard import Guard, Limits, check_body, check_key
 
-LIMITS = Limits(max_request_bytes=4096, max_tokens=64, models=("tiny", "positive"))
+LIMITS = Limits(
+    max_request_bytes=4096,
+    max_tokens=64,
+    default_max_tokens=16,
+    max_n=4,
+    max_logprobs=5,
+    max_stop=4,
+    max_prompts=4,
+    models=("tiny", "positive"),
+)
 
 
 def test_check_key() -> None:
@@ -120,6 +129,10 @@ def test_llm_config_maps_replicas_adapters_and_context(tiny_model_dir: Path, tmp
         ({"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
         ({"max_tokens_limit": 5000}, "max_tokens_limit"),
         ({"adapters": {"a": "/no/such/dir"}}, "adapters.a"),
+        ({"default_max_tokens": 0}, "default_max_tokens"),
+        ({"max_n": 0}, "max_n"),
+        ({"max_logprobs": -1}, "max_logprobs"),
+        ({"max_prompts": 0}, "max_prompts"),
     ],
 )
 def test_undeployable_configs_are_refused_naming_the_key(tiny_model_dir: Path, overrides: dict, message: str) -> None:
@@ -129,7 +142,9 @@ def test_undeployable_configs_are_refused_naming_the_key(tiny_model_dir: Path, o
         build_app(ServeConfig(model=str(tiny_model_dir), **overrides), gpu=False)
 
 
-def test_export_writes_a_serve_deploy_config_whose_builder_builds(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_export_writes_a_serve_deploy_config_whose_builder_builds(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from ray.serve.deployment import Application
     from ray.serve.schema import ServeDeploySchema
 
@@ -147,6 +162,7 @@ def test_export_writes_a_serve_deploy_config_whose_builder_builds(tiny_model_dir
     assert "secret" not in out.read_text(), "API keys must not be written to the exported file"
     from serving.app import app_builder
 
+    monkeypatch.setenv("RLHF_API_KEYS", "secret")  # the cluster's keys, from its environment
     assert isinstance(app_builder(app.args), Application)
 
 
@@ -154,12 +170,28 @@ def test_ray_llm_internals_this_module_relies_on() -> None:
     """serving/app.py and serving/ingress.py use these internal pieces of ray.serve.llm; fail loudly if they move."""
     import inspect
 
-    from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, to_model_metadata
-    from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init, make_fastapi_ingress
+    from ray.llm._internal.serve.core.configs.openai_api_models import (
+        ChatCompletionRequest,
+        ModelCard,
+        OpenAIHTTPException,
+        to_model_metadata,
+    )
+    from ray.llm._internal.serve.core.ingress.ingress import (
+        DEFAULT_ENDPOINTS,
+        OpenAiIngress,
+        init,
+        make_fastapi_ingress,
+    )
+    from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
     from ray.llm._internal.serve.core.server.builder import build_llm_deployment
 
+    from serving.app import ROUTES
+
     assert {"_get_configured_serve_handle", "_get_model_id", "model", "models"} <= set(dir(OpenAiIngress))
-    assert "app" in inspect.signature(make_fastapi_ingress).parameters
+    assert {"app", "endpoint_map"} <= set(inspect.signature(make_fastapi_ingress).parameters)
+    assert set(ROUTES) <= set(DEFAULT_ENDPOINTS)
+    assert {"status_code", "message", "type"} <= set(inspect.signature(OpenAIHTTPException).parameters)
+    assert callable(_sanitize_chat_completion_request) and "messages" in ChatCompletionRequest.model_fields
     assert callable(init) and callable(build_llm_deployment) and callable(to_model_metadata)
     assert {"id", "object", "owned_by", "permission", "metadata"} <= set(ModelCard.model_fields)
 
