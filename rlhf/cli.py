@@ -338,7 +338,12 @@ def _run_job(args: argparse.Namespace) -> None:
     overrides = [*args.overrides, *(_serve_overrides(args) if args.job == "serve" else [])]
     config = configtree.load(ALL_JOBS[args.job], args.config, overrides)
     if args.print_config:
-        print(yaml.safe_dump(configtree.to_dict(config), sort_keys=False), end="")
+        from rlhf.jobs.rundir import MASK, scrub
+
+        tree = scrub(configtree.to_dict(config))  # a job's output is its log: credentials masked, as in config.yaml
+        if tree.get("api_keys"):
+            tree["api_keys"] = [MASK] * len(tree["api_keys"])
+        print(yaml.safe_dump(tree, sort_keys=False), end="")
         return
     if args.job == "serve":
         _serve(args, config)

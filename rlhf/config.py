@@ -137,12 +137,19 @@ class RolloutConfig:
     prompts_per_step: int = field(default=8, metadata={"help": "prompts per RL step"})
     max_new_tokens: int = field(default=32, metadata={"help": "maximum generated tokens per response"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
-    app_name: str = field(
-        default="rlhf-rollout",
+    top_p: float = field(
+        default=1.0,
         metadata={
-            "help": "Serve application of the replicas; a running one with this name is reused (and kept), "
-            "otherwise it is deployed for the run and deleted at its end"
+            "help": "nucleus sampling threshold; below 1 the replicas' log-probs are those of the truncated "
+            "distribution and the trainer's are not, so the logged gap (and truncated IS) include the truncation"
+        },
+    )
+    app_name: str = field(
+        default="",
+        metadata={
+            "help": "Serve application of the replicas; empty: rlhf-rollout-<id>, this run's own, deployed for it and "
+            "deleted when it ends or is stopped; a name given here: a running application of that name is reused (and "
+            "kept), otherwise one is deployed for the run and deleted at its end"
         },
     )
     max_model_len: int = field(default=1024, metadata={"help": "context length of the replicas"})
@@ -159,7 +166,8 @@ class RolloutConfig:
         default=None,
         metadata={
             "help": "truncated importance sampling: weight each token's loss by min(pi_trainer/pi_rollout, this "
-            "cap) to correct the trainer-rollout mismatch (empty: off; the gap is logged either way)"
+            "cap) to correct the trainer-rollout mismatch, both at the sampling temperature (empty: off; the gap is "
+            "logged either way)"
         },
     )
 
@@ -178,12 +186,26 @@ class KLConfig:
     """KL control against the reference policy."""
 
     coefficient: float = field(default=0.05, metadata={"help": "initial KL coefficient (0: no reference group)"})
-    estimator: Literal["k1", "k2", "k3"] = field(default="k1", metadata={"help": "per-token KL estimator"})
+    estimator: Literal["k1", "k2", "k3"] = field(
+        default="k1",
+        metadata={
+            "help": "per-token KL estimator: k1 (unbiased, the usual reward penalty), k2 or k3; a KL loss term "
+            "(placement=loss) needs k2 or k3, since the expected gradient of k1 is zero"
+        },
+    )
     placement: Literal["reward", "loss"] = field(
-        default="reward", metadata={"help": "KL as a penalty in the reward, or as a term of the policy loss"}
+        default="reward",
+        metadata={"help": "KL as a penalty in the reward, or as a term of the policy loss (with estimator k2 or k3)"},
     )
     target: float | None = field(default=None, metadata={"help": "adaptive coefficient target KL (empty: fixed)"})
     horizon: int = field(default=10000, metadata={"help": "adaptive controller horizon in samples"})
+
+    def __post_init__(self) -> None:
+        if self.placement == "loss" and self.estimator == "k1":
+            raise ValueError(
+                "kl.placement=loss with kl.estimator=k1 regularises nothing (the expected gradient of k1 is zero): "
+                "set kl.estimator=k3 (or k2), or kl.placement=reward"
+            )
 
 
 @dataclass(frozen=True)
@@ -206,6 +228,13 @@ class PPOAlgorithmConfig:
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus weight in the policy loss"})
     whiten_advantages: bool = field(default=True, metadata={"help": "ppo and reinforce_pp: whiten over the batch"})
     grpo_std_normalize: bool = field(default=True, metadata={"help": "grpo: divide by the group's std"})
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "turn dropout off in the policy and value models (log-probs of the rollout policy are taken "
+            "without dropout, so with it on the first update's ratios are not 1); false keeps the models' dropout"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1 or self.mini_batches < 1:

@@ -25,11 +25,13 @@ up to ``max_concurrency`` requests are in flight at once. vLLM's own completion 
 ``return_token_ids`` and ``logprobs=0`` return the token ids and the sampled tokens'
 log-probs.
 
-The log-probs are vLLM's ``raw_logprobs`` (its default ``logprobs_mode``): the
-log-softmax of the model's logits before temperature, top-p or top-k, i.e. what a
-trainer computes from its own forward pass at temperature 1. Sampling at another
-temperature does not change them; an engine started with
-``logprobs_mode="processed_logprobs"`` returns the sampling distribution's instead.
+The log-probs are those of the distribution the tokens were sampled from: :func:`deploy`
+starts the engines with ``logprobs_mode="processed_logprobs"`` (the log-softmax of the
+logits after temperature, top-k and top-p), so at temperature ``T`` they are what a
+trainer computes from its own logits divided by ``T`` (with ``top_p=1``). vLLM's default,
+``raw_logprobs``, would give the temperature-1 distribution whatever the sampling
+temperature. Prompt log-probs (:meth:`RolloutClient.sequence_logprobs`) are raw in both
+modes: the model's own distribution at temperature 1.
 
 **The weight sync** must reach every replica, while a handle call reaches one.
 ``ray.llm``'s internal ``broadcast`` helper reaches all of them but waits without a
@@ -103,7 +105,8 @@ class Sample:
     token_ids: list[int]
     """The response's token ids, the EOS token included when the sample ended on it."""
     logprobs: list[float]
-    """vLLM's log-prob of each of ``token_ids`` under the served weights (raw logits, temperature 1)."""
+    """vLLM's log-prob of each of ``token_ids`` under the served weights, in the sampling distribution (the
+    temperature, top-k and top-p applied; see the module docstring)."""
     finish_reason: str
     """``"stop"`` (EOS, a stop token or string), ``"length"`` (``max_tokens`` reached) or ``"abort"``."""
     text: str
@@ -595,32 +598,47 @@ def deploy(config: Any, app_name: str, timeout_s: float = 600.0, weight_transfer
     elif app_name in serve.status().applications:
         return "reused"
     llm = llm_config(config, weight_transfer=weight_transfer)
+    # the sampled tokens' log-probs in the distribution they were sampled from (temperature applied), which is what
+    # the trainer's log-probs are compared with and corrected towards
+    llm.engine_kwargs["logprobs_mode"] = "processed_logprobs"
     # a step sends hundreds of requests: no access-log line per request
     llm.deployment_config["logging_config"] = {"enable_access_log": False}
-    serve.run(build_llm_deployment(llm), name=app_name, route_prefix=None, blocking=False)
-    deadline = time.monotonic() + timeout_s
-    status = None
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(app_name)
-        if status is not None and status.status == "RUNNING":
-            return how
-        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            message = (status.message or "").strip().splitlines()
-            release(app_name, how)
-            raise RolloutError(f"rollout application {app_name!r} failed to deploy: {message[-1] if message else '?'}")
-        time.sleep(1.0)
-    release(app_name, how)
-    raise RolloutError(
-        f"rollout application {app_name!r} was not running within {timeout_s:.0f} s "
-        f"(last status: {getattr(status, 'status', 'not deployed')})"
-    )
+    try:
+        serve.run(build_llm_deployment(llm), name=app_name, route_prefix=None, blocking=False)
+        deadline = time.monotonic() + timeout_s
+        status = None
+        while time.monotonic() < deadline:
+            status = serve.status().applications.get(app_name)
+            if status is not None and status.status == "RUNNING":
+                return how
+            if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                message = (status.message or "").strip().splitlines()
+                raise RolloutError(
+                    f"rollout application {app_name!r} failed to deploy: {message[-1] if message else '?'}"
+                )
+            time.sleep(1.0)
+        raise RolloutError(
+            f"rollout application {app_name!r} was not running within {timeout_s:.0f} s "
+            f"(last status: {getattr(status, 'status', 'not deployed')})"
+        )
+    except BaseException:  # a failure, or a stop (SIGTERM, Ctrl-C) while the replicas start: nothing is left behind
+        release(app_name, how, wait=False)
+        raise
 
 
-def release(app_name: str, how: str) -> None:
-    """Undo what :func:`deploy` did: stop Serve if it started it, delete the application if it deployed it."""
+def release(app_name: str, how: str, wait: bool = True) -> None:
+    """Undo what :func:`deploy` did: delete the application if it deployed it (``"reused"``: nothing).
+
+    When :func:`deploy` started Serve for it, Serve is shut down too, unless other applications
+    (another run's) run on it now. ``wait=False`` (a run that failed or is being stopped) only
+    has the deletion accepted by Serve's controller, which carries it out on its own: a stopped
+    driver may be killed a few seconds later.
+    """
     from ray import serve
 
-    if how == "started":
+    if how not in ("started", "deployed"):
+        return
+    serve.delete(app_name, _blocking=wait)
+    others = serve.status().applications  # also makes sure the controller has the deletion before we go on
+    if wait and how == "started" and not set(others) - {app_name}:
         serve.shutdown()
-    elif how == "deployed":
-        serve.delete(app_name)

@@ -7,6 +7,10 @@ KL(pi || ref) (J. Schulman, "Approximating KL Divergence", 2020, http://joschu.n
     k2 = (log r)^2 / 2               biased, low variance, >= 0
     k3 = (r - 1) - log r             unbiased, low variance, >= 0
 
+As a term of the policy loss (``kl.placement=loss``) the estimator's *gradient* is what regularises. For tokens
+sampled from pi the expected gradient of k1 is zero (E_pi[grad log pi] = 0), so only k2 (whose gradient is that of
+KL(pi || ref) to first order) and k3 regularise there; :func:`kl_penalty_loss` refuses k1.
+
 The adaptive controller is the proportional controller of Ziegler et al. 2019 ("Fine-Tuning Language Models from
 Human Preferences", https://arxiv.org/abs/1909.08593, Sec. 2.2):
 
@@ -18,6 +22,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+
+from rlhf.algos.masking import Denominator, divide_by_denominator, masked_count, masked_mean, masked_sum
 
 KLEstimator = Literal["k1", "k2", "k3"]
 
@@ -47,6 +53,43 @@ def kl_estimate(
     if estimator == "k3":
         return torch.expm1(log_ratio) - log_ratio
     raise ValueError(f"Unknown KL estimator {estimator!r}; expected 'k1', 'k2' or 'k3'.")
+
+
+def kl_penalty_loss(
+    logprobs: torch.Tensor,
+    reference_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: KLEstimator = "k3",
+    num_tokens: Denominator = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KL(pi || ref) as a loss term: ``sum_t mask_t * k(t) / num_tokens``, differentiable in ``logprobs``.
+
+    The log-ratio is zeroed off the mask before the estimator: positions outside the response hold arbitrary
+    log-probs (the policy's are unmasked, the reference's are 0 there), and ``expm1`` of a log-ratio above ~88
+    is inf in float32, whose gradient times the mask's 0 would be NaN even though the forward value is finite.
+
+    Args:
+        logprobs: [B, T] log pi of the sampled tokens (requires grad).
+        reference_logprobs: [B, T] log ref of the same tokens (constant).
+        mask: [B, T] 1 for response tokens.
+        estimator: "k2" or "k3"; "k1" is refused (its expected gradient is zero, see the module docstring).
+        num_tokens: global number of valid tokens; None uses the local count.
+
+    Returns:
+        loss: 0-dim tensor.
+        metrics: "kl_penalty", the masked mean of the estimate over the shard (detached).
+    """
+    if estimator == "k1":
+        raise ValueError(
+            "the k1 estimator does not regularise as a loss term (its expected gradient is zero); use k2 or k3"
+        )
+    valid = mask.bool()
+    zero = torch.zeros_like(logprobs)
+    per_token = kl_estimate(
+        torch.where(valid, logprobs, zero), torch.where(valid, reference_logprobs.detach(), zero), estimator
+    )
+    loss = divide_by_denominator(masked_sum(per_token, valid), num_tokens, masked_count(valid, dtype=logprobs.dtype))
+    return loss, {"kl_penalty": masked_mean(per_token.detach(), valid)}
 
 
 def adaptive_kl_coefficient(coef: float, observed_kl: float, target_kl: float, horizon: float, num_steps: int) -> float:

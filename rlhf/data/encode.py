@@ -186,11 +186,13 @@ def encode_unpaired(
 
 
 def encode_prompt(example: PromptExample, tokenizer: PreTrainedTokenizerBase, limits: LengthLimits) -> dict[str, Any]:
-    """``{"prompt_ids", "prompt_text"}`` for generation.
+    """``{"prompt", "prompt_ids", "prompt_text"}`` for generation.
 
-    Chat prompts are rendered with the generation prompt; plain prompts are used as they are (with the
-    tokenizer's own special tokens). The prompt must fit ``max_prompt_length`` and leave room for a response
-    within ``max_length``.
+    ``prompt`` is the prompt as the data holds it (a string, or the list of messages), which is what a reward
+    scores: a reward model renders a conversation with its own chat template, as ``rlhf rm`` trained it.
+    ``prompt_text`` is the policy's rendering: chat prompts with the generation prompt, plain prompts as they
+    are (tokenized with the tokenizer's own special tokens into ``prompt_ids``). The prompt must fit
+    ``max_prompt_length`` and leave room for a response within ``max_length``.
     """
     if isinstance(example.prompt, list):
         prompt_text = _render(tokenizer, example.prompt, generation_prompt=True)
@@ -199,7 +201,7 @@ def encode_prompt(example: PromptExample, tokenizer: PreTrainedTokenizerBase, li
         prompt_text = example.prompt
         prompt_ids = _ids(tokenizer, prompt_text, special=True)
     _check_prompt(len(prompt_ids), limits)
-    return {"prompt_ids": prompt_ids, "prompt_text": prompt_text}
+    return {"prompt": example.prompt, "prompt_ids": prompt_ids, "prompt_text": prompt_text}
 
 
 ENCODERS: dict[str, Callable[[Any, PreTrainedTokenizerBase, LengthLimits], dict[str, Any]]] = {

@@ -44,6 +44,7 @@ def run(config: BestOfNConfig) -> dict[str, Any]:
         prompt_text,
         provenance,
         read_rows,
+        release_output,
         sample_and_judge,
         write_dataset,
     )
@@ -53,45 +54,48 @@ def run(config: BestOfNConfig) -> dict[str, Any]:
     rows, source = read_rows(config.data)
     prompts = build_prompts(rows, source, config.template)
     output_dir = prepare_output(config.output_dir)
-    connect(config.cluster)
-    started = time.perf_counter()
-    samples, scores, describe = sample_and_judge(config.model, config.sampling, config.judge, prompts, source)
-    dropped = Dropped()
-    chosen = select(prompts, samples, scores, config, dropped)
-    texts = [prompt_text(prompts[p]) + "\n" + samples[p][j] for p, j, _ in chosen]
-    chosen = [chosen[i] for i in deduplicate(texts, config.filter, dropped)]
-    scored = [x for per_prompt in scores for x in per_prompt if x is not None]
-    out = [
-        {
-            "prompt": prompts[p],
-            "completion": answer(prompts[p], samples[p][j]),
-            "provenance": provenance(
-                "best-of-n",
-                model=config.model,
-                source={"path": config.data.path, "split": config.data.split, "row": p},
-                judge=describe,
-                score=score,
-                rank=sorted((x for x in scores[p] if x is not None), reverse=True).index(score) + 1,
-                scores=scores[p],
-                n=config.sampling.n,
-                sample=j,
-                seed=config.sampling.seed,
-            ),
+    try:
+        connect(config.cluster)
+        started = time.perf_counter()
+        samples, scores, describe = sample_and_judge(config.model, config.sampling, config.judge, prompts, source)
+        dropped = Dropped()
+        chosen = select(prompts, samples, scores, config, dropped)
+        texts = [prompt_text(prompts[p]) + "\n" + samples[p][j] for p, j, _ in chosen]
+        chosen = [chosen[i] for i in deduplicate(texts, config.filter, dropped)]
+        scored = [x for per_prompt in scores for x in per_prompt if x is not None]
+        out = [
+            {
+                "prompt": prompts[p],
+                "completion": answer(prompts[p], samples[p][j]),
+                "provenance": provenance(
+                    "best-of-n",
+                    model=config.model,
+                    source={"path": config.data.path, "split": config.data.split, "row": p},
+                    judge=describe,
+                    score=score,
+                    rank=sorted((x for x in scores[p] if x is not None), reverse=True).index(score) + 1,
+                    scores=scores[p],
+                    n=config.sampling.n,
+                    sample=j,
+                    seed=config.sampling.seed,
+                ),
+            }
+            for p, j, score in chosen
+        ]
+        summary: dict[str, Any] = {
+            "output": str(output_dir / "data.jsonl"),
+            "prompts": len(prompts),
+            "rows": len(out),
+            "mean_score_all": sum(scored) / max(len(scored), 1),
+            "mean_score_kept": sum(score for _, _, score in chosen) / max(len(chosen), 1),
+            "dropped": dict(dropped.reasons),
+            "seconds": round(time.perf_counter() - started, 2),
         }
-        for p, j, score in chosen
-    ]
-    summary: dict[str, Any] = {
-        "output": str(output_dir / "data.jsonl"),
-        "prompts": len(prompts),
-        "rows": len(out),
-        "mean_score_all": sum(scored) / max(len(scored), 1),
-        "mean_score_kept": sum(score for _, _, score in chosen) / max(len(chosen), 1),
-        "dropped": dict(dropped.reasons),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    data = write_dataset(output_dir, out, {**summary, "config": configtree.to_dict(config)})
-    if config.finetune:
-        summary["sft"] = finetune(config, str(data), output_dir / "sft")
+        data = write_dataset(output_dir, out, {**summary, "config": configtree.to_dict(config)})
+        if config.finetune:
+            summary["sft"] = finetune(config, str(data), output_dir / "sft")
+    finally:
+        release_output(output_dir)
     return summary
 
 

@@ -64,9 +64,11 @@ def provenance(command: str, **fields: Any) -> dict[str, Any]:
         release = version("rlhf")
     except PackageNotFoundError:
         release = "unknown"
+    from rlhf.jobs.rundir import scrub
+
     return {
         "command": command,
-        **fields,
+        **scrub(fields),  # a model, dataset or reward URL keeps no credentials
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rlhf": release,
     }
@@ -216,20 +218,42 @@ def preference_pairs(
     return pairs
 
 
-def prepare_output(output_dir: str | Path) -> Path:
-    """The output directory, created; OutputExistsError when it already holds a dataset."""
+def prepare_output(output_dir: str | Path, product: str = "data.jsonl") -> Path:
+    """The output directory, created and locked for this run (:func:`rlhf.jobs.rundir.lock_run_directory`, released
+    by :func:`release_output`); OutputExistsError when it already holds ``product`` (a dataset), JobError when
+    another run is using it."""
+    from rlhf.jobs.rundir import RunDirectoryInUse, lock_run_directory
+    from rlhf.jobs.runner import JobError
+
     path = Path(output_dir).expanduser().resolve()
-    if (path / "data.jsonl").exists():
-        raise OutputExistsError(f"{path} already holds data.jsonl; choose another output_dir (nothing was overwritten)")
     path.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_run_directory(path)
+    except RunDirectoryInUse as exc:
+        raise JobError(f"config key 'output_dir': {exc}") from None
+    if (path / product).exists():
+        release_output(path)
+        raise OutputExistsError(f"{path} already holds {product}; choose another output_dir (nothing was overwritten)")
     return path
 
 
+def release_output(output_dir: Path) -> None:
+    """Release the run lock :func:`prepare_output` took."""
+    from rlhf.jobs.rundir import unlock_run_directory
+
+    unlock_run_directory(output_dir)
+
+
 def write_dataset(output_dir: Path, rows: Sequence[dict[str, Any]], manifest: dict[str, Any]) -> Path:
-    """Write ``data.jsonl`` and ``manifest.json``; the dataset's path."""
+    """Write ``manifest.json`` and then ``data.jsonl``, each whole (``data.jsonl`` marks a finished dataset), with
+    the credentials of any URL in the manifest masked; the dataset's path."""
+    from rlhf.jobs.rundir import atomic_open, scrub, write_atomic
+
+    write_atomic(
+        output_dir / "manifest.json", scrub(json.dumps({"rows": len(rows), **manifest}, indent=2, default=str))
+    )
     data = output_dir / "data.jsonl"
-    with data.open("w") as handle:
+    with atomic_open(data) as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (output_dir / "manifest.json").write_text(json.dumps({"rows": len(rows), **manifest}, indent=2, default=str))
     return data

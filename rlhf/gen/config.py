@@ -74,10 +74,12 @@ class SamplingConfig:
     num_replicas: int = field(default=1, metadata={"help": "vLLM replicas"})
     max_model_len: int = field(default=1024, metadata={"help": "context length of the replicas"})
     app_name: str = field(
-        default="rlhf-generate",
+        default="",
         metadata={
-            "help": "Serve application of the replicas; a running one with this name is reused (its weights are "
-            "replaced by the model's, which must then be a local directory), otherwise it is deployed and deleted"
+            "help": "Serve application of the replicas; empty: rlhf-generate-<id>, this command's own, deployed for "
+            "it and deleted when it ends or is stopped; a name given here: a running application of that name is "
+            "reused (its weights are replaced by the model's, which must then be a local directory), otherwise one "
+            "is deployed and deleted"
         },
     )
     chunk_prompts: int = field(default=256, metadata={"help": "prompts per request wave (the progress bar's unit)"})

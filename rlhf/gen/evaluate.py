@@ -89,9 +89,10 @@ def run(config: EvalConfig) -> dict[str, Any]:
     """Evaluate; write the report; return it."""
     from cluster.connect import connect
     from rlhf.gen import report as report_module
-    from rlhf.gen.common import build_prompts, read_rows
+    from rlhf.gen.common import build_prompts, prepare_output, read_rows, release_output
     from rlhf.gen.judges import check_judge
     from rlhf.gen.templates import fill
+    from rlhf.jobs.rundir import scrub
 
     schema = check_config(config)
     if {"reward", "win_rate"} & set(config.metrics):
@@ -104,25 +105,26 @@ def run(config: EvalConfig) -> dict[str, Any]:
         if needs_reference
         else [None] * len(rows)
     )
-    output_dir = Path(config.output_dir).expanduser().resolve()
-    if (output_dir / "report.json").exists():
-        raise ConfigError(f"config key 'output_dir': {output_dir} already holds report.json; choose another")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    connect(config.cluster)
-    samples, baseline = _generate(config, prompts, source)
-    per_row = [row_scores(s, r, config, schema) for s, r in zip(samples, references, strict=True)]
-    describe = _judge(config, prompts, samples, baseline, per_row)
-    report = {
-        "model": config.model,
-        "baseline": config.baseline,
-        "dataset": f"{config.data.path} ({config.data.split})",
-        "rows": len(rows),
-        "samples_per_prompt": config.sampling.n,
-        "judge": describe,
-        "metrics": _aggregate(per_row, config.metrics),
-    }
-    _write(output_dir, report, prompts, samples, references, per_row, baseline)
-    print(report_module.markdown(report), flush=True)
+    output_dir = prepare_output(config.output_dir, product="report.json")
+    try:
+        connect(config.cluster)
+        samples, baseline = _generate(config, prompts, source)
+        per_row = [row_scores(s, r, config, schema) for s, r in zip(samples, references, strict=True)]
+        describe = _judge(config, prompts, samples, baseline, per_row)
+        report = {
+            "model": config.model,
+            "baseline": config.baseline,
+            "dataset": f"{config.data.path} ({config.data.split})",
+            "rows": len(rows),
+            "samples_per_prompt": config.sampling.n,
+            "judge": describe,
+            "metrics": _aggregate(per_row, config.metrics),
+        }
+        report = scrub(report)  # a model or judge named by a URL keeps no credentials in the files or the log
+        _write(output_dir, report, prompts, samples, references, per_row, baseline)
+        print(report_module.markdown(report), flush=True)
+    finally:
+        release_output(output_dir)
     return report
 
 
@@ -176,16 +178,17 @@ def _write(
 ) -> None:
     """``samples.jsonl`` (every sample and per-row score), ``report.json``, ``report.md`` and ``report.png``."""
     from rlhf.gen import report as report_module
+    from rlhf.jobs.rundir import atomic_open, write_atomic, write_json
 
-    with (output_dir / "samples.jsonl").open("w") as handle:
+    with atomic_open(output_dir / "samples.jsonl") as handle:
         for i, (prompt, texts, reference, scores) in enumerate(zip(prompts, samples, references, per_row, strict=True)):
             row = {"row": i, "prompt": prompt, "reference": reference, "samples": texts, "scores": scores}
             if baseline:
                 row["baseline"] = baseline[i]
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (output_dir / "report.md").write_text(report_module.markdown(report))
+    write_atomic(output_dir / "report.md", report_module.markdown(report))
     report_module.plot(report, output_dir / "report.png")
+    write_json(output_dir / "report.json", report, indent=2)  # last: it marks a finished evaluation
 
 
 def _first_samples(sampler: Any, prompts: list[Any], source: Any) -> list[str]:

@@ -16,7 +16,6 @@ Wilson interval. ``summary.json`` and ``win_rate.png`` record it per round; each
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -47,11 +46,12 @@ def draw(num_prompts: int, per_round: int, round_index: int, seed: int) -> list[
 def run(config: IterativeDPOConfig) -> dict[str, Any]:
     """Run the rounds; return a summary with the judged win rate against the start after each."""
     from cluster.connect import connect
-    from rlhf.gen.common import Dropped, build_prompts, prepare_output, read_rows
+    from rlhf.gen.common import Dropped, build_prompts, prepare_output, read_rows, release_output
     from rlhf.gen.judges import check_judge, open_judge
     from rlhf.gen.metrics import pairwise_outcome, win_rate
     from rlhf.gen.sampler import Sampler
     from rlhf.jobs.dpo import run as dpo
+    from rlhf.jobs.rundir import write_json
 
     check_config(config)
     check_judge(config.judge)
@@ -60,60 +60,63 @@ def run(config: IterativeDPOConfig) -> dict[str, Any]:
     eval_rows, eval_source = read_rows(config.eval_data)
     eval_prompts = build_prompts(eval_rows, eval_source, config.template)
     output_dir = prepare_output(config.output_dir)
-    connect(config.cluster)
-    history: list[dict[str, Any]] = []
-    policy = config.model
-    with (
-        Sampler(config.model, config.sampling) as sampler,
-        open_judge(config.judge, config.model, config.sampling) as judge,
-    ):
-        prompt_ids = sampler.encode(prompts, source)
-        eval_ids = sampler.encode(eval_prompts, eval_source)
-        start_answers = _answers(sampler, eval_ids, "start policy answers")
-        for round_index in range(1, config.rounds + 1):
-            round_dir = output_dir / f"round-{round_index}"
-            picks = draw(len(prompts), config.prompts_per_round, round_index, config.sampling.seed)
-            dropped = Dropped()
-            data = _judged_pairs(
-                config,
-                sampler,
-                judge,
-                policy,
-                [prompts[i] for i in picks],
-                [prompt_ids[i] for i in picks],
-                picks,
-                round_dir,
-                dropped,
-            )
-            result = dpo(_dpo_config(config, policy, data, round_dir / "dpo"))
-            policy = result["final_model"]
-            sampler.load_weights(policy)
-            answers = _answers(sampler, eval_ids, f"round {round_index} answers")
-            margins = judge.compare(eval_prompts, answers, start_answers)
-            outcomes = [pairwise_outcome(m, 0.0) for m in margins if m is not None]
-            rate, low, high = win_rate(outcomes) if outcomes else (float("nan"),) * 3
-            history.append(
-                {
-                    "round": round_index,
-                    "pairs": len(data.read_text().splitlines()),
-                    "dropped": dict(dropped.reasons),
-                    "policy": policy,
-                    "win_rate": rate,
-                    "win_rate_low": low,
-                    "win_rate_high": high,
-                    "judged": len(outcomes),
-                    "unjudged": len(margins) - len(outcomes),
-                    "dpo_loss_first": result.get("first_loss"),
-                    "dpo_loss_last": result.get("last_loss"),
-                }
-            )
-            print(
-                f"round {round_index}: {history[-1]['pairs']} pairs, win rate vs start {rate:.3f} [{low:.3f}, {high:.3f}]",
-                flush=True,
-            )
-    summary = {"output_dir": str(output_dir), "final_model": policy, "rounds": history, "judge": judge.describe}
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    _plot(history, output_dir / "win_rate.png")
+    try:
+        connect(config.cluster)
+        history: list[dict[str, Any]] = []
+        policy = config.model
+        with (
+            Sampler(config.model, config.sampling) as sampler,
+            open_judge(config.judge, config.model, config.sampling) as judge,
+        ):
+            prompt_ids = sampler.encode(prompts, source)
+            eval_ids = sampler.encode(eval_prompts, eval_source)
+            start_answers = _answers(sampler, eval_ids, "start policy answers")
+            for round_index in range(1, config.rounds + 1):
+                round_dir = output_dir / f"round-{round_index}"
+                picks = draw(len(prompts), config.prompts_per_round, round_index, config.sampling.seed)
+                dropped = Dropped()
+                data = _judged_pairs(
+                    config,
+                    sampler,
+                    judge,
+                    policy,
+                    [prompts[i] for i in picks],
+                    [prompt_ids[i] for i in picks],
+                    picks,
+                    round_dir,
+                    dropped,
+                )
+                result = dpo(_dpo_config(config, policy, data, round_dir / "dpo"))
+                policy = result["final_model"]
+                sampler.load_weights(policy)
+                answers = _answers(sampler, eval_ids, f"round {round_index} answers")
+                margins = judge.compare(eval_prompts, answers, start_answers)
+                outcomes = [pairwise_outcome(m, 0.0) for m in margins if m is not None]
+                rate, low, high = win_rate(outcomes) if outcomes else (float("nan"),) * 3
+                history.append(
+                    {
+                        "round": round_index,
+                        "pairs": len(data.read_text().splitlines()),
+                        "dropped": dict(dropped.reasons),
+                        "policy": policy,
+                        "win_rate": rate,
+                        "win_rate_low": low,
+                        "win_rate_high": high,
+                        "judged": len(outcomes),
+                        "unjudged": len(margins) - len(outcomes),
+                        "dpo_loss_first": result.get("first_loss"),
+                        "dpo_loss_last": result.get("last_loss"),
+                    }
+                )
+                print(
+                    f"round {round_index}: {history[-1]['pairs']} pairs, win rate vs start {rate:.3f} [{low:.3f}, {high:.3f}]",
+                    flush=True,
+                )
+        summary = {"output_dir": str(output_dir), "final_model": policy, "rounds": history, "judge": judge.describe}
+        write_json(output_dir / "summary.json", summary, indent=2)
+        _plot(history, output_dir / "win_rate.png")
+    finally:
+        release_output(output_dir)
     return summary
 
 

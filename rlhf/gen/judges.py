@@ -156,7 +156,7 @@ class LLMJudge:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.sampler.__exit__()
+        self.sampler.__exit__(*exc_info)
 
     def _ask(self, questions: list[str], description: str) -> list[str]:
         chat = getattr(self.sampler.tokenizer, "chat_template", None)
@@ -199,7 +199,8 @@ class LLMJudge:
 def open_judge(config: JudgeConfig, generating_model: str, sampling: SamplingConfig) -> Any:
     """The judge of ``config``: a :class:`RewardJudge`, or an :class:`LLMJudge` whose replicas start now.
 
-    An LLM judge gets its own application, ``<sampling.app_name>-judge``, so that it can run
+    An LLM judge gets its own application, ``<sampling.app_name>-judge`` (with no
+    ``sampling.app_name``, one of this run's own: ``rlhf-judge-<id>``), so that it can run
     next to the generating model's replicas, serving the judge model (default: the
     generating model).
     """
@@ -209,8 +210,8 @@ def open_judge(config: JudgeConfig, generating_model: str, sampling: SamplingCon
         return RewardJudge(config)
     from rlhf.gen.sampler import Sampler
 
-    judge_sampling = replace(sampling, app_name=f"{sampling.app_name}-judge", n=1)
-    sampler = Sampler(config.model or generating_model, judge_sampling).__enter__()
+    judge_sampling = replace(sampling, app_name=f"{sampling.app_name}-judge" if sampling.app_name else "", n=1)
+    sampler = Sampler(config.model or generating_model, judge_sampling, role="judge").__enter__()
     try:
         return LLMJudge(config, sampler)
     except BaseException:

@@ -2,9 +2,10 @@
 
 Every data-generation command samples through the same serving stack as RLHF's rollouts
 (:mod:`serving.rollout`): :class:`Sampler` deploys the model's LLMServer replicas on the
-cluster for the length of a ``with`` block (or reuses a running application of the same
-name, loading the model's weights into it) and sends the prompts in waves through the
-deployment's handle, with a progress bar. Prompts are tokenized here exactly as RLHF
+cluster for the length of a ``with`` block, as an application of its own
+(``rlhf-<role>-<id>``) unless ``sampling.app_name`` names one (a running application of
+that name is then reused, the model's weights loaded into it), and sends the prompts in
+waves through the deployment's handle, with a progress bar. Prompts are tokenized here exactly as RLHF
 tokenizes its prompts (:func:`rlhf.data.encode.encode_prompt`: a conversation through the
 model's chat template with the generation prompt, plain text with the tokenizer's special
 tokens), so what a command generates is what the policy would see in training.
@@ -43,11 +44,17 @@ class Completion:
 
 
 class Sampler:
-    """``with Sampler(model, sampling) as sampler: sampler.generate(prompts)`` on the cluster's replicas."""
+    """``with Sampler(model, sampling) as sampler: sampler.generate(prompts)`` on the cluster's replicas.
 
-    def __init__(self, model: str, sampling: SamplingConfig) -> None:
+    ``role`` names the application when ``sampling.app_name`` is empty (``rlhf-<role>-<id>``).
+    """
+
+    def __init__(self, model: str, sampling: SamplingConfig, role: str = "generate") -> None:
+        from rlhf.jobs.rundir import run_app_name
+
         self.model = model
         self.sampling = sampling
+        self.app_name = run_app_name(sampling.app_name, f"rlhf-{role}")
         self.tokenizer: Any = None
         self._client: Any = None
         self._deployment: str | None = None
@@ -69,18 +76,18 @@ class Sampler:
             max_model_len=s.max_model_len,
             max_tokens_limit=s.max_model_len,
         )
-        self._deployment = rollout.deploy(config, s.app_name, timeout_s=s.timeout_s)
+        self._deployment = rollout.deploy(config, self.app_name, timeout_s=s.timeout_s)
         try:
-            self._client = rollout.RolloutClient(MODEL_NAME, app_name=s.app_name)
+            self._client = rollout.RolloutClient(MODEL_NAME, app_name=self.app_name)
             if self._deployment == "reused":
                 if not Path(path).is_dir():
                     raise rollout.RolloutError(
-                        f"Serve application {s.app_name!r} is running already and {self.model} is not a local "
+                        f"Serve application {self.app_name!r} is running already and {self.model} is not a local "
                         "directory whose weights could be loaded into it: set sampling.app_name to a free name"
                     )
                 self._client.sync_weights(path, timeout_s=s.timeout_s)
-        except BaseException:
-            self.__exit__()
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
@@ -88,8 +95,9 @@ class Sampler:
         from serving import rollout
 
         if self._deployment is not None:
-            rollout.release(self.sampling.app_name, self._deployment)
-            self._deployment = None
+            deployment, self._deployment = self._deployment, None
+            # after an error or a stop (SIGTERM, Ctrl-C) the deletion is only requested: the driver may be killed soon
+            rollout.release(self.app_name, deployment, wait=not exc_info or exc_info[0] is None)
 
     def can_load(self, model: str) -> bool:
         """Whether ``model`` is a local directory of the same architecture and shapes as the served one.

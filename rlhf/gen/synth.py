@@ -50,36 +50,40 @@ def run(config: SynthConfig) -> dict[str, Any]:
     """Make the synthetic dataset; return a summary (output, rows, what was dropped)."""
     from cluster.connect import connect
     from rlhf import configtree
-    from rlhf.gen.common import prepare_output, read_rows, write_dataset
+    from rlhf.gen.common import prepare_output, read_rows, release_output, write_dataset
     from rlhf.gen.judges import check_judge
     from rlhf.gen.sampler import Sampler
+    from rlhf.jobs.rundir import atomic_open
 
     if config.mode == "preference":
         check_judge(config.judge)
     rows, source = read_rows(config.data)
     output_dir = prepare_output(config.output_dir)
-    connect(config.cluster)
-    dropped = Dropped()
-    if config.mode == "preference":
-        out = _preference(config, rows, source, dropped)
-    else:
-        from rlhf.gen.common import build_prompts
+    try:
+        connect(config.cluster)
+        dropped = Dropped()
+        if config.mode == "preference":
+            out = _preference(config, rows, source, dropped)
+        else:
+            from rlhf.gen.common import build_prompts
 
-        seeds = [_plain(p) for p in build_prompts(rows, source, config.template)]
-        log: list[dict[str, Any]] = []
-        with Sampler(config.model, config.sampling) as sampler:
-            make = _self_instruct if config.mode == "self_instruct" else _evol_instruct
-            instructions = make(config, seeds, sampler, dropped, log)
-            out = _respond(config, instructions, sampler, dropped, log)
-        with (output_dir / "instructions.jsonl").open("w") as handle:
-            handle.writelines(json.dumps(entry, ensure_ascii=False) + "\n" for entry in log)
-    summary = {
-        "output": str(output_dir / "data.jsonl"),
-        "mode": config.mode,
-        "rows": len(out),
-        "dropped": dict(dropped.reasons),
-    }
-    write_dataset(output_dir, out, {**summary, "config": configtree.to_dict(config)})
+            seeds = [_plain(p) for p in build_prompts(rows, source, config.template)]
+            log: list[dict[str, Any]] = []
+            with Sampler(config.model, config.sampling) as sampler:
+                make = _self_instruct if config.mode == "self_instruct" else _evol_instruct
+                instructions = make(config, seeds, sampler, dropped, log)
+                out = _respond(config, instructions, sampler, dropped, log)
+            with atomic_open(output_dir / "instructions.jsonl") as handle:
+                handle.writelines(json.dumps(entry, ensure_ascii=False) + "\n" for entry in log)
+        summary = {
+            "output": str(output_dir / "data.jsonl"),
+            "mode": config.mode,
+            "rows": len(out),
+            "dropped": dict(dropped.reasons),
+        }
+        write_dataset(output_dir, out, {**summary, "config": configtree.to_dict(config)})
+    finally:
+        release_output(output_dir)
     return summary
 
 

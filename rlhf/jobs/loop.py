@@ -233,20 +233,24 @@ def run_job(config: Any, name: str, kind: str, worker: Callable[[dict[str, Any]]
     import ray
 
     from cluster.connect import connect
-    from rlhf.jobs.runner import check_resume, prepare_output_dir, run_training
+    from rlhf.jobs.runner import check_resume, prepare_output_dir, release_output_dir, run_training
     from rlhf.models.loading import load_tokenizer
 
-    storage = prepare_output_dir(config.train.output_dir)
-    # workers resolve nothing themselves: a relative path means the driver's directory on every node
-    config = replace(config, train=replace(config.train, output_dir=storage.location))
-    if config.train.resume == "never":
-        check_resume(config, name, total_steps=10**12)  # refuse before any work
-    tokenizer = load_tokenizer(config.model)
-    train, evaluation = prepare_data(config, tokenizer, kind)
-    steps = total_steps(config, len(train))
-    check_resume(config, name, steps)
-    connect(config.cluster)
-    payload = {"train": ray.put(train), "eval": ray.put(evaluation) if evaluation else None, "total_steps": steps}
+    storage = prepare_output_dir(config.train.output_dir)  # the directory's run lock is this run's from here
+    try:
+        # workers resolve nothing themselves: a relative path means the driver's directory on every node
+        config = replace(config, train=replace(config.train, output_dir=storage.location))
+        if config.train.resume == "never":
+            check_resume(config, name, total_steps=10**12)  # refuse before any work
+        tokenizer = load_tokenizer(config.model)
+        train, evaluation = prepare_data(config, tokenizer, kind)
+        steps = total_steps(config, len(train))
+        check_resume(config, name, steps)
+        connect(config.cluster)
+        payload = {"train": ray.put(train), "eval": ray.put(evaluation) if evaluation else None, "total_steps": steps}
+    except BaseException:  # run_training releases it from here on
+        release_output_dir(storage)
+        raise
     records = run_training(worker, config, storage, payload, name, steps)
     return summarize(records, storage)
 

@@ -48,6 +48,9 @@ def plot_curves(
         axis.axis("off")
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    from rlhf.jobs.rundir import atomic_open
+
+    with atomic_open(path, "wb") as handle:  # a curve file is whole or absent, like every run artefact
+        figure.savefig(handle, dpi=100, format="png")
     plt.close(figure)
     return path

@@ -40,6 +40,7 @@ import torch
 
 from rlhf import configtree
 from rlhf.config import PPOConfig
+from rlhf.jobs.rundir import write_json
 from rlhf.jobs.runner import JobError
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,6 @@ def check_config(config: PPOConfig) -> None:
                 f"roles.{role}_workers={workers} x algorithm.mini_batches={algorithm.mini_batches} must divide the "
                 f"batch of rollout.prompts_per_step x rollout.group_size = {batch} sequences"
             )
-    if rollout.truncated_is is not None and rollout.temperature != 1.0:
-        raise JobError(
-            "rollout.truncated_is needs rollout.temperature=1: the replicas return log-probs at temperature 1"
-        )
     from rlhf.jobs.storage import is_uri
 
     if is_uri(config.train.output_dir):
@@ -240,6 +237,7 @@ def build_roles(config: PPOConfig) -> Roles:
                 configtree.to_dict(policy_engine),
                 optimizer_steps,
                 config.train.seed,
+                algorithm.disable_dropout,
             ),
             roles.reward.submit("build", config.reward),
         ]
@@ -254,6 +252,7 @@ def build_roles(config: PPOConfig) -> Roles:
                     configtree.to_dict(value_engine),
                     optimizer_steps,
                     config.train.seed,
+                    algorithm.disable_dropout,
                 )
             )
         for call in calls:
@@ -267,31 +266,56 @@ def build_roles(config: PPOConfig) -> Roles:
 # ---- checkpoints -----------------------------------------------------------------------
 
 
-def latest_checkpoint(output_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest complete checkpoint (its ``state.json`` is written last) and its driver state."""
+def _checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, directory)`` of every ``checkpoints/step-N``, newest first."""
     found = []
     for directory in (output_dir / "checkpoints").glob("step-*"):
-        state_file = directory / "state.json"
-        if state_file.is_file():
-            found.append((int(directory.name.split("-")[1]), directory))
-    if not found:
-        return None
-    _, directory = max(found)
-    return directory, json.loads((directory / "state.json").read_text())
+        step = directory.name.removeprefix("step-")
+        if step.isdigit() and directory.is_dir():
+            found.append((int(step), directory))
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(output_dir: Path, warn: bool = False) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete checkpoint and its driver state.
+
+    ``state.json`` is written last, whole (renamed into place): a newer checkpoint without a
+    readable one was cut short and is passed over (``warn``: with a warning naming it).
+    """
+    for _, directory in _checkpoint_dirs(output_dir):
+        try:
+            state = json.loads((directory / "state.json").read_text())
+            if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+                raise ValueError(f"no step in {state!r:.80}")
+        except (OSError, ValueError) as exc:
+            if warn:
+                reason = "no state.json" if isinstance(exc, FileNotFoundError) else f"unreadable state.json: {exc}"
+                log.warning("checkpoint %s is incomplete (%s); resuming from an earlier one", directory, reason)
+            continue
+        return directory, state
+    return None
 
 
 def checkpoint(roles: Roles, output_dir: Path, state: dict[str, Any], keep: int, timeout_s: float) -> Path:
-    """Save every trainable group and the driver's state under ``checkpoints/step-N``; keep the newest ``keep``."""
+    """Save every trainable group and the driver's state under ``checkpoints/step-N``; keep the newest ``keep``.
+
+    ``state.json`` goes last and whole, so only a complete checkpoint has one. A directory left at
+    this step, or at a later one, by an earlier attempt (a run resumed from before it) is removed
+    first: its ``state.json`` must not vouch for shards this run writes, or count among the kept.
+    """
     directory = output_dir / "checkpoints" / f"step-{state['step']}"
+    for step, old in _checkpoint_dirs(output_dir):
+        if step >= state["step"]:
+            (old / "state.json").unlink(missing_ok=True)  # first: what is left of it is then never loaded
+            shutil.rmtree(old, ignore_errors=True)
     calls = [roles.policy.submit("save_checkpoint", str(directory / "policy"), timeout_s=timeout_s)]
     if roles.value is not None:
         calls.append(roles.value.submit("save_checkpoint", str(directory / "value"), timeout_s=timeout_s))
     for call in calls:
         call.result()
-    (directory / "state.json").write_text(json.dumps(state))
-    steps = sorted(int(d.name.split("-")[1]) for d in (output_dir / "checkpoints").glob("step-*"))
-    for old in steps[:-keep]:
-        shutil.rmtree(output_dir / "checkpoints" / f"step-{old}", ignore_errors=True)
+    write_json(directory / "state.json", state)
+    for _, old in _checkpoint_dirs(output_dir)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
     return directory
 
 
@@ -379,6 +403,12 @@ def old_logprobs_in_update(roles: Roles, config: PPOConfig) -> bool:
     )
 
 
+def reward_inputs(samples: list[Any], prompts: list[dict]) -> tuple[list[Any], list[str]]:
+    """What the reward scores: each sample's prompt as the data holds it (a string or a message list, not the
+    policy's chat-template rendering) and its response text."""
+    return [prompts[s.prompt_index]["prompt"] for s in samples], [s.text for s in samples]
+
+
 def make_experience(roles: Roles, samples: list[Any], prompts: list[dict], config: PPOConfig, pad_id: int) -> dict:
     """Sequences of the samples plus, computed in parallel by the groups: log-probs, reference log-probs, values, scores.
 
@@ -397,8 +427,7 @@ def make_experience(roles: Roles, samples: list[Any], prompts: list[dict], confi
         reference_call, reference_slices = _sharded_pass(roles.reference, "logprobs", batch, mbs, temperature)
     if roles.value is not None:
         value_call, value_slices = _sharded_pass(roles.value, "values", batch, config.value_engine.micro_batch_size)
-    texts = [prompts[s.prompt_index]["prompt_text"] for s in samples]
-    responses = [s.text for s in samples]
+    texts, responses = reward_inputs(samples, prompts)
     reward_slices = split_rows(len(samples), roles.reward.world_size)
     reward_call = roles.reward.submit_sharded(
         "score",
@@ -527,8 +556,8 @@ def train_value(roles: Roles, experience: dict, config: PPOConfig, step: int) ->
 
 
 def train_policy(roles: Roles, experience: dict, config: PPOConfig, step: int, kl_coef: float) -> dict[str, float]:
-    """The policy's clipped-surrogate update."""
-    from rlhf.rl.workers import PolicyLossSettings
+    """The policy's update on the clipped surrogate (+ entropy, + KL when it is a loss term)."""
+    from rlhf.algos.objective import PolicyObjective
 
     keys = ["old_logprobs", "advantages", "importance_weights", "rollout_logprobs"]
     kl_in_loss = config.kl.placement == "loss" and roles.reference is not None
@@ -538,16 +567,15 @@ def train_policy(roles: Roles, experience: dict, config: PPOConfig, step: int, k
         experience, keys, roles.policy.world_size, config.engine.micro_batch_size, config, step
     )
     algorithm = config.algorithm
-    settings = PolicyLossSettings(
+    objective = PolicyObjective(
         clip_low=algorithm.clip_low,
         clip_high=algorithm.clip_high,
         aggregation=algorithm.aggregation,
         entropy_coef=algorithm.entropy_coef,
-        kl_coef_in_loss=kl_coef if kl_in_loss else 0.0,
+        kl_coef=kl_coef if kl_in_loss else 0.0,
         kl_estimator=config.kl.estimator,
-        temperature=config.rollout.temperature,
     )
-    results = roles.policy.call_sharded("train", shards, denominators, settings.__dict__)
+    results = roles.policy.call_sharded("train", shards, denominators, objective, config.rollout.temperature)
     metrics = _combine(results, extensive=("policy_loss",))
     metrics["policy_loss"] /= len(denominators)
     return metrics
@@ -591,10 +619,9 @@ def sync_weights(roles: Roles, rollout: Any, weights_dir: Path, config: PPOConfi
 def evaluate(rollout: Any, roles: Roles, prompts: list[dict], config: PPOConfig, seed: int) -> dict[str, float]:
     """Mean reward and response length of one sample per held-out prompt."""
     samples = generate(rollout, prompts, config, seed, n=1)
-    texts = [prompts[s.prompt_index]["prompt_text"] for s in samples]
     scores = roles.reward.call_sharded(
         "score",
-        [(texts, [s.text for s in samples])] + [([], [])] * (roles.reward.world_size - 1),
+        [reward_inputs(samples, prompts)] + [([], [])] * (roles.reward.world_size - 1),
         config.reward_timeout_s,
         timeout_s=config.reward_timeout_s + 30,
     )[0]
@@ -670,29 +697,35 @@ def rl_step(
 def prepare(config: PPOConfig) -> tuple[Path, dict[str, Any], Any, str]:
     """Check everything that can be checked before the cluster is used; the output directory, the state to start
     from (a checkpoint's, when resuming), the tokenizer and a description of the reward."""
-    from rlhf.jobs.runner import prepare_output_dir, write_config
+    from rlhf.jobs.runner import prepare_output_dir, release_output_dir, write_config
     from rlhf.models.loading import load_tokenizer
 
     check_config(config)
     output_dir = Path(config.train.output_dir).expanduser().resolve()
-    prepare_output_dir(str(output_dir))
-    if (output_dir / "final").is_dir():
-        raise JobError(f"{output_dir} holds a finished run (final/); choose another train.output_dir")
-    tokenizer = load_tokenizer(config.policy)
-    reward_description = check_reward(config)
-    write_config(config, output_dir)
-    state = {"step": 0, "kl_coef": config.kl.coefficient, "prompt_position": 0}
-    resumed = latest_checkpoint(output_dir)
-    if resumed is not None:
-        if config.train.resume == "never":
-            raise JobError(f"{output_dir} has checkpoints (resume=never): choose another train.output_dir")
-        state = resumed[1]
-        print(f"resuming from {resumed[0]} (step {state['step']})", flush=True)
+    storage = prepare_output_dir(str(output_dir))  # the directory's run lock is this run's from here
+    try:
+        # final/ is renamed into place once whole and summary.json is written after it: both mean a finished run
+        if (output_dir / "final").is_dir() and (output_dir / "summary.json").is_file():
+            raise JobError(f"{output_dir} holds a finished run (final/, summary.json); choose another train.output_dir")
+        tokenizer = load_tokenizer(config.policy)
+        reward_description = check_reward(config)
+        write_config(config, output_dir)
+        state = {"step": 0, "kl_coef": config.kl.coefficient, "prompt_position": 0}
+        resumed = latest_checkpoint(output_dir, warn=True)
+        if resumed is not None:
+            if config.train.resume == "never":
+                raise JobError(f"{output_dir} has checkpoints (resume=never): choose another train.output_dir")
+            state = resumed[1]
+            print(f"resuming from {resumed[0]} (step {state['step']})", flush=True)
+    except BaseException:
+        release_output_dir(storage)
+        raise
     return output_dir, state, tokenizer, reward_description
 
 
-def deploy_rollouts(config: PPOConfig) -> str:
-    """Deploy (or find) the policy's rollout replicas; how, for :func:`serving.rollout.release`."""
+def deploy_rollouts(config: PPOConfig, app_name: str) -> str:
+    """Deploy (or, with a name the user gave, find) the policy's rollout replicas as the Serve application
+    ``app_name``; how, for :func:`serving.rollout.release`."""
     from rlhf.config import ServeConfig
     from rlhf.models.loading import resolve
     from serving.rollout import deploy
@@ -708,7 +741,7 @@ def deploy_rollouts(config: PPOConfig) -> str:
     )
     resolve(config.policy.name_or_path)  # builds the embedded tiny model on first use, before a replica loads it
     weight_transfer = r.weight_sync == "transfer"
-    return deploy(serve_config, r.app_name, timeout_s=config.roles.call_timeout_s, weight_transfer=weight_transfer)
+    return deploy(serve_config, app_name, timeout_s=config.roles.call_timeout_s, weight_transfer=weight_transfer)
 
 
 def close_step(
@@ -747,40 +780,53 @@ def check_recoverable(error: Any, failures: int, config: PPOConfig, step: int) -
 
 
 def run(config: PPOConfig) -> dict[str, Any]:
-    """Run RLHF as configured; return a summary (rewards before and after, final model, steps, failures)."""
+    """Run RLHF as configured; return a summary (rewards before and after, final model, steps, failures).
+
+    The run holds its output directory's lock throughout. Its rollout application is
+    ``rollout.app_name``, or when that is empty one named for this run (``rlhf-rollout-<id>``);
+    what the run deployed is deleted when it ends, fails or is stopped (SIGTERM, which Ray's
+    driver turns into ``SystemExit``, or Ctrl-C): the deletion is requested first, without
+    waiting, since ``rlhf jobs stop`` kills a driver 3 s after its SIGTERM.
+    """
     from cluster.connect import connect
     from cluster.groups import GroupError
     from rlhf.jobs.progress import RunLog
+    from rlhf.jobs.rundir import atomic_dir, run_app_name, unlock_run_directory
     from serving.rollout import RolloutClient, release
 
     output_dir, state, tokenizer, reward_description = prepare(config)
-    prompts, eval_prompts = load_prompts(config, tokenizer)
-    connect(config.cluster)
     r, total = config.rollout, config.train.max_steps
-    deployment = deploy_rollouts(config)
+    app_name = run_app_name(r.app_name, "rlhf-rollout")
     weights_dir = output_dir / "rollout-weights"
+    deployment: str | None = None
     roles: Roles | None = None
+    run_log: RunLog | None = None
     records: list[dict[str, Any]] = []
     failures = 0
-    run_log = RunLog(
-        output_dir,
-        total,
-        "ppo",
-        postfix=("reward_mean", "kl", "logprob_gap_mean"),
-        panels=PANELS,
-        initial_step=state["step"],
-    )
+    finished = False
 
     def log(record: dict[str, Any]) -> None:
         records.append(record)
         run_log.write([record])
 
     try:
-        client = RolloutClient(POLICY_MODEL_NAME, app_name=r.app_name)
+        prompts, eval_prompts = load_prompts(config, tokenizer)
+        connect(config.cluster)
+        deployment = deploy_rollouts(config, app_name)
+        run_log = RunLog(
+            output_dir,
+            total,
+            "ppo",
+            postfix=("reward_mean", "kl", "logprob_gap_mean"),
+            panels=PANELS,
+            initial_step=state["step"],
+        )
+        client = RolloutClient(POLICY_MODEL_NAME, app_name=app_name)
         step, kl_coef = state["step"], state["kl_coef"]
         print(
             f"ppo: estimator {config.algorithm.estimator}, reward {reward_description}, "
-            f"{r.num_replicas} rollout replica(s), {r.prompts_per_step} prompts x {r.group_size} samples per step",
+            f"{r.num_replicas} rollout replica(s) (Serve application {app_name!r}), "
+            f"{r.prompts_per_step} prompts x {r.group_size} samples per step",
             flush=True,
         )
         while step < total:
@@ -809,17 +855,27 @@ def run(config: PPOConfig) -> dict[str, Any]:
                 if roles is not None:
                     roles.kill()
                 roles = None
+        if roles is None:  # resumed from a checkpoint of the last step: only the export was left to do
+            roles, step, kl_coef = start_roles(config, client, output_dir, weights_dir, step, kl_coef)
         if eval_prompts:
             log({"kind": "eval", "step": step, **evaluate(client, roles, eval_prompts, config, config.train.seed)})
-        final = roles.policy.call("export", str(output_dir / "final"), timeout_s=config.roles.call_timeout_s)[0]
+        with atomic_dir(output_dir / "final") as export_dir:  # final/ appears whole, or not at all
+            roles.policy.call("export", str(export_dir), timeout_s=config.roles.call_timeout_s)
+        summary = summarize(records, output_dir, str(output_dir / "final"), failures)
+        finished = True
     except GroupError as error:
         raise JobError(f"rlhf ppo failed: {error}") from None
     finally:
-        run_log.close()
-        if roles is not None:
-            roles.kill()
-        release(r.app_name, deployment)
-    return summarize(records, output_dir, final, failures)
+        try:
+            if deployment is not None:
+                release(app_name, deployment, wait=finished)
+            if roles is not None:
+                roles.kill()
+            if run_log is not None:
+                run_log.close()
+        finally:
+            unlock_run_directory(output_dir)
+    return summary
 
 
 def summarize(records: list[dict[str, Any]], output_dir: Path, final: str, failures: int) -> dict[str, Any]:
@@ -841,5 +897,5 @@ def summarize(records: list[dict[str, Any]], output_dir: Path, final: str, failu
         }
     if len(evals) >= 2:
         summary |= {"eval_reward_before": evals[0]["eval_reward"], "eval_reward_after": evals[-1]["eval_reward"]}
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(output_dir / "summary.json", summary, indent=2)  # last: with final/, it marks a finished run
     return summary

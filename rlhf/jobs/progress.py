@@ -8,10 +8,14 @@ many, since nothing depends on a shared filesystem.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import threading
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class MetricsSink:
@@ -71,6 +75,7 @@ class RunLog:
         self.postfix = postfix
         self.panels = panels
         self.records: list[dict[str, Any]] = []
+        _drop_torn_line(self.metrics_path)
         self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
         self.bar = tqdm(total=total_steps, initial=initial_step, desc=description, unit="step", dynamic_ncols=True)
 
@@ -101,14 +106,36 @@ class RunLog:
         self.tensorboard.close()
         from rlhf.jobs.plots import PANELS, plot_curves
 
-        history = (
-            [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
-            if self.metrics_path.exists()
-            else []
-        )
+        history = read_records(self.metrics_path)
         plot_curves(
             history, self.output_dir / "curves.png", f"{self.description}: {self.output_dir}", self.panels or PANELS
         )
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (none when it does not exist), without a line a crash cut short."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records
+
+
+def _drop_torn_line(path: Path) -> None:
+    """Cut a last line without its newline (a process killed mid-append) so that appended records start a line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as handle:
+        handle.seek(-1, 2)
+        if handle.read(1) == b"\n":
+            return
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    log.warning("%s: dropping its last line, cut short by an earlier run (%d bytes)", path, len(data) - keep)
+    with path.open("r+b") as handle:
+        handle.truncate(keep)
 
 
 class ProgressMonitor:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import configtree
+from rlhf.jobs.rundir import RunDirectoryInUse, lock_run_directory, scrub, unlock_run_directory, write_atomic
 from rlhf.jobs.storage import RunStorage, redact
 
 log = logging.getLogger(__name__)
@@ -23,21 +24,40 @@ class JobError(RuntimeError):
 
 
 def prepare_output_dir(output_dir: str) -> RunStorage:
-    """Create ``output_dir`` (a path or a storage URI) and check it is writable, before anything is launched."""
+    """Create ``output_dir`` (a path or a storage URI), check it is writable and take its run lock, before anything
+    is launched.
+
+    The lock (:func:`rlhf.jobs.rundir.lock_run_directory`; of the local staging directory for a
+    URI) is this process's until :func:`release_output_dir` or its end; a directory another run
+    holds is refused naming that run.
+    """
     storage = RunStorage(output_dir)
     try:
         storage.check_writable()
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[-1]
         raise JobError(f"train.output_dir {redact(output_dir)!r} is not writable: {reason}") from None
+    try:
+        lock_run_directory(storage.staging)
+    except RunDirectoryInUse as exc:
+        raise JobError(f"train.output_dir: {exc}") from None
     return storage
 
 
+def release_output_dir(storage: RunStorage) -> None:
+    """Release the run lock :func:`prepare_output_dir` took."""
+    unlock_run_directory(storage.staging)
+
+
 def write_config(config: Any, output_dir: Path) -> None:
-    """Save the resolved config tree as ``config.yaml`` in the run directory."""
+    """Save the resolved config tree as ``config.yaml`` in the run directory, whole, with credentials masked.
+
+    URLs keep everything but their user/password and secret query values (``REDACTED``,
+    :func:`rlhf.jobs.rundir.scrub`): the file records the run; nothing reads it back.
+    """
     import yaml
 
-    (output_dir / "config.yaml").write_text(yaml.safe_dump(configtree.to_dict(config), sort_keys=False))
+    write_atomic(output_dir / "config.yaml", yaml.safe_dump(scrub(configtree.to_dict(config)), sort_keys=False))
 
 
 def run_training(
@@ -50,7 +70,8 @@ def run_training(
 ) -> list[dict[str, Any]]:
     """Run ``worker_fn`` on ``config.cluster.num_workers`` Ray Train workers; return the metric records.
 
-    The caller has connected to Ray and checked the output location (:func:`prepare_output_dir`).
+    The caller has connected to Ray and checked the output location (:func:`prepare_output_dir`); its run
+    lock is released when this returns or raises.
     ``payload`` holds object refs (the tokenized data) each worker reads; the config
     travels as plain data and is rebuilt, typed, on every worker.
     """
@@ -61,41 +82,46 @@ def run_training(
     from rlhf.jobs.progress import MetricsSink, ProgressMonitor
 
     output_dir = storage.staging
-    write_config(config, output_dir)
-    sink = ray.remote(MetricsSink).options(num_cpus=0).remote()
-    cluster = config.cluster
-    use_gpu = cluster.gpus_per_worker > 0
-    resources = {"CPU": cluster.cpus_per_worker} | ({"GPU": cluster.gpus_per_worker} if use_gpu else {})
-    trainer = TorchTrainer(
-        worker_fn,
-        train_loop_config={"config": configtree.to_dict(config), "sink": sink, **payload},
-        torch_config=TorchConfig(
-            backend="nccl" if use_gpu else "gloo", timeout_s=int(config.engine.collective_timeout_s)
-        ),
-        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage.child("ray"),
-            failure_config=FailureConfig(max_failures=config.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
-        ),
-    )
-    metrics_path = output_dir / "metrics.jsonl"
-    if storage.latest_checkpoint_step(name) is None:  # a fresh run; a resumed one appends
-        metrics_path.unlink(missing_ok=True)
-    elif storage.remote:
-        storage.download(metrics_path, "metrics.jsonl")
     try:
-        with ProgressMonitor(sink, output_dir, total_steps, name) as monitor:
-            try:
-                trainer.fit()
-            except Exception as exc:
-                raise JobError(f"{name} failed: {_root_cause(exc)}") from exc
+        write_config(config, output_dir)
+        sink = ray.remote(MetricsSink).options(num_cpus=0).remote()
+        cluster = config.cluster
+        use_gpu = cluster.gpus_per_worker > 0
+        resources = {"CPU": cluster.cpus_per_worker} | ({"GPU": cluster.gpus_per_worker} if use_gpu else {})
+        trainer = TorchTrainer(
+            worker_fn,
+            train_loop_config={"config": configtree.to_dict(config), "sink": sink, **payload},
+            torch_config=TorchConfig(
+                backend="nccl" if use_gpu else "gloo", timeout_s=int(config.engine.collective_timeout_s)
+            ),
+            scaling_config=ScalingConfig(
+                num_workers=cluster.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            ),
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage.child("ray"),
+                failure_config=FailureConfig(max_failures=config.train.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+            ),
+        )
+        metrics_path = output_dir / "metrics.jsonl"
+        if storage.latest_checkpoint_step(name) is None:  # a fresh run; a resumed one appends
+            metrics_path.unlink(missing_ok=True)
+        elif storage.remote:
+            storage.download(metrics_path, "metrics.jsonl")
+        try:
+            with ProgressMonitor(sink, output_dir, total_steps, name) as monitor:
+                try:
+                    trainer.fit()
+                except Exception as exc:
+                    raise JobError(f"{name} failed: {_root_cause(exc)}") from exc
+        finally:
+            if storage.remote:
+                for artefact in ("config.yaml", "metrics.jsonl", "curves.png", "tensorboard"):
+                    if (output_dir / artefact).exists():
+                        storage.upload(output_dir / artefact, artefact)
     finally:
-        if storage.remote:
-            for artefact in ("config.yaml", "metrics.jsonl", "curves.png", "tensorboard"):
-                if (output_dir / artefact).exists():
-                    storage.upload(output_dir / artefact, artefact)
+        release_output_dir(storage)
     return monitor.records
 
 

@@ -161,11 +161,16 @@ class RunStorage:
 def export_to(storage: RunStorage, export: object, *names: str) -> None:
     """Run ``export(directory)`` into a local directory and place the result at ``names`` under ``storage``.
 
-    Locally the export writes in place; for a URI it writes to a temporary directory
-    that is uploaded and removed.
+    Locally the export writes to a temporary directory beside the target that is renamed
+    into place once complete (a crash mid-export leaves no partial ``final/``); for a URI
+    it writes to a temporary directory that is uploaded and removed. Every rank may call
+    it: only a rank whose ``export`` writes the directory places it.
     """
     if not storage.remote:
-        export(Path(storage.child(*names)))
+        from rlhf.jobs.rundir import atomic_dir
+
+        with atomic_dir(Path(storage.child(*names))) as directory:
+            export(directory)
         return
     with tempfile.TemporaryDirectory(prefix="rlhf-export-") as directory:
         if export(Path(directory)) is not None:

@@ -146,6 +146,33 @@ def load_scalar_model(config: ModelConfig, trainable: bool = True) -> PreTrained
     return model
 
 
+DROPOUT_ATTRIBUTES = ("dropout", "attention_dropout", "attn_dropout", "dropout_p", "activation_dropout")
+"""Float attributes through which attention modules apply dropout themselves (Llama/Qwen: ``attention_dropout``;
+OPT/BART: ``dropout``), besides ``nn.Dropout`` modules (GPT-2, peft's LoRA dropout)."""
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout probability of ``model`` to 0 (its saved config is left as it is); return how many.
+
+    ``eval()`` would also stop dropout, but it stops gradient checkpointing too, so the training mode stays
+    and the probabilities go to 0 instead: ``nn.Dropout`` modules and the float attributes of
+    :data:`DROPOUT_ATTRIBUTES` that attention modules read when training.
+    """
+    import torch
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            changed += 1
+        for name in DROPOUT_ATTRIBUTES:
+            value = getattr(module, name, None)
+            if isinstance(value, float) and not isinstance(value, bool) and value > 0:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
+
+
 def apply_lora(model: PreTrainedModel, lora: LoraConfig, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
     """Wrap ``model`` with peft LoRA adapters; a scalar head stays fully trainable."""
     from peft import LoraConfig as PeftLoraConfig

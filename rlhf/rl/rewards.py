@@ -34,8 +34,11 @@ interrupt a function safely, and running it in another thread would break reward
 (prompts as above: strings or message lists); a 2xx answer with the JSON body
 ``{"rewards": [number, ...]}``, one finite number per response, in order. Each call gets one request
 and answers within ``timeout_s``: an endpoint that is down, one that is slow, a non-2xx status (the
-error quotes the start of the body), a body that is not that JSON, or a wrong number of rewards, each
-raise :class:`RewardError` (:class:`RewardTimeoutError`, also a ``TimeoutError``, for the slow ones).
+error quotes the start of the body), a body that is not that JSON or is larger than 8 MiB
+(:data:`MAX_RESPONSE_BYTES`), or a wrong number of rewards, each raise :class:`RewardError`
+(:class:`RewardTimeoutError`, also a ``TimeoutError``, for the slow ones). A call given up at its
+deadline closes its connection rather than reading on. Errors show the URL without its
+``user:password@`` and query.
 
 **Reward models** are scored exactly as ``rlhf rm`` trained them: each (prompt, response) is encoded
 like a preference example's chosen side (:func:`rlhf.data.encode.encode_sft`: for a plain prompt
@@ -60,6 +63,7 @@ import numbers
 import pkgutil
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -71,6 +75,8 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 DEFAULT_TIMEOUT_S = 60.0
+MAX_RESPONSE_BYTES = 8 << 20
+"""The largest answer an HTTP reward endpoint may give (8 MiB: a reward list is a few bytes per response)."""
 FORMS = (
     "an http(s) URL of a reward endpoint",
     "a reward-model directory written by `rlhf rm` (its final/ folder)",
@@ -294,18 +300,25 @@ class FunctionReward:
 
 
 class HTTPReward:
-    """A remote reward endpoint speaking the JSON protocol of the module docstring."""
+    """A remote reward endpoint speaking the JSON protocol of the module docstring.
 
-    def __init__(self, url: str) -> None:
+    An answer is read up to ``max_response_bytes`` (more is a :class:`RewardError`: a reward
+    list is a few bytes per response), and a call the caller gave up on (its deadline passed)
+    closes its connection at the next bytes that arrive, or at httpx's own read timeout,
+    instead of reading on.
+    """
+
+    def __init__(self, url: str, max_response_bytes: int = MAX_RESPONSE_BYTES) -> None:
         import httpx
 
         try:
             parsed = httpx.URL(url)
         except httpx.InvalidURL as exc:
-            raise RewardError(f"config key 'reward': {url!r} is not a valid URL: {exc}") from None
+            raise RewardError(f"config key 'reward': {_without_credentials(url)!r} is not a valid URL: {exc}") from None
         if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise RewardError(f"config key 'reward': {url!r} is not an http(s) URL with a host")
+            raise RewardError(f"config key 'reward': {_without_credentials(url)!r} is not an http(s) URL with a host")
         self.url = url
+        self.max_response_bytes = max_response_bytes
         self._shown = str(parsed.copy_with(userinfo=b"", query=None))  # errors never print credentials
         self._source = f"reward endpoint {self._shown}"
         self._client = httpx.Client()
@@ -328,59 +341,76 @@ class HTTPReward:
             body = json.dumps({"prompts": list(prompts), "responses": list(responses)})
         except (TypeError, ValueError) as exc:
             raise RewardError(f"the batch for {self._source} cannot be sent as JSON: {exc}") from None
-        response = self._post(body, timeout_s)
-        return self._rewards(response, len(responses))
+        response, content = self._post(body, timeout_s)
+        return self._rewards(response, content, len(responses))
 
-    def _post(self, body: str, timeout_s: float) -> httpx.Response:
-        """One POST under a hard deadline.
+    def _post(self, body: str, timeout_s: float) -> tuple[httpx.Response, bytes]:
+        """One POST under a hard deadline; the response (its status and headers) and its body.
 
         httpx's timeouts bound each phase (connect, write, every read) separately, so a server that
-        trickles its answer could take longer; the request runs in a thread and is abandoned at the
-        deadline (its own per-phase timeouts end it soon after).
+        trickles its answer could take longer; the request runs in a thread, abandoned at the
+        deadline, which then stops reading and closes its connection itself.
         """
         import httpx
 
         outcome: dict[str, Any] = {}
         done = threading.Event()
+        deadline = time.monotonic() + timeout_s
 
         def post() -> None:
             try:
-                outcome["response"] = self._client.post(
-                    self.url, content=body, headers={"Content-Type": "application/json"}, timeout=timeout_s
-                )
+                headers = {"Content-Type": "application/json"}
+                with self._client.stream("POST", self.url, content=body, headers=headers, timeout=timeout_s) as answer:
+                    outcome["content"] = self._read(answer, deadline)
+                    outcome["response"] = answer
             except Exception as exc:
                 outcome["error"] = exc
             finally:
                 done.set()
 
         threading.Thread(target=post, name="rlhf-http-reward", daemon=True).start()
-        if not done.wait(timeout_s) or isinstance(outcome.get("error"), httpx.TimeoutException):
+        if not done.wait(timeout_s) or isinstance(outcome.get("error"), httpx.TimeoutException | _Abandoned):
             raise RewardTimeoutError(
                 f"{self._source} gave no answer within the timeout of {timeout_s:g} s "
                 "(a server that is down or overloaded, or a batch too slow to score)"
             )
         error = outcome.get("error")
+        if isinstance(error, RewardError):
+            raise error
         if isinstance(error, httpx.ConnectError):
             raise RewardError(f"{self._source} is not reachable ({error}); is the reward server running?") from None
         if isinstance(error, httpx.HTTPError):
             raise RewardError(f"request to {self._source} failed: {type(error).__name__}: {error}") from None
         if error is not None:
             raise RewardError(f"request to {self._source} failed: {type(error).__name__}: {error}") from error
-        return outcome["response"]
+        return outcome["response"], outcome["content"]
 
-    def _rewards(self, response: httpx.Response, expected: int) -> list[float]:
+    def _read(self, answer: httpx.Response, deadline: float) -> bytes:
+        """The body of ``answer``, read until it ends, passes ``max_response_bytes`` or outlives ``deadline``."""
+        chunks, size = [], 0
+        for chunk in answer.iter_bytes():
+            size += len(chunk)
+            if size > self.max_response_bytes:
+                raise RewardError(
+                    f"{self._source} answered with more than {self.max_response_bytes} bytes (HTTP "
+                    f"{answer.status_code}); a reward list is a few bytes per response"
+                )
+            if time.monotonic() > deadline:
+                raise _Abandoned  # the caller has given up: leaving the stream closes the connection
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _rewards(self, response: httpx.Response, content: bytes, expected: int) -> list[float]:
+        text = content.decode("utf-8", errors="replace")
         if not response.is_success:
             moved = f" (to {response.headers.get('location')})" if response.is_redirect else ""
             raise RewardError(
-                f"{self._source} answered HTTP {response.status_code} {response.reason_phrase}{moved}: "
-                f"{_excerpt(response.text)}"
+                f"{self._source} answered HTTP {response.status_code} {response.reason_phrase}{moved}: {_excerpt(text)}"
             )
         try:
-            answer = response.json()
+            answer = json.loads(content)
         except ValueError:
-            raise RewardError(
-                f"{self._source} answered with a body that is not JSON: {_excerpt(response.text)}"
-            ) from None
+            raise RewardError(f"{self._source} answered with a body that is not JSON: {_excerpt(text)}") from None
         rewards = answer.get("rewards") if isinstance(answer, dict) else None
         if not isinstance(rewards, list):
             raise RewardError(
@@ -389,6 +419,15 @@ class HTTPReward:
         if len(rewards) != expected:
             raise RewardError(f"{self._source} returned {len(rewards)} rewards for {expected} responses")
         return [_as_reward(value, self._source, row) for row, value in enumerate(rewards)]
+
+
+class _Abandoned(Exception):
+    """Raised in an HTTP reward's request thread once its caller's deadline has passed."""
+
+
+def _without_credentials(url: str) -> str:
+    """``url`` without a ``user:password@`` part or a query (which may carry a key), for messages."""
+    return re.sub(r"(//)[^/?#]*@", r"\1", url).split("?", 1)[0]
 
 
 # --- reward models ---
@@ -517,7 +556,7 @@ def make_reward(spec: str, *, device: str = "cpu") -> RewardSource:
     if spec.lower().startswith(("http://", "https://")):
         return HTTPReward(spec)
     if "://" in spec:
-        raise RewardError(f"config key 'reward': {spec!r} is a URL but not http(s){forms}")
+        raise RewardError(f"config key 'reward': {_without_credentials(spec)!r} is a URL but not http(s){forms}")
     path = Path(spec).expanduser()
     if path.is_dir():
         return ModelReward(path, device=device)

@@ -14,25 +14,12 @@ plain tensors and numbers; the losses come from :mod:`rlhf.algos`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from cluster.groups import RankWorker
-
-
-@dataclass(frozen=True)
-class PolicyLossSettings:
-    """What a policy update needs besides the data (plain numbers, sent with each call)."""
-
-    clip_low: float
-    clip_high: float
-    aggregation: str
-    entropy_coef: float
-    kl_coef_in_loss: float
-    kl_estimator: str
-    temperature: float
+from rlhf.algos.objective import PolicyObjective
 
 
 def _configs(model: dict[str, Any], engine: dict[str, Any] | None = None) -> tuple[Any, Any]:
@@ -56,6 +43,20 @@ def causal_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: flo
 
     logprobs = token_logprobs(causal_logits(model, batch, temperature), batch["input_ids"][:, 1:])
     return torch.where(batch["response_mask"].bool(), logprobs, 0.0)
+
+
+def _without_dropout(model: torch.nn.Module, disable: bool) -> torch.nn.Module:
+    """``model`` with its dropout turned off when ``disable`` (``algorithm.disable_dropout``).
+
+    The rollout policy's log-probs (vLLM's, and the "old" ones of the update) are taken without dropout; a
+    training-mode forward with dropout on would put noise into every ratio, so the first update's ratios would
+    not be 1 and clipping would act on noise.
+    """
+    from rlhf.models.loading import disable_dropout
+
+    if disable:
+        disable_dropout(model)
+    return model
 
 
 def _device() -> str:
@@ -134,8 +135,13 @@ class PolicyWorker(_TrainableWorker):
 
     transfer: Any = None
 
-    def build(self, model: dict[str, Any], engine: dict[str, Any], total_steps: int, seed: int) -> None:
-        """Load the policy and wrap it in the training engine (call on every rank together)."""
+    def build(
+        self, model: dict[str, Any], engine: dict[str, Any], total_steps: int, seed: int, disable_dropout: bool = True
+    ) -> None:
+        """Load the policy (dropout off unless ``disable_dropout`` is False) and wrap it in the training engine.
+
+        Call on every rank together.
+        """
         from rlhf.engine import TrainingEngine
         from rlhf.jobs.worker import seed_everything
         from rlhf.models.loading import load_causal_lm, load_tokenizer
@@ -148,16 +154,22 @@ class PolicyWorker(_TrainableWorker):
                 "(the rollout replicas reload full weights)"
             )
         self.tokenizer = load_tokenizer(self.model_config)
-        self.engine = TrainingEngine(load_causal_lm(self.model_config), engine_config, total_steps)
+        self.engine = TrainingEngine(
+            _without_dropout(load_causal_lm(self.model_config), disable_dropout), engine_config, total_steps
+        )
 
     def logprobs(self, batches: list[dict[str, torch.Tensor]], temperature: float) -> list[torch.Tensor]:
         """Log-probs ``[b, T-1]`` of each batch under the current weights (no gradients)."""
         return self._no_grad(batches, lambda model, batch: causal_logprobs(model, batch, temperature))
 
     def train(
-        self, mini_batches: list[list[dict[str, torch.Tensor]]], denominators: list[dict[str, float]], settings: dict
+        self,
+        mini_batches: list[list[dict[str, torch.Tensor]]],
+        denominators: list[dict[str, float]],
+        objective: PolicyObjective,
+        temperature: float,
     ) -> dict[str, float]:
-        """One optimizer step per mini-batch on the clipped surrogate (+ entropy, + KL as a loss term).
+        """One optimizer step per mini-batch on :func:`~rlhf.algos.objective.policy_objective`.
 
         Each micro-batch holds ``input_ids``, ``attention_mask``, ``response_mask``,
         ``advantages``, ``rollout_logprobs`` and optionally ``old_logprobs`` (else this pass's own
@@ -165,43 +177,31 @@ class PolicyWorker(_TrainableWorker):
         ``importance_weights``. Without ``old_logprobs`` the trainer-vs-rollout gap is measured
         here. See :meth:`_update` for the denominators and the sums returned.
         """
-        from rlhf.algos import entropy_loss, kl_estimate, masked_sum, ppo_policy_loss, token_logprobs
+        from rlhf.algos import token_logprobs
+        from rlhf.algos.objective import policy_objective
         from rlhf.rl.experience import logprob_gap
-
-        s = PolicyLossSettings(**settings)
 
         def loss_fn(batch: dict[str, torch.Tensor], denominator: dict[str, float]) -> tuple[torch.Tensor, dict]:
             mask = batch["response_mask"]
-            logits = causal_logits(self.engine, batch, s.temperature)
+            logits = causal_logits(self.engine, batch, temperature)
             logprobs = token_logprobs(logits, batch["input_ids"][:, 1:])
-            old_logprobs = batch.get("old_logprobs")
             gap: dict[str, torch.Tensor] = {}
-            if old_logprobs is None:
-                old_logprobs = logprobs.detach()
-                gap = logprob_gap(old_logprobs, batch["rollout_logprobs"], mask)
+            if "old_logprobs" not in batch:
+                gap = logprob_gap(logprobs.detach(), batch["rollout_logprobs"], mask)
                 gap.pop("logprob_gap_max")  # a token-weighted mean over ranks is not a max
-            loss, metrics = ppo_policy_loss(
+            loss, metrics = policy_objective(
+                logits,
                 logprobs,
-                old_logprobs,
                 batch["advantages"],
                 mask,
-                clip_low=s.clip_low,
-                clip_high=s.clip_high,
-                aggregation=s.aggregation,
+                objective,
+                old_logprobs=batch.get("old_logprobs"),
+                reference_logprobs=batch.get("reference_logprobs"),
                 importance_weights=batch.get("importance_weights"),
                 num_tokens=denominator["num_tokens"],
                 num_sequences=denominator["num_sequences"],
             )
-            if s.entropy_coef:
-                entropy_term, entropy_metrics = entropy_loss(logits, mask, denominator["num_tokens"])
-                loss = loss + s.entropy_coef * entropy_term
-            else:
-                with torch.no_grad():
-                    _, entropy_metrics = entropy_loss(logits.detach(), mask, denominator["num_tokens"])
-            if s.kl_coef_in_loss and "reference_logprobs" in batch:
-                kl = kl_estimate(logprobs, batch["reference_logprobs"], s.kl_estimator)
-                loss = loss + s.kl_coef_in_loss * masked_sum(kl, mask) / denominator["num_tokens"]
-            return loss, {**metrics, **gap, **entropy_metrics}
+            return loss, metrics | gap
 
         return self._update(mini_batches, denominators, loss_fn, "policy_loss", {"grad_norm": "grad_norm", "lr": "lr"})
 
@@ -230,7 +230,9 @@ class PolicyWorker(_TrainableWorker):
 class ValueWorker(_TrainableWorker):
     """One rank of the trainable critic: a scalar-head model read at every position."""
 
-    def build(self, model: dict[str, Any], engine: dict[str, Any], total_steps: int, seed: int) -> None:
+    def build(
+        self, model: dict[str, Any], engine: dict[str, Any], total_steps: int, seed: int, disable_dropout: bool = True
+    ) -> None:
         """Load the value model (a scalar head on the given checkpoint) and wrap it in the training engine."""
         from rlhf.engine import TrainingEngine
         from rlhf.jobs.worker import seed_everything
@@ -239,7 +241,8 @@ class ValueWorker(_TrainableWorker):
         seed_everything(seed + 1000 + self.rank)
         self.model_config, engine_config = _configs(model, engine)
         self.tokenizer = load_tokenizer(self.model_config)
-        self.engine = TrainingEngine(load_scalar_model(self.model_config), engine_config, total_steps)
+        model = _without_dropout(load_scalar_model(self.model_config), disable_dropout)
+        self.engine = TrainingEngine(model, engine_config, total_steps)
 
     @staticmethod
     def _values(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,55 @@ def test_tensorboard_and_png_curves_are_written(sft_run: tuple[dict, Path]) -> N
     assert len(events.Scalars("train/loss")) == STEPS
     assert [e.step for e in events.Scalars("eval/eval_perplexity")] == [0, STEPS]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- a run directory in a bucket keeps no credential (the bucket is moto's S3 server on 127.0.0.1) ----------
+
+KEY_ID, SECRET = "AKIDc0ffee5", "S3CRET-d1e2f3"
+
+
+@pytest.fixture(scope="module")
+def bucket_query():
+    import pyarrow.fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    query = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    fs, _ = pyarrow.fs.FileSystem.from_uri(f"s3://{KEY_ID}:{SECRET}@runs/?{query}&allow_bucket_creation=true")
+    fs.create_dir("runs")
+    yield query, fs
+    server.stop()
+
+
+def test_a_run_in_a_bucket_keeps_its_credentials_out_of_every_file_and_log(
+    ray_cluster, tiny_model_dir: Path, bucket_query, capfd: pytest.CaptureFixture
+) -> None:
+    """Before: config.yaml (staged, then uploaded to the bucket) held the output URI with its key and secret."""
+    import pyarrow.fs
+    import ray
+
+    from rlhf.jobs import sft
+    from rlhf.jobs.storage import RunStorage
+
+    query, fs = bucket_query
+    uri = f"s3://{KEY_ID}:{SECRET}@runs/secret-scan?{query}"
+    overrides = [f"model.name_or_path={tiny_model_dir}", "train.max_steps=2", "data.eval_split=null"]
+    config = configtree.load(SFTConfig, EXAMPLES_DIR / "sft.yaml", [*overrides, "cluster.num_workers=1"])
+    config = replace(config, train=replace(config.train, output_dir=uri))  # no override parsing of the URI
+    summary = sft.run(config)
+
+    files = fs.get_file_info(pyarrow.fs.FileSelector("runs/secret-scan", recursive=True))
+    texts = {}
+    for info in files:
+        if info.type == pyarrow.fs.FileType.File:
+            with fs.open_input_stream(info.path) as stream:
+                texts[f"bucket {info.path}"] = stream.read()
+    assert "runs/secret-scan/config.yaml" in {info.path for info in files}
+    staging = RunStorage(uri).staging
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())  # the workers' logs
+    texts |= {str(path): path.read_bytes() for path in [*staging.rglob("*"), *logs.rglob("*")] if path.is_file()}
+    texts["the driver's output and summary"] = ("".join(capfd.readouterr()) + json.dumps(summary)).encode()
+    leaks = [name for name, data in texts.items() if KEY_ID.encode() in data or SECRET.encode() in data]
+    assert not leaks, leaks

@@ -185,17 +185,25 @@ def test_grpo_raises_the_reward_without_a_value_group(sft_policy: Path, rollout_
 
 
 @pytest.mark.parametrize(
-    ("estimator", "kl", "truncated_is"),
+    ("estimator", "kl", "truncated_is", "temperature"),
     # without a reference model the one on-policy pass takes its "old" log-probs from the update's own forward;
-    # truncated importance sampling needs them before the update, from a pass of their own
-    [("rloo", "kl.coefficient=0.02", "null"), ("reinforce_pp", "kl.coefficient=0", "1.005")],
+    # truncated importance sampling needs them before the update, from a pass of their own. The second run samples
+    # at temperature 0.7: the replicas' log-probs are then those of the tempered distribution, as the trainer's are
+    # (before, they were at temperature 1 and truncated IS was refused at any other temperature)
+    [("rloo", "kl.coefficient=0.02", "null", 1.0), ("reinforce_pp", "kl.coefficient=0", "1.005", 0.7)],
 )
 def test_the_other_estimators_run_on_the_same_loop(
-    estimator: str, kl: str, truncated_is: str, sft_policy: Path, rollout_app: str, tmp_path: Path
+    estimator: str, kl: str, truncated_is: str, temperature: float, sft_policy: Path, rollout_app: str, tmp_path: Path
 ) -> None:
     from rlhf.jobs.ppo import run
 
-    overrides = (f"algorithm.estimator={estimator}", kl, f"rollout.truncated_is={truncated_is}", "train.max_steps=3")
+    overrides = (
+        f"algorithm.estimator={estimator}",
+        kl,
+        f"rollout.truncated_is={truncated_is}",
+        f"rollout.temperature={temperature}",
+        "train.max_steps=3",
+    )
     summary = run(ppo_config(sft_policy, tmp_path, *overrides))
     assert summary["steps"] == 3
     train = [r for r in records(tmp_path) if r["kind"] == "train"]

@@ -36,6 +36,18 @@ def test_print_config_applies_overrides() -> None:
     assert "path: bundled:preference" in result.stdout
 
 
+def test_print_config_masks_credentials() -> None:
+    """Before: ``--print-config`` printed a reward URL's password and token, and serve's API keys, into the job's
+    output (its log)."""
+    result = _run("ppo", "--print-config", "reward=https://scorer:PW0RD@rewards.example/score?key=T0KEN&batch=8")
+    assert result.returncode == 0, result.stderr
+    assert "PW0RD" not in result.stdout and "T0KEN" not in result.stdout
+    assert "rewards.example/score?key=REDACTED&batch=8" in result.stdout
+    served = _run("serve", "--print-config", "api_keys=[S3CRET]")
+    assert served.returncode == 0, served.stderr
+    assert "S3CRET" not in served.stdout and "REDACTED" in served.stdout
+
+
 def test_bad_key_exits_2_with_one_line_naming_the_key() -> None:
     result = _run("sft", "--print-config", "engine.zero_stag=2")
     assert result.returncode == 2

@@ -297,6 +297,84 @@ def test_bad_http_answers_are_reported_with_the_url(endpoint: tuple[str, list], 
         _score_http(f"{endpoint[0]}{path}")
 
 
+MAX_RESPONSE_BYTES = 8 << 20  # the documented cap on an endpoint's answer (rlhf.rl.rewards.MAX_RESPONSE_BYTES)
+
+
+class StreamingHandler(BaseHTTPRequestHandler):
+    """``/huge``: a valid answer padded past the size cap, at once; ``/trickle``: an endless body, one byte at a
+    time. The server counts the requests whose connection is still open."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with self.server.lock:
+            self.server.open += 1
+        try:
+            if self.path == "/huge":
+                body = json.dumps({"rewards": [1.0, 2.0, 3.0], "padding": "x" * (2 * MAX_RESPONSE_BYTES)}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(1 << 30))
+            self.end_headers()
+            self.wfile.write(b'{"rewards": [')
+            deadline = time.monotonic() + 30  # an abandoned client that read on would keep this going
+            while time.monotonic() < deadline:
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            pass  # the client closed the connection
+        finally:
+            with self.server.lock:
+                self.server.open -= 1
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def streaming_endpoint() -> Iterator[tuple[str, QuietServer]]:
+    server = QuietServer(("127.0.0.1", 0), StreamingHandler)
+    server.open, server.lock = 0, threading.Lock()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", server
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_http_answer_larger_than_the_cap_is_refused(streaming_endpoint: tuple[str, QuietServer]) -> None:
+    """An endpoint's answer was read whole into memory, whatever its size (here twice the 8 MiB cap)."""
+    url, _ = streaming_endpoint
+    with pytest.raises(RewardError, match=rf"reward endpoint {url}/huge answered with more than {MAX_RESPONSE_BYTES}"):
+        _score_http(f"{url}/huge", timeout_s=30)
+
+
+def test_an_abandoned_http_call_closes_its_connection(streaming_endpoint: tuple[str, QuietServer]) -> None:
+    """A call given up at its deadline went on reading a trickling answer in its thread, keeping the connection
+    (and the thread) for as long as the server kept sending."""
+    url, server = streaming_endpoint
+    source = make_reward(f"{url}/trickle")
+    try:
+        for _ in range(3):
+            with pytest.raises(RewardTimeoutError, match="within the timeout of 0.3 s"):
+                source.score(PROMPTS, RESPONSES, timeout_s=0.3)
+        deadline = time.monotonic() + 5
+        while server.open and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.open == 0, f"{server.open} abandoned connections still open"
+        assert not [t for t in threading.enumerate() if t.name == "rlhf-http-reward"]
+    finally:
+        source.close()
+
+
 # --- a tiny reward model ---
 
 
