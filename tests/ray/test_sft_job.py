@@ -108,23 +108,8 @@ def test_tensorboard_and_png_curves_are_written(sft_run: tuple[dict, Path]) -> N
 KEY_ID, SECRET = "AKIDc0ffee5", "S3CRET-d1e2f3"
 
 
-@pytest.fixture(scope="module")
-def bucket_query():
-    import pyarrow.fs
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    query = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-    fs, _ = pyarrow.fs.FileSystem.from_uri(f"s3://{KEY_ID}:{SECRET}@runs/?{query}&allow_bucket_creation=true")
-    fs.create_dir("runs")
-    yield query, fs
-    server.stop()
-
-
 def test_a_run_in_a_bucket_keeps_its_credentials_out_of_every_file_and_log(
-    ray_cluster, tiny_model_dir: Path, bucket_query, capfd: pytest.CaptureFixture
+    ray_cluster, tiny_model_dir: Path, s3_bucket, capfd: pytest.CaptureFixture
 ) -> None:
     """Before: config.yaml (staged, then uploaded to the bucket) held the output URI with its key and secret."""
     import pyarrow.fs
@@ -133,7 +118,7 @@ def test_a_run_in_a_bucket_keeps_its_credentials_out_of_every_file_and_log(
     from rlhf.jobs import sft
     from rlhf.jobs.storage import RunStorage
 
-    query, fs = bucket_query
+    query, fs = s3_bucket
     uri = f"s3://{KEY_ID}:{SECRET}@runs/secret-scan?{query}"
     overrides = [f"model.name_or_path={tiny_model_dir}", "train.max_steps=2", "data.eval_split=null"]
     config = configtree.load(SFTConfig, EXAMPLES_DIR / "sft.yaml", [*overrides, "cluster.num_workers=1"])

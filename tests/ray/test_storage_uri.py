@@ -21,18 +21,9 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def bucket_uri():
-    import pyarrow.fs
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    query = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-    fs, _ = pyarrow.fs.FileSystem.from_uri(f"s3://key:secret@runs/?{query}&allow_bucket_creation=true")
-    fs.create_dir("runs")
-    yield lambda path: f"s3://key:secret@runs/{path}?{query}", fs
-    server.stop()
+def bucket_uri(s3_bucket):
+    query, fs = s3_bucket
+    return lambda path: f"s3://key:secret@runs/{path}?{query}", fs
 
 
 def _config(model_dir: Path, output_dir: str, *overrides: str) -> SFTConfig:

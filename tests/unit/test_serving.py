@@ -11,18 +11,10 @@ import pytest
 import yaml
 
 from rlhf.config import ServeConfig
-from serving.guard import Guard, Limits, check_body, check_key
+from serving.guard import Guard, check_body, check_key
+from tests.unit.guard_limits import limits
 
-LIMITS = Limits(
-    max_request_bytes=4096,
-    max_tokens=64,
-    default_max_tokens=16,
-    max_n=4,
-    max_logprobs=5,
-    max_stop=4,
-    max_prompts=4,
-    models=("tiny", "positive"),
-)
+LIMITS = limits(max_stop=4, models=("tiny", "positive"))
 
 
 def test_check_key() -> None:

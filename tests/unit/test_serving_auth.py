@@ -17,19 +17,10 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from rlhf.config import ServeConfig
-from serving.guard import Guard, Limits, route_path
+from serving.guard import Guard, route_path
+from tests.unit.guard_limits import LIMITS
 
 KEY = "k"
-LIMITS = Limits(
-    max_request_bytes=4096,
-    max_tokens=64,
-    default_max_tokens=16,
-    max_n=4,
-    max_logprobs=5,
-    max_stop=2,
-    max_prompts=4,
-    models=("tiny",),
-)
 
 
 def concrete(path: str) -> str:

@@ -14,10 +14,10 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from serving.guard import Guard, Limits
+from serving.guard import Guard
+from tests.unit.guard_limits import LIMITS
 
 LEAK = "Traceback (most recent call last): ... pid=4242, ip=10.0.0.7 RayTaskError(KeyError)"
-LIMITS = Limits(1 << 16, 64, 16, 4, 5, 2, 4)
 
 
 def _app() -> Starlette:

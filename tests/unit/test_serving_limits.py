@@ -12,18 +12,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from serving.guard import Guard, Limits, check_body, fill_max_tokens
+from serving.guard import Guard, check_body, fill_max_tokens
+from tests.unit.guard_limits import LIMITS, limits
 
-LIMITS = Limits(
-    max_request_bytes=4096,
-    max_tokens=64,
-    default_max_tokens=16,
-    max_n=4,
-    max_logprobs=5,
-    max_stop=2,
-    max_prompts=4,
-    models=("tiny",),
-)
 COMPLETION = {"model": "tiny", "prompt": "x"}
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
 
@@ -78,7 +69,7 @@ def test_a_request_without_max_tokens_gets_the_default_never_more_than_the_limit
     filled = json.loads(fill_max_tokens(json.dumps(CHAT).encode(), LIMITS))
     assert filled == {**CHAT, "max_tokens": 16}
     assert json.loads(fill_max_tokens(json.dumps({**CHAT, "max_tokens": None}).encode(), LIMITS))["max_tokens"] == 16
-    low = Limits(**{**LIMITS.__dict__, "max_tokens": 8})
+    low = limits(max_tokens=8)
     assert json.loads(fill_max_tokens(json.dumps(COMPLETION).encode(), low))["max_tokens"] == 8
     given = json.dumps({**CHAT, "max_completion_tokens": 40}).encode()
     assert fill_max_tokens(given, LIMITS) is given
