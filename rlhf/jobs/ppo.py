@@ -92,8 +92,9 @@ def check_config(config: PPOConfig) -> None:
         )
 
 
-def check_reward(config: PPOConfig) -> str:
-    """Build the reward once in the driver and score one pair, so a wrong path or a down endpoint fails now."""
+def check_reward(config: PPOConfig, prompt: Any) -> str:
+    """Build the reward once in the driver and score one pair of ``prompt`` (a training prompt as the data holds
+    it, a string or messages, as the reward will get them), so a wrong path or a down endpoint fails now."""
     from rlhf.rl.rewards import RewardError, make_reward, reward_model_config
 
     spec = config.reward
@@ -103,7 +104,7 @@ def check_reward(config: PPOConfig) -> str:
         return f"reward model {path}"
     source = make_reward(spec)
     try:
-        source.score(["Describe the cat."], ["The cat is calm."], config.reward_timeout_s)
+        source.score([prompt], ["The cat is calm."], config.reward_timeout_s)
     except RewardError as exc:
         raise RewardError(f"config key 'reward': {exc}") from None
     finally:
@@ -694,21 +695,36 @@ def rl_step(
     return metrics, timer
 
 
-def prepare(config: PPOConfig) -> tuple[Path, dict[str, Any], Any, str]:
-    """Check everything that can be checked before the cluster is used; the output directory, the state to start
-    from (a checkpoint's, when resuming), the tokenizer and a description of the reward."""
+@dataclass(frozen=True)
+class Prepared:
+    """What :func:`prepare` checked and loaded before the cluster is used."""
+
+    output_dir: Path
+    state: dict[str, Any]
+    """The state to start from: a checkpoint's when resuming (``step``, ``kl_coef``, ``prompt_position``)."""
+    prompts: list[dict]
+    eval_prompts: list[dict]
+    pad_token_id: int
+    reward: str
+    """A description of the reward, for the run's first line."""
+
+
+def prepare(config: PPOConfig) -> Prepared:
+    """Check everything that can be checked before the cluster is used: the config, the output directory (its run
+    lock is this run's from here), the prompts, the reward on one of them, and what to resume from."""
     from rlhf.jobs.runner import prepare_output_dir, release_output_dir, write_config
     from rlhf.models.loading import load_tokenizer
 
     check_config(config)
     output_dir = Path(config.train.output_dir).expanduser().resolve()
-    storage = prepare_output_dir(str(output_dir))  # the directory's run lock is this run's from here
+    storage = prepare_output_dir(str(output_dir))
     try:
         # final/ is renamed into place once whole and summary.json is written after it: both mean a finished run
         if (output_dir / "final").is_dir() and (output_dir / "summary.json").is_file():
             raise JobError(f"{output_dir} holds a finished run (final/, summary.json); choose another train.output_dir")
         tokenizer = load_tokenizer(config.policy)
-        reward_description = check_reward(config)
+        prompts, eval_prompts = load_prompts(config, tokenizer)
+        reward = check_reward(config, prompts[0]["prompt"])
         write_config(config, output_dir)
         state = {"step": 0, "kl_coef": config.kl.coefficient, "prompt_position": 0}
         resumed = latest_checkpoint(output_dir, warn=True)
@@ -720,7 +736,7 @@ def prepare(config: PPOConfig) -> tuple[Path, dict[str, Any], Any, str]:
     except BaseException:
         release_output_dir(storage)
         raise
-    return output_dir, state, tokenizer, reward_description
+    return Prepared(output_dir, state, prompts, eval_prompts, tokenizer.pad_token_id, reward)
 
 
 def deploy_rollouts(config: PPOConfig, app_name: str) -> str:
@@ -794,7 +810,13 @@ def run(config: PPOConfig) -> dict[str, Any]:
     from rlhf.jobs.rundir import atomic_dir, run_app_name, unlock_run_directory
     from serving.rollout import RolloutClient, release
 
-    output_dir, state, tokenizer, reward_description = prepare(config)
+    prepared = prepare(config)
+    output_dir, state, prompts, eval_prompts = (
+        prepared.output_dir,
+        prepared.state,
+        prepared.prompts,
+        prepared.eval_prompts,
+    )
     r, total = config.rollout, config.train.max_steps
     app_name = run_app_name(r.app_name, "rlhf-rollout")
     weights_dir = output_dir / "rollout-weights"
@@ -810,7 +832,6 @@ def run(config: PPOConfig) -> dict[str, Any]:
         run_log.write([record])
 
     try:
-        prompts, eval_prompts = load_prompts(config, tokenizer)
         connect(config.cluster)
         deployment = deploy_rollouts(config, app_name)
         run_log = RunLog(
@@ -824,7 +845,7 @@ def run(config: PPOConfig) -> dict[str, Any]:
         client = RolloutClient(POLICY_MODEL_NAME, app_name=app_name)
         step, kl_coef = state["step"], state["kl_coef"]
         print(
-            f"ppo: estimator {config.algorithm.estimator}, reward {reward_description}, "
+            f"ppo: estimator {config.algorithm.estimator}, reward {prepared.reward}, "
             f"{r.num_replicas} rollout replica(s) (Serve application {app_name!r}), "
             f"{r.prompts_per_step} prompts x {r.group_size} samples per step",
             flush=True,
@@ -843,7 +864,7 @@ def run(config: PPOConfig) -> dict[str, Any]:
                         )
                 started = time.perf_counter()
                 metrics, timer = rl_step(
-                    step, roles, client, prompts, config, kl_coef, tokenizer.pad_token_id, weights_dir
+                    step, roles, client, prompts, config, kl_coef, prepared.pad_token_id, weights_dir
                 )
                 record, kl_coef = close_step(step, metrics, timer, roles, config, kl_coef, output_dir, started)
                 step += 1

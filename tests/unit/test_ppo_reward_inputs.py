@@ -53,3 +53,32 @@ def test_the_reward_model_scores_in_ppo_the_ids_rm_trained_on(reward_model_dir: 
     old = reward.encode(prompts[0]["prompt_text"], responses[0])
     assert old != pairs[0]["chosen_input_ids"]
     assert reward.tokenizer.decode(pairs[0]["chosen_input_ids"]).endswith("<|im_end|>\n")
+
+
+def reward_of_a_conversation(prompt: object, response: str) -> float:
+    """A reward function written for a chat dataset: it reads the user's last turn."""
+    if not isinstance(prompt, list):
+        raise TypeError(f"expected the conversation's messages, got {type(prompt).__name__}")
+    return float(len(prompt[-1]["content"]) > 0)
+
+
+def test_the_reward_check_before_a_run_scores_a_prompt_of_the_data(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Before: the check that builds the reward before a run scored the string "Describe the cat." whatever the
+    data held, so a reward function written for a chat dataset's messages failed it and the run could not start."""
+    from rlhf import configtree
+    from rlhf.cli import EXAMPLES_DIR
+    from rlhf.config import PPOConfig
+    from rlhf.jobs.ppo import prepare
+    from rlhf.jobs.rundir import unlock_run_directory
+
+    overrides = [
+        f"policy.name_or_path={tiny_model_dir}",
+        f"train.output_dir={tmp_path}",
+        "data.path=bundled:preference_chat",
+        "data.eval_split=null",
+        f"reward={__name__}:reward_of_a_conversation",
+    ]
+    prepared = prepare(configtree.load(PPOConfig, EXAMPLES_DIR / "ppo.yaml", overrides))
+    unlock_run_directory(tmp_path)
+    assert isinstance(prepared.prompts[0]["prompt"], list)
+    assert "reward_of_a_conversation" in prepared.reward

@@ -144,7 +144,7 @@ def test_a_ppo_re_run_resumes_from_the_last_complete_checkpoint_past_a_torn_one(
 
     _checkpoints(tmp_path, {2: _state(2), 4: _state(4), 6: _state(6)[:17]})
     with caplog.at_level(logging.WARNING):
-        _, state, _, _ = prepare(_ppo_config(tiny_model_dir, tmp_path))
+        state = prepare(_ppo_config(tiny_model_dir, tmp_path)).state
     assert state["step"] == 4
     assert f"checkpoint {tmp_path / 'checkpoints' / 'step-6'} is incomplete" in caplog.text
     assert latest_checkpoint(tmp_path)[0].name == "step-4"  # what the role groups restore
@@ -158,7 +158,7 @@ def test_a_partial_final_dir_does_not_make_a_ppo_re_run_refuse(tiny_model_dir: P
     _checkpoints(tmp_path, {4: _state(4), 6: _state(6)})
     (tmp_path / "final").mkdir()
     (tmp_path / "final" / "config.json").write_text("{}")  # the export stopped before the weights
-    _, state, _, _ = prepare(_ppo_config(tiny_model_dir, tmp_path))
+    state = prepare(_ppo_config(tiny_model_dir, tmp_path)).state
     assert state["step"] == 6  # the last checkpoint: only the export is left to do
     _unlock(tmp_path)
 
