@@ -1,5 +1,11 @@
 """``rlhf submit`` and ``rlhf jobs`` against a real head node (``ray start --head`` on 127.0.0.1, with its
-dashboard's Jobs API and Ray's token authentication as this Ray version starts it).
+dashboard's Jobs API and Ray's token authentication on, as the cluster files start it).
+
+The head is started with ``RAY_AUTH_MODE=token`` and a token file of its own, which the tests' clients
+find through ``RAY_AUTH_TOKEN_PATH``. (Left to its defaults, ``ray start`` turns token authentication on
+only where ``~/.ray/auth_token`` exists already, which a machine's first ``ray.init()`` writes: on a
+fresh machine, where this module runs before any other starts Ray, the head ran without
+authentication and the two tests of it failed.)
 
 The head node is a cluster of its own, next to the session's embedded one: its own ports and
 temp directory, and at the end its own process tree is killed (never ``ray stop``, which
@@ -15,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +32,26 @@ RLHF = [sys.executable, "-m", "rlhf.cli"]
 
 
 @pytest.fixture(scope="module")
-def head() -> str:
-    """A Ray head node with the Jobs API on 127.0.0.1; yields the API's URL."""
+def head() -> Iterator[str]:
+    """A Ray head node with the Jobs API on 127.0.0.1 and token authentication on; yields the API's URL.
+
+    While the module runs, ``RAY_AUTH_TOKEN_PATH`` names the head's token, for the clients in this process
+    and in the subprocesses the tests start.
+    """
+    import secrets
+
     import psutil
 
     from cluster.jobs import client
 
     port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix sockets live under it
+    token = Path(temp_dir) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    saved = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["RAY_AUTH_MODE"] = "token"
     # the cluster's `python` (what a job's entrypoint runs) is this environment's, as on a cluster built from an
     # image with rlhf installed
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -67,6 +85,10 @@ def head() -> str:
                 child.kill()
         psutil.wait_procs(tree, timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+        else:
+            os.environ["RAY_AUTH_TOKEN_PATH"] = saved
 
 
 def rlhf(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
