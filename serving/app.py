@@ -46,6 +46,8 @@ def model_name(config: ServeConfig) -> str:
     path = Path(config.model)
     if path.name == "final" and path.parent.name:
         return path.parent.name  # runs/sft/final -> "sft"
+    if path.suffix.lower() == ".gguf":
+        return path.stem  # SmolLM2-135M-Instruct.Q4_1.gguf -> "SmolLM2-135M-Instruct.Q4_1"
     return path.name or config.model
 
 

@@ -23,6 +23,14 @@ def tiny_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct from its packaged GGUF file, converted once per cache (about 30-60 s the first time)."""
+    from rlhf.models.loading import resolve
+
+    return Path(resolve("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One embedded Ray cluster for the session (8 logical CPUs: workers, actors and Serve replicas fit)."""
     import ray

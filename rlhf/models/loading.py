@@ -34,7 +34,19 @@ def cache_dir() -> Path:
 
 
 def resolve(name_or_path: str) -> str:
-    """Map ``tiny`` to the locally built tiny model (building it once); anything else is returned as is."""
+    """The directory or hub id that ``name_or_path`` stands for.
+
+    ``tiny`` is the locally built tiny model (built once); a ``.gguf`` file or the short name of
+    a packaged one (``smollm2-135m-instruct``) is its Hugging Face conversion (converted once,
+    :mod:`rlhf.models.gguf`); anything else is returned as is.
+    """
+    from rlhf.models import gguf
+
+    if gguf.is_gguf(name_or_path):
+        try:
+            return str(gguf.converted(name_or_path, cache_dir()))
+        except gguf.GGUFError as exc:
+            raise ModelLoadError(str(exc)) from None
     if name_or_path != TINY:
         return name_or_path
     path = cache_dir() / "tiny-model"

@@ -91,6 +91,8 @@ def test_model_name_and_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     assert model_name(ServeConfig(model="runs/sft/final")) == "sft"
     assert model_name(ServeConfig(model="/models/my-model")) == "my-model"
     assert model_name(ServeConfig(model="org/hub-model")) == "hub-model"
+    assert model_name(ServeConfig(model="/models/SmolLM2-135M-Instruct.Q4_1.gguf")) == "SmolLM2-135M-Instruct.Q4_1"
+    assert model_name(ServeConfig(model="smollm2-135m-instruct")) == "smollm2-135m-instruct"
     assert model_name(ServeConfig(model="x", model_name="named")) == "named"
     monkeypatch.setenv("RLHF_API_KEYS", "a, b,,a")
     assert api_keys(ServeConfig(api_keys=("c", "a"))) == ("c", "a", "b")
