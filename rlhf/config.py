@@ -285,13 +285,32 @@ class RolesConfig:
 
 
 @dataclass(frozen=True)
+class RewardTermConfig:
+    """One component of a weighted reward."""
+
+    source: str = field(metadata={"help": "a reward-model directory, a Python function module:function, or a URL"})
+    weight: float = field(default=1.0, metadata={"help": "its weight in the sum"})
+    name: str | None = field(default=None, metadata={"help": "its name in the logs (empty: from the source)"})
+
+
+DEFAULT_REWARD = "rlhf.data.bundled:positive_word_reward"
+
+
+@dataclass(frozen=True)
 class PPOConfig:
     """RLHF on Ray actors: policy, reference, reward and value groups, rollouts from vLLM replicas."""
 
     policy: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the policy (and reference) model"})
     reward: str = field(
-        default="rlhf.data.bundled:positive_word_reward",
+        default=DEFAULT_REWARD,
         metadata={"help": "reward: a reward-model directory, a Python function module:function, or an http(s) URL"},
+    )
+    rewards: tuple[RewardTermConfig, ...] = field(
+        default=(),
+        metadata={
+            "help": "several rewards summed with weights, each logged as reward/<name> (instead of reward): "
+            "a list of {source, weight, name}"
+        },
     )
     reward_timeout_s: float = field(default=60.0, metadata={"help": "deadline of scoring one step's responses"})
     value: ModelConfig | None = field(
@@ -314,6 +333,23 @@ class PPOConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "rollout generation"})
     kl: KLConfig = field(default_factory=KLConfig, metadata={"help": "KL control"})
     algorithm: PPOAlgorithmConfig = field(default_factory=PPOAlgorithmConfig, metadata={"help": "RL algorithm"})
+
+    def __post_init__(self) -> None:
+        if self.rewards and self.reward != DEFAULT_REWARD:
+            raise ValueError("config keys 'reward' and 'rewards' are both set: give one reward, or a weighted list")
+
+
+def reward_terms(config: PPOConfig) -> list[dict]:
+    """The reward of ``config`` as ``[{"name", "source", "weight"}, ...]``: its ``rewards``, else ``reward`` alone."""
+    from rlhf.rl.rewards import term_name
+
+    given = config.rewards or (RewardTermConfig(source=config.reward),)
+    terms = [{"name": t.name or term_name(t.source), "source": t.source, "weight": t.weight} for t in given]
+    names = [t["name"] for t in terms]
+    for i, term in enumerate(terms):
+        if names.count(term["name"]) > 1:
+            term["name"] = f"{term['name']}_{i}"
+    return terms
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from rlhf.data.collate import IGNORE_INDEX, pack_examples
 from rlhf.data.errors import BadRowReport, ChatTemplateError, DataError, Source
 from rlhf.data.formats import (
+    REQUIRED_COLUMNS,
     Kind,
     LMExample,
     Message,
@@ -186,7 +187,7 @@ def encode_unpaired(
 
 
 def encode_prompt(example: PromptExample, tokenizer: PreTrainedTokenizerBase, limits: LengthLimits) -> dict[str, Any]:
-    """``{"prompt", "prompt_ids", "prompt_text"}`` for generation.
+    """``{"prompt", "prompt_ids", "prompt_text"}`` for generation (:func:`build_examples` adds ``columns``).
 
     ``prompt`` is the prompt as the data holds it (a string, or the list of messages), which is what a reward
     scores: a reward model renders a conversation with its own chat template, as ``rlhf rm`` trained it.
@@ -233,7 +234,8 @@ def build_examples(
 
     Returns:
         Encoded examples in dataset order, at most ``config.max_rows`` (counted before packing);
-        packed SFT sequences (with ``position_ids``) when ``config.packing``.
+        packed SFT sequences (with ``position_ids``) when ``config.packing``. A prompt example also
+        holds ``columns``: the row's other columns (e.g. ``answer``), which a reward may ask for.
 
     Raises:
         DataError: unreadable data or, with ``on_bad_row="error"``, the first bad row (naming file, row, field).
@@ -284,7 +286,12 @@ def _encode_rows(
             break
         try:
             items = as_kind(normalise_row(row, read_as, source, index), kind)
-            examples += [encode(item, tokenizer, limits) for item in items]
+            encoded = [encode(item, tokenizer, limits) for item in items]
+            if kind == "prompt":  # the row's other columns (an answer, metadata) travel with it to the reward
+                columns_of_row = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS[read_as]}
+                for item in encoded:
+                    item["columns"] = columns_of_row
+            examples += encoded
         except DataError as err:
             if err.source is None:
                 err = err.located(source, index, source_field(fmt, columns, err.field) if err.field else None)

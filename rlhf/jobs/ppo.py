@@ -92,24 +92,41 @@ def check_config(config: PPOConfig) -> None:
         )
 
 
-def check_reward(config: PPOConfig, prompt: Any) -> str:
-    """Build the reward once in the driver and score one pair of ``prompt`` (a training prompt as the data holds
-    it, a string or messages, as the reward will get them), so a wrong path or a down endpoint fails now."""
+def reward_spec(config: PPOConfig) -> str | list[dict]:
+    """What a reward rank builds (:meth:`rlhf.rl.workers.RewardWorker.build`): ``reward``, or the terms of
+    ``rewards``."""
+    from rlhf.config import reward_terms
+
+    return reward_terms(config) if config.rewards else config.reward
+
+
+def check_reward(config: PPOConfig, row: dict) -> str:
+    """Build each reward source once in the driver and score one pair of ``row`` (a training prompt as the data
+    holds it, a string or messages, with its other columns, as the reward will get them), so a wrong path, a down
+    endpoint or a column the function needs and the data lacks fails now."""
+    from rlhf.config import reward_terms
     from rlhf.rl.rewards import RewardError, make_reward, reward_model_config
 
-    spec = config.reward
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        reward_model_config(path)  # a reward model: checked without loading it here
-        return f"reward model {path}"
-    source = make_reward(spec)
-    try:
-        source.score([prompt], ["The cat is calm."], config.reward_timeout_s)
-    except RewardError as exc:
-        raise RewardError(f"config key 'reward': {exc}") from None
-    finally:
-        getattr(source, "close", lambda: None)()
-    return repr(source)
+    key = "rewards" if config.rewards else "reward"
+    described = []
+    for term in reward_terms(config):
+        path = Path(term["source"]).expanduser()
+        if path.is_dir():
+            reward_model_config(path)  # a reward model: checked without loading it here
+            described.append(f"reward model {path}")
+            continue
+        source = make_reward(term["source"])
+        try:
+            columns = {name: [value] for name, value in row.get("columns", {}).items()}
+            source.score([row["prompt"]], ["The cat is calm."], config.reward_timeout_s, columns)
+        except RewardError as exc:
+            raise RewardError(f"config key '{key}': {exc}") from None
+        finally:
+            getattr(source, "close", lambda: None)()
+        described.append(repr(source))
+    if not config.rewards:
+        return described[0]
+    return " + ".join(f"{t['weight']:g} * {d}" for t, d in zip(reward_terms(config), described, strict=True))
 
 
 def load_prompts(config: PPOConfig, tokenizer: Any) -> tuple[list[dict], list[dict]]:
@@ -181,8 +198,11 @@ def value_model_config(config: PPOConfig) -> Any:
 
     if config.value is not None:
         return config.value
-    if Path(config.reward).expanduser().is_dir():
-        return ModelConfig(name_or_path=str(Path(config.reward).expanduser().resolve()))
+    from rlhf.config import reward_terms
+
+    for term in reward_terms(config):  # the first reward model among the rewards
+        if Path(term["source"]).expanduser().is_dir():
+            return ModelConfig(name_or_path=str(Path(term["source"]).expanduser().resolve()))
     return config.policy
 
 
@@ -240,7 +260,7 @@ def build_roles(config: PPOConfig) -> Roles:
                 config.train.seed,
                 algorithm.disable_dropout,
             ),
-            roles.reward.submit("build", config.reward),
+            roles.reward.submit("build", reward_spec(config)),
         ]
         if roles.reference is not None:
             calls.append(roles.reference.submit("build", configtree.to_dict(config.policy)))
@@ -404,10 +424,41 @@ def old_logprobs_in_update(roles: Roles, config: PPOConfig) -> bool:
     )
 
 
-def reward_inputs(samples: list[Any], prompts: list[dict]) -> tuple[list[Any], list[str]]:
+def reward_inputs(samples: list[Any], prompts: list[dict]) -> tuple[list[Any], list[str], dict[str, list]]:
     """What the reward scores: each sample's prompt as the data holds it (a string or a message list, not the
-    policy's chat-template rendering) and its response text."""
-    return [prompts[s.prompt_index]["prompt"] for s in samples], [s.text for s in samples]
+    policy's chat-template rendering), its response text, and its prompt row's other columns (name -> one value
+    per sample)."""
+    rows = [prompts[s.prompt_index] for s in samples]
+    names = list(dict.fromkeys(name for row in rows for name in row.get("columns", {})))
+    columns = {name: [row.get("columns", {}).get(name) for row in rows] for name in names}
+    return [row["prompt"] for row in rows], [s.text for s in samples], columns
+
+
+def score(roles: Roles, samples: list[Any], prompts: list[dict], config: PPOConfig) -> Any:
+    """Start scoring ``samples`` on the reward ranks, a slice each; ``.result()`` gives the list of
+    ``(scores, components)`` per rank (:func:`gather_scores`)."""
+    from rlhf.rl.experience import split_rows
+
+    texts, responses, columns = reward_inputs(samples, prompts)
+    slices = split_rows(len(samples), roles.reward.world_size)
+    return roles.reward.submit_sharded(
+        "score_parts",
+        [(texts[rows], responses[rows], {k: v[rows] for k, v in columns.items()}) for rows in slices],
+        config.reward_timeout_s,
+        timeout_s=config.reward_timeout_s + 30,
+    )
+
+
+def gather_scores(
+    parts: list[tuple[list[float], dict[str, list[float]]]],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The scores of all ranks in order, and each reward component's (empty for a single reward)."""
+    scores = torch.tensor([x for part, _ in parts for x in part], dtype=torch.float32)
+    names = list(dict.fromkeys(name for _, components in parts for name in components))
+    components = {
+        name: torch.tensor([x for _, c in parts for x in c.get(name, [])], dtype=torch.float32) for name in names
+    }
+    return scores, components
 
 
 def make_experience(roles: Roles, samples: list[Any], prompts: list[dict], config: PPOConfig, pad_id: int) -> dict:
@@ -415,7 +466,7 @@ def make_experience(roles: Roles, samples: list[Any], prompts: list[dict], confi
 
     The policy's log-probs are left to the update when :func:`old_logprobs_in_update`.
     """
-    from rlhf.rl.experience import place_response_values, sequence_batch, split_rows
+    from rlhf.rl.experience import place_response_values, sequence_batch
 
     batch = sequence_batch([s.prompt_token_ids for s in samples], [s.token_ids for s in samples], pad_id)
     width = batch["response_mask"].shape[1]
@@ -428,22 +479,15 @@ def make_experience(roles: Roles, samples: list[Any], prompts: list[dict], confi
         reference_call, reference_slices = _sharded_pass(roles.reference, "logprobs", batch, mbs, temperature)
     if roles.value is not None:
         value_call, value_slices = _sharded_pass(roles.value, "values", batch, config.value_engine.micro_batch_size)
-    texts, responses = reward_inputs(samples, prompts)
-    reward_slices = split_rows(len(samples), roles.reward.world_size)
-    reward_call = roles.reward.submit_sharded(
-        "score",
-        [(texts[rows], responses[rows]) for rows in reward_slices],
-        config.reward_timeout_s,
-        timeout_s=config.reward_timeout_s + 30,
-    )
+    reward_call = score(roles, samples, prompts, config)
     experience = {
         "batch": batch,
         "rollout_logprobs": place_response_values([s.logprobs for s in samples], batch["response_mask"]),
         "old_logprobs": None if policy_call is None else _gather(policy_call, policy_slices, width),
         "reference_logprobs": None if reference_call is None else _gather(reference_call, reference_slices, width),
         "values": None if value_call is None else _gather(value_call, value_slices, width),
-        "scores": torch.tensor([x for part in reward_call.result() for x in part], dtype=torch.float32),
     }
+    experience["scores"], experience["reward_components"] = gather_scores(reward_call.result())
     return experience
 
 
@@ -620,14 +664,10 @@ def sync_weights(roles: Roles, rollout: Any, weights_dir: Path, config: PPOConfi
 def evaluate(rollout: Any, roles: Roles, prompts: list[dict], config: PPOConfig, seed: int) -> dict[str, float]:
     """Mean reward and response length of one sample per held-out prompt."""
     samples = generate(rollout, prompts, config, seed, n=1)
-    scores = roles.reward.call_sharded(
-        "score",
-        [reward_inputs(samples, prompts)] + [([], [])] * (roles.reward.world_size - 1),
-        config.reward_timeout_s,
-        timeout_s=config.reward_timeout_s + 30,
-    )[0]
+    scores, components = gather_scores(score(roles, samples, prompts, config).result())
     return {
-        "eval_reward": sum(scores) / len(scores),
+        "eval_reward": float(scores.mean()),
+        **{f"eval_reward/{name}": float(values.mean()) for name, values in components.items()},
         "eval_response_length": sum(len(s.token_ids) for s in samples) / len(samples),
     }
 
@@ -686,6 +726,7 @@ def rl_step(
     metrics |= {
         "reward_mean": float(scores.mean()),
         "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+        **{f"reward/{name}": float(values.mean()) for name, values in experience["reward_components"].items()},
         "response_length": float(lengths.mean()),
         "truncated_fraction": sum(s.finish_reason == "length" for s in samples) / len(samples),
         "generated_tokens": generated,
@@ -724,7 +765,7 @@ def prepare(config: PPOConfig) -> Prepared:
             raise JobError(f"{output_dir} holds a finished run (final/, summary.json); choose another train.output_dir")
         tokenizer = load_tokenizer(config.policy)
         prompts, eval_prompts = load_prompts(config, tokenizer)
-        reward = check_reward(config, prompts[0]["prompt"])
+        reward = check_reward(config, prompts[0])
         write_config(config, output_dir)
         state = {"step": 0, "kl_coef": config.kl.coefficient, "prompt_position": 0}
         resumed = latest_checkpoint(output_dir, warn=True)

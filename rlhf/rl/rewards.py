@@ -17,21 +17,33 @@ a string for plain prompts, a list of ``{"role", "content"}`` messages for conve
 policy's rendering of them, so that a reward model renders a conversation with its own chat template).
 A response is the generated text, a string without the stop token.
 
+**Columns.** A prompt row's other columns (an ``answer``, a ``solution``, ``metadata``: whatever the data
+holds besides the prompt) come with the batch as ``columns``, name -> one value per pair.
+
 **Functions** are called by their signature, read once when the source is built:
 
-* ``f(response) -> number``: one required positional parameter (``positive_word_reward``, the default);
-* ``f(prompt, response) -> number``: two required positional parameters;
-* batched, ``f(prompts, responses) -> sequence of numbers`` (one per response, in order): a function
-  with a parameter named ``prompts`` or ``responses`` gets those it names as keyword arguments (both
-  when it takes ``**kwargs``), once per batch.
+* by name, when a parameter is named ``response``: ``f(response, answer)``, ``f(prompt, response,
+  answer, metadata=None)``: ``response`` (and ``prompt``) by name, every other parameter from the
+  column of that name (a required one the data lacks is an error naming it);
+* ``f(response) -> number`` / ``f(prompt, response) -> number`` with other names: by position, one or
+  two required parameters; optional parameters named like a column get it;
+* batched, ``f(prompts, responses, answer) -> sequence of numbers`` (one per response, in order): a
+  function with a parameter named ``prompts`` or ``responses`` gets those it names, and the columns
+  it names as lists aligned with the batch (TRL's convention), once per batch.
 
-A number is any real number (``bool`` counts as 0 or 1; numpy scalars and arrays work); it must be
-finite. A function runs in the calling thread, so ``timeout_s`` is not enforced on it: Python cannot
-interrupt a function safely, and running it in another thread would break reward functions that use
-``signal``-based timeouts (e.g. math-verify). Serve a slow function over HTTP to bound it.
+A function that takes ``**kwargs`` gets every column (and a batched one both ``prompts`` and
+``responses``). A number is any real number (``bool`` counts as 0 or 1; numpy scalars and arrays
+work); it must be finite. A function runs in the calling thread, so ``timeout_s`` is not enforced on
+it here: Python cannot interrupt a function safely, and running it in another thread would break
+reward functions that use ``signal``-based timeouts (e.g. math-verify). RLHF runs rewards in Ray
+actors, whose calls have a deadline (``reward_timeout_s``).
+
+**Several sources** sum with weights (:class:`WeightedReward`, ``PPOConfig.rewards``); each
+component's own rewards are kept by name for the logs.
 
 **HTTP protocol.** ``POST <url>`` with the JSON body ``{"prompts": [...], "responses": [...]}``
-(prompts as above: strings or message lists); a 2xx answer with the JSON body
+(prompts as above: strings or message lists), plus ``"columns": {name: [...]}`` when the prompt rows
+have other columns; a 2xx answer with the JSON body
 ``{"rewards": [number, ...]}``, one finite number per response, in order. Each call gets one request
 and answers within ``timeout_s``: an endpoint that is down, one that is slow, a non-2xx status (the
 error quotes the start of the body), a body that is not that JSON or is larger than 8 MiB
@@ -64,7 +76,8 @@ import pkgutil
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -99,9 +112,16 @@ class RewardSource(Protocol):
     """Scores a batch of (prompt, response) pairs; frozen (never trained by RLHF)."""
 
     def score(
-        self, prompts: Sequence[Text], responses: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        prompts: Sequence[Text],
+        responses: Sequence[str],
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        columns: Mapping[str, Sequence[Any]] | None = None,
     ) -> list[float]:
-        """One finite reward per pair, in order; :class:`RewardError` when that cannot be done."""
+        """One finite reward per pair, in order; :class:`RewardError` when that cannot be done.
+
+        ``columns`` holds the prompt rows' other data columns (name -> one value per pair).
+        """
         ...
 
 
@@ -115,9 +135,14 @@ def _excerpt(value: Any, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
-def _check_batch(prompts: Sequence[Text], responses: Sequence[str]) -> None:
+def _check_batch(
+    prompts: Sequence[Text], responses: Sequence[str], columns: Mapping[str, Sequence[Any]] | None = None
+) -> None:
     if len(prompts) != len(responses):
         raise RewardError(f"{len(prompts)} prompts but {len(responses)} responses: each response needs its prompt")
+    for name, values in (columns or {}).items():
+        if len(values) != len(responses):
+            raise RewardError(f"column {name!r} has {len(values)} values for {len(responses)} responses")
     for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         if not isinstance(response, str):
             raise RewardError(f"response of row {row} is a {type(response).__name__}, not a string")
@@ -210,12 +235,39 @@ def import_function(spec: str) -> Callable[..., Any]:
     return target
 
 
-CallingForm = Literal["response", "prompt_response", "batch"]
-_CONVENTIONS = "(response), (prompt, response), or a batch (prompts, responses) -> one number per response"
+CallingForm = Literal["response", "prompt_response", "keywords", "batch"]
+_CONVENTIONS = (
+    "(response), (prompt, response), keywords (response, prompt, <column>...), or a batch "
+    "(prompts, responses, <column>...) -> one number per response"
+)
 
 
-def calling_form(function: Callable[..., Any], spec: str) -> tuple[CallingForm, tuple[str, ...]]:
-    """How to call ``function`` (see the module docstring) and, for a batched one, its keyword arguments."""
+@dataclass(frozen=True)
+class Calling:
+    """How a reward function is called (module docstring), read once from its signature."""
+
+    form: CallingForm
+    passed: tuple[str, ...] = ()
+    """For the keyword and batch forms: which of prompt(s)/response(s) it takes, by name."""
+    columns: tuple[str, ...] = ()
+    """Its other named parameters: data columns it asks for."""
+    required: tuple[str, ...] = ()
+    """Those of ``columns`` without a default: a batch without one of them is an error."""
+    all_columns: bool = False
+    """Whether it takes ``**kwargs`` (then every column is passed)."""
+
+    def arguments(self, columns: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """The column keyword arguments (values of a row, or of a batch) for a call."""
+        missing = [name for name in self.required if name not in columns]
+        if missing:
+            held = ", ".join(sorted(columns)) or "none besides the prompt"
+            raise RewardError(f"{where} needs the data column(s) {', '.join(missing)}; the prompt data has: {held}")
+        names = columns if self.all_columns else [n for n in self.columns if n in columns]
+        return {name: columns[name] for name in names}
+
+
+def calling_form(function: Callable[..., Any], spec: str) -> Calling:
+    """How to call ``function`` (see the module docstring)."""
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):
@@ -223,25 +275,37 @@ def calling_form(function: Callable[..., Any], spec: str) -> tuple[CallingForm, 
             f"config key 'reward': the parameters of {spec!r} cannot be read; wrap it in a Python function "
             f"taking {_CONVENTIONS}"
         ) from None
-    parameters = list(signature.parameters.values())
     kind = inspect.Parameter
-    required = [
-        p for p in parameters if p.default is kind.empty and p.kind not in (kind.VAR_POSITIONAL, kind.VAR_KEYWORD)
-    ]
-    names = {p.name for p in parameters}
-    batch_names = tuple(n for n in ("prompts", "responses") if n in names)
-    if batch_names:
-        keywords = ("prompts", "responses") if any(p.kind is kind.VAR_KEYWORD for p in parameters) else batch_names
-        unfilled = [p.name for p in required if p.name not in keywords or p.kind is kind.POSITIONAL_ONLY]
-        if not unfilled:
-            return "batch", keywords
+    parameters = list(signature.parameters.values())
+    named = [p for p in parameters if p.kind not in (kind.VAR_POSITIONAL, kind.VAR_KEYWORD)]
+    required = [p for p in named if p.default is kind.empty]
+    all_columns = any(p.kind is kind.VAR_KEYWORD for p in parameters)
+    names = {p.name for p in named}
+
+    def by_name(form: CallingForm, special: tuple[str, ...]) -> Calling | None:
+        passed = tuple(n for n in special if n in names)
+        if any(p.kind is kind.POSITIONAL_ONLY for p in required):  # cannot be passed by name
+            return None
+        columns = tuple(p.name for p in named if p.name not in special)
+        needed = tuple(p.name for p in required if p.name not in special)
+        return Calling(form, passed, columns, needed, all_columns)
+
+    if names & {"prompts", "responses"}:
+        calling = by_name("batch", ("prompts", "responses"))
+        if calling is not None:
+            return calling
+    elif "response" in names:
+        calling = by_name("keywords", ("prompt", "response"))
+        if calling is not None:
+            return calling
     elif not any(p.kind is kind.VAR_POSITIONAL for p in parameters) and all(
         p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD) for p in required
     ):
+        optional = tuple(p.name for p in named if p.default is not kind.empty and p.kind is not kind.POSITIONAL_ONLY)
         if len(required) == 1:
-            return "response", ()
+            return Calling("response", (), optional, (), all_columns)
         if len(required) == 2:
-            return "prompt_response", ()
+            return Calling("prompt_response", (), optional, (), all_columns)
     raise RewardError(f"config key 'reward': {spec!r} takes {signature}; a reward function takes {_CONVENTIONS}")
 
 
@@ -251,35 +315,56 @@ class FunctionReward:
     def __init__(self, spec: str) -> None:
         self.spec = spec
         self.function = import_function(spec)
-        self.form, self._keywords = calling_form(self.function, spec)
+        self.calling = calling_form(self.function, spec)
         self._source = f"reward function {spec!r}"
+
+    @property
+    def form(self) -> CallingForm:
+        """How the function is called (module docstring)."""
+        return self.calling.form
 
     def __repr__(self) -> str:
         return f"FunctionReward({self.spec!r})"
 
     def score(
-        self, prompts: Sequence[Text], responses: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        prompts: Sequence[Text],
+        responses: Sequence[str],
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        columns: Mapping[str, Sequence[Any]] | None = None,
     ) -> list[float]:
-        """Call the function per row or once per batch; ``timeout_s`` is not enforced (module docstring)."""
-        _check_batch(prompts, responses)
+        """Call the function per row or once per batch; ``timeout_s`` is not enforced here (module docstring)."""
+        columns = dict(columns or {})
+        _check_batch(prompts, responses, columns)
         if not responses:
             return []
         if self.form == "batch":
-            return self._score_batch(prompts, responses)
+            return self._score_batch(prompts, responses, columns)
         rewards = []
         for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-            args = (response,) if self.form == "response" else (prompt, response)
+            extra = self.calling.arguments({name: values[row] for name, values in columns.items()}, self._source)
+            if self.form == "keywords":
+                given = {"prompt": prompt, "response": response}
+                args: tuple = ()
+                extra |= {name: given[name] for name in self.calling.passed}
+            else:
+                args = (response,) if self.form == "response" else (prompt, response)
             try:
-                value = self.function(*args)
+                value = self.function(*args, **extra)
             except Exception as exc:
                 raise RewardError(f"{self._source} raised on row {row}: {type(exc).__name__}: {exc}") from exc
             rewards.append(_as_reward(value, self._source, row))
         return rewards
 
-    def _score_batch(self, prompts: Sequence[Text], responses: Sequence[str]) -> list[float]:
-        arguments = {"prompts": list(prompts), "responses": list(responses)}
+    def _score_batch(
+        self, prompts: Sequence[Text], responses: Sequence[str], columns: dict[str, Sequence[Any]]
+    ) -> list[float]:
+        given = {"prompts": list(prompts), "responses": list(responses)}
+        keywords = self.calling.arguments({name: list(values) for name, values in columns.items()}, self._source)
+        passed = ("prompts", "responses") if self.calling.all_columns else self.calling.passed
+        keywords |= {name: given[name] for name in passed}
         try:
-            values = self.function(**{name: arguments[name] for name in self._keywords})
+            values = self.function(**keywords)
         except Exception as exc:
             raise RewardError(
                 f"{self._source} raised on a batch of {len(responses)}: {type(exc).__name__}: {exc}"
@@ -331,14 +416,21 @@ class HTTPReward:
         self._client.close()
 
     def score(
-        self, prompts: Sequence[Text], responses: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        prompts: Sequence[Text],
+        responses: Sequence[str],
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        columns: Mapping[str, Sequence[Any]] | None = None,
     ) -> list[float]:
         """POST the batch; the rewards, or a RewardError within ``timeout_s`` (plus a few milliseconds)."""
-        _check_batch(prompts, responses)
+        _check_batch(prompts, responses, columns)
         if not responses:
             return []
+        batch: dict[str, Any] = {"prompts": list(prompts), "responses": list(responses)}
+        if columns:
+            batch["columns"] = {name: list(values) for name, values in columns.items()}
         try:
-            body = json.dumps({"prompts": list(prompts), "responses": list(responses)})
+            body = json.dumps(batch, default=_json_value)
         except (TypeError, ValueError) as exc:
             raise RewardError(f"the batch for {self._source} cannot be sent as JSON: {exc}") from None
         response, content = self._post(body, timeout_s)
@@ -419,6 +511,13 @@ class HTTPReward:
         if len(rewards) != expected:
             raise RewardError(f"{self._source} returned {len(rewards)} rewards for {expected} responses")
         return [_as_reward(value, self._source, row) for row, value in enumerate(rewards)]
+
+
+def _json_value(value: Any) -> Any:
+    """Numpy scalars and arrays (as datasets hand them out) as JSON values; anything else is refused."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"a {type(value).__name__} is not JSON serializable")
 
 
 class _Abandoned(Exception):
@@ -514,9 +613,14 @@ class ModelReward:
         return encode_sft(LMExample(prompt, completion), self.tokenizer, self.limits)["input_ids"]
 
     def score(
-        self, prompts: Sequence[Text], responses: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        prompts: Sequence[Text],
+        responses: Sequence[str],
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        columns: Mapping[str, Sequence[Any]] | None = None,
     ) -> list[float]:
-        """The scalar head at each sequence's last token; ``timeout_s`` is not enforced (a local model)."""
+        """The scalar head at each sequence's last token; the model reads no other column, and ``timeout_s`` is
+        not enforced (a local model)."""
         import torch
 
         from rlhf.data.collate import pad_batch
@@ -540,6 +644,67 @@ class ModelReward:
                 ).logits
                 rewards += logits.squeeze(-1).float().tolist()
         return [_as_reward(value, self._source, row) for row, value in enumerate(rewards)]
+
+
+# --- several sources, weighted ---
+
+
+class WeightedReward:
+    """The weighted sum of several reward sources, each kept for logging (``PPOConfig.rewards``).
+
+    Args:
+        terms: ``(name, source, weight)`` per component, names unique.
+    """
+
+    def __init__(self, terms: Sequence[tuple[str, RewardSource, float]]) -> None:
+        if not terms:
+            raise RewardError("config key 'rewards': give at least one reward source")
+        names = [name for name, _, _ in terms]
+        if len(set(names)) != len(names):
+            raise RewardError(f"config key 'rewards': names must be unique, got {names}")
+        self.terms = list(terms)
+
+    def __repr__(self) -> str:
+        return " + ".join(f"{weight:g} * {source!r}" for _, source, weight in self.terms)
+
+    def score_parts(
+        self,
+        prompts: Sequence[Text],
+        responses: Sequence[str],
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        columns: Mapping[str, Sequence[Any]] | None = None,
+    ) -> tuple[list[float], dict[str, list[float]]]:
+        """The weighted sums and each component's own (unweighted) rewards, by name."""
+        parts = {name: source.score(prompts, responses, timeout_s, columns) for name, source, _ in self.terms}
+        totals = [
+            sum(weight * parts[name][row] for name, _, weight in self.terms) for row in range(len(responses))
+        ]
+        return totals, parts
+
+    def score(
+        self,
+        prompts: Sequence[Text],
+        responses: Sequence[str],
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        columns: Mapping[str, Sequence[Any]] | None = None,
+    ) -> list[float]:
+        """The weighted sums."""
+        return self.score_parts(prompts, responses, timeout_s, columns)[0]
+
+
+def make_weighted(terms: Sequence[Mapping[str, Any]], *, device: str = "cpu") -> WeightedReward:
+    """A :class:`WeightedReward` of ``terms``, each ``{"name", "source", "weight"}`` (:func:`rlhf.config.reward_terms`)."""
+    return WeightedReward([(t["name"], make_reward(t["source"], device=device), float(t["weight"])) for t in terms])
+
+
+def term_name(spec: str) -> str:
+    """A short name for the reward source ``spec``, for logs: a function's name, a directory's, a URL's host."""
+    if spec.lower().startswith(("http://", "https://")):
+        return re.sub(r"^https?://(?:[^/@]*@)?([^/:?#]*).*$", r"\1", spec, flags=re.IGNORECASE) or "http"
+    if ":" in spec and "/" not in spec:
+        return spec.rsplit(":", 1)[1].rsplit(".", 1)[-1]
+    path = Path(spec)
+    return path.parent.name if path.name == "final" and path.parent.name else path.name or spec
 
 
 # --- from the config string ---

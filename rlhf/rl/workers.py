@@ -308,18 +308,25 @@ class ReferenceWorker(RankWorker):
 
 
 class RewardWorker(RankWorker):
-    """One rank of the frozen reward: a reward model, a ``module:function``, or an HTTP endpoint."""
+    """One rank of the frozen reward: a reward model, a ``module:function``, an HTTP endpoint, or a weighted sum."""
 
     source: Any = None
 
-    def build(self, spec: str) -> str:
-        """Create the reward source named by ``spec``; return its description."""
-        from rlhf.rl.rewards import make_reward
+    def build(self, spec: str | list[dict]) -> str:
+        """Create the reward source named by ``spec`` (or the weighted sum of its terms); return its description."""
+        from rlhf.rl.rewards import make_reward, make_weighted
 
-        self.source = make_reward(spec, device=_device())
+        self.source = (
+            make_reward(spec, device=_device()) if isinstance(spec, str) else make_weighted(spec, device=_device())
+        )
         return repr(self.source)
 
-    def score(self, items: tuple[list[Any], list[str]], timeout_s: float) -> list[float]:
-        """Scores of ``(prompts, responses)``, one float per response, within ``timeout_s``."""
-        prompts, responses = items
-        return self.source.score(prompts, responses, timeout_s)
+    def score(self, items: tuple, timeout_s: float) -> list[float]:
+        """Scores of ``(prompts, responses[, columns])``, one float per response, within ``timeout_s``."""
+        return self.source.score(*items[:2], timeout_s, *items[2:])
+
+    def score_parts(self, items: tuple, timeout_s: float) -> tuple[list[float], dict[str, list[float]]]:
+        """The scores of :meth:`score` and, for a weighted sum, each component's (else none)."""
+        if hasattr(self.source, "score_parts"):
+            return self.source.score_parts(*items[:2], timeout_s, *items[2:])
+        return self.score(items, timeout_s), {}

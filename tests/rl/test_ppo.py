@@ -204,10 +204,18 @@ def test_the_other_estimators_run_on_the_same_loop(
         f"rollout.temperature={temperature}",
         "train.max_steps=3",
     )
+    if estimator == "rloo":  # the reward as a weighted sum of two components, each logged by name
+        source = "rlhf.data.bundled:positive_word_reward"
+        overrides += (f"rewards=[{{source: '{source}', weight: 0.5, name: a}}, {{source: '{source}', weight: 1.5}}]",)
     summary = run(ppo_config(sft_policy, tmp_path, *overrides))
     assert summary["steps"] == 3
     train = [r for r in records(tmp_path) if r["kind"] == "train"]
     assert all(set(r) >= EXPECTED_METRICS and "value_loss" not in r for r in train)
+    if estimator == "rloo":
+        for r in train:
+            assert r["reward_mean"] == pytest.approx(0.5 * r["reward/a"] + 1.5 * r["reward/positive_word_reward"])
+        evaluated = [r for r in records(tmp_path) if r["kind"] == "eval"]
+        assert evaluated and all("eval_reward/a" in r for r in evaluated)
     assert all(math.isfinite(r["policy_loss"]) and r["grad_norm"] > 0 for r in train)
     assert all(r["logprob_gap_mean"] < LOGPROB_TOL for r in train)
     if truncated_is != "null":

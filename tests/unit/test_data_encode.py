@@ -32,7 +32,7 @@ KEYS = {
     "sft": {"input_ids", "labels"},
     "preference": {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"},
     "unpaired": {"input_ids", "labels", "label"},
-    "prompt": {"prompt", "prompt_ids", "prompt_text"},
+    "prompt": {"prompt", "prompt_ids", "prompt_text", "columns"},
 }
 USER = {"role": "user", "content": "Describe the cat."}
 

@@ -45,7 +45,7 @@ def test_the_reward_model_scores_in_ppo_the_ids_rm_trained_on(reward_model_dir: 
         Sample(i, 0, prompts[i]["prompt_ids"], [], [], "stop", rows[i]["chosen"][0]["content"]) for i in range(8)
     ]
 
-    texts, responses = reward_inputs(samples, prompts)
+    texts, responses, _columns = reward_inputs(samples, prompts)
     assert all(isinstance(text, list) for text in texts)  # the conversation itself, for every kind of reward
     for i, (prompt, response) in enumerate(zip(texts, responses, strict=True)):
         assert reward.encode(prompt, response) == pairs[i]["chosen_input_ids"], f"row {i}"

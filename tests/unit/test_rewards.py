@@ -94,7 +94,7 @@ def user_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def test_default_reward_is_the_bundled_function_and_scores_positive_words() -> None:
     source = make_reward(PPOConfig().reward)
     assert isinstance(source, FunctionReward) and isinstance(source, RewardSource)
-    assert source.form == "response"
+    assert source.form == "keywords"  # its parameter is named response
     assert source.score(PROMPTS, RESPONSES, timeout_s=1) == [1.0, -1.0, 0.0]
     assert source.score([], []) == []
 
