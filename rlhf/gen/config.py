@@ -253,7 +253,7 @@ class BestOfNConfig:
             raise ValueError(f"top_k must be between 1 and sampling.n={self.sampling.n}, got {self.top_k}")
 
 
-METRICS = ("exact_match", "token_f1", "format", "reward", "self_consistency", "win_rate")
+METRICS = ("exact_match", "token_f1", "format", "reward", "self_consistency", "win_rate", "accuracy")
 
 
 @dataclass(frozen=True)
@@ -277,7 +277,10 @@ class EvalConfig:
     )
     metrics: tuple[str, ...] = field(
         default=("exact_match", "token_f1", "reward"),
-        metadata={"help": "from: exact_match, token_f1, format, reward, self_consistency, win_rate"},
+        metadata={
+            "help": "from: exact_match, token_f1, format, reward, self_consistency, win_rate, accuracy "
+            "(reasoning_gym:TASK data: the task's scorer)"
+        },
     )
     answer_pattern: str | None = field(
         default=None,
@@ -306,6 +309,8 @@ class EvalConfig:
             raise ValueError("metrics: self_consistency needs sampling.n of at least 2 (a vote over samples)")
         if "format" in self.metrics and not (self.format_regex or self.format_schema):
             raise ValueError("metrics: format needs format_regex or format_schema")
+        if "accuracy" in self.metrics and not self.data.path.startswith("reasoning_gym:"):
+            raise ValueError("metrics: accuracy needs data of a reasoning-gym task (data.path=reasoning_gym:TASK)")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ Metrics (``metrics``), each over the eval rows with a 95% interval:
 * ``self_consistency``: exact match of the majority answer over the ``sampling.n`` samples
   (Wang et al. 2023), and the mean share of the majority (``self_consistency_agreement``);
 * ``win_rate``: the judge compares the model's first sample with the ``baseline`` model's
-  on each prompt (ties count half).
+  on each prompt (ties count half);
+* ``accuracy``: on the data of a reasoning-gym task (``reasoning_gym:TASK``), the share of
+  first samples that the task's own scorer gives 1.0 (:func:`rlhf.data.tasks.task_score`).
 
 Outputs in ``output_dir``: ``report.json``, ``report.md`` (a table), ``report.png`` (a bar
 chart) and ``samples.jsonl`` (every prompt, reference, sample and per-row score), so any
@@ -27,7 +29,7 @@ from typing import Any
 from rlhf.configtree import ConfigError
 from rlhf.gen.config import EvalConfig
 
-PROPORTIONS = ("exact_match", "format", "self_consistency", "win_rate")
+PROPORTIONS = ("exact_match", "format", "self_consistency", "win_rate", "accuracy")
 """Metrics whose per-row values are 0 or 1 (ties of win_rate: 0.5): their intervals are Wilson's."""
 
 
@@ -66,8 +68,10 @@ def check_config(config: EvalConfig) -> dict | None:
     return load_schema(config)
 
 
-def row_scores(samples: list[str], reference: str | None, config: EvalConfig, schema: dict | None) -> dict[str, float]:
-    """The per-row values of the text metrics (not those needing a judge)."""
+def row_scores(
+    samples: list[str], reference: str | None, config: EvalConfig, schema: dict | None, row: dict | None = None
+) -> dict[str, float]:
+    """The per-row values of the text metrics (not those needing a judge); ``row`` is the data row (accuracy)."""
     from rlhf.gen import metrics as m
 
     first = m.extract_answer(samples[0], config.answer_pattern)
@@ -82,6 +86,10 @@ def row_scores(samples: list[str], reference: str | None, config: EvalConfig, sc
         majority, share = m.majority_vote([m.extract_answer(s, config.answer_pattern) for s in samples])
         scores["self_consistency"] = m.exact_match(majority, reference)
         scores["self_consistency_agreement"] = share
+    if "accuracy" in config.metrics and row is not None:
+        from rlhf.data.tasks import task_score
+
+        scores["accuracy"] = float(task_score(samples[0], row["answer"], row["metadata"]) == 1.0)
     return scores
 
 
@@ -109,7 +117,7 @@ def run(config: EvalConfig) -> dict[str, Any]:
     try:
         connect(config.cluster)
         samples, baseline = _generate(config, prompts, source)
-        per_row = [row_scores(s, r, config, schema) for s, r in zip(samples, references, strict=True)]
+        per_row = [row_scores(s, r, config, schema, row) for s, r, row in zip(samples, references, rows, strict=True)]
         describe = _judge(config, prompts, samples, baseline, per_row)
         report = {
             "model": config.model,
