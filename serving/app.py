@@ -84,7 +84,13 @@ def llm_config(config: ServeConfig, gpu: bool | None = None, weight_transfer: bo
     from rlhf.models.loading import resolve
 
     source = resolve(config.model)
-    engine: dict[str, Any] = {"max_model_len": config.max_model_len, "enable_log_requests": False}
+    from serving.vllm_worker import QUALNAME
+
+    engine: dict[str, Any] = {
+        "max_model_len": config.max_model_len,
+        "enable_log_requests": False,
+        "worker_extension_cls": QUALNAME,  # weight syncs refresh tied output layers through it
+    }
     if config.adapters:
         dirs = {name: Path(path).expanduser().resolve() for name, path in config.adapters.items()}
         for name, path in dirs.items():

@@ -196,10 +196,14 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         initialize_layerwise_reload(self.model)
 
     def finish_weight_update(self) -> None:
-        """End the layerwise reload; a layer that received nothing keeps its weights."""
+        """End the layerwise reload; a layer that received nothing keeps its weights, except a tied output layer,
+        which follows its embeddings (:mod:`serving.vllm_worker`)."""
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
+        from serving.vllm_worker import refresh_tied_output_layers
+
         finalize_layerwise_reload(self.model, self.model_config)
+        refresh_tied_output_layers(self.model)
 
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
         """Receive every bucket and load it into the model (in the engine's dtype)."""

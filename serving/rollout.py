@@ -45,7 +45,9 @@ way ``broadcast`` does), waiting for all of them with what is left of one deadli
    engine's model half-loaded);
 2. ``pause`` (in-flight requests finish first, new ones wait), ``collective_rpc
    ("reload_weights", weights_path=DIR)`` (vLLM's in-place reload, every TP/PP worker),
-   ``reset_prefix_cache`` (cached prefixes hold the old weights' keys and values);
+   ``collective_rpc("refresh_tied_weights")`` (a tied output layer follows its embeddings:
+   :mod:`serving.vllm_worker`), ``reset_prefix_cache`` (cached prefixes hold the old
+   weights' keys and values);
 3. ``resume``, also after a failure.
 
 A replica that fails or does not answer in time is named (id, pid, node) in the
@@ -353,6 +355,9 @@ class RolloutClient:
             reload = {"method": "reload_weights", "kwargs": {"weights_path": weights}}
             reload["timeout"] = max(1.0, deadline - time.monotonic()) + RPC_GRACE_S
             replicas.call_each("collective_rpc", reload, deadline, timeout_s)
+            # a tied output layer is not reloaded with its embeddings (serving.vllm_worker)
+            refresh = {"method": "refresh_tied_weights", "timeout": max(1.0, deadline - time.monotonic()) + RPC_GRACE_S}
+            replicas.call_each("collective_rpc", refresh, deadline, timeout_s)
             replicas.call_each("reset_prefix_cache", {}, deadline, timeout_s)
         except BaseException:
             replicas.resume_quietly(deadline)

@@ -44,6 +44,8 @@ class TinyModelSpec:
     vocab_size: int = 1024
     max_position_embeddings: int = 1024
     seed: int = 0
+    tie_word_embeddings: bool = False
+    """Whether the output layer is the input embeddings (as in SmolLM2, Qwen2.5, Llama-3.2, Gemma)."""
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -99,7 +101,7 @@ def init_model(output_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) ->
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tie_word_embeddings,
         dtype="float32",
     )
     model = LlamaForCausalLM(config)
