@@ -153,6 +153,20 @@ class RolloutConfig:
         },
     )
     max_model_len: int = field(default=1024, metadata={"help": "context length of the replicas"})
+    compilation: Literal["auto", "eager", "compiled"] = field(
+        default="auto",
+        metadata={
+            "help": "vLLM engine mode: eager, compiled (torch.compile; CUDA graphs on GPUs), or auto: compiled on GPUs, "
+            "eager on CPUs (compiling there costs 1-2 minutes a start and gains nothing measured)"
+        },
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={
+            "help": "vLLM compute dtype; auto: the model's on GPUs, float32 on CPUs (vLLM's CPU default, bfloat16, "
+            "changed SmolLM2-135M's greedy answers: its steps of 1/8 in the logits break near-ties)"
+        },
+    )
     timeout_s: float = field(default=300.0, metadata={"help": "deadline of one step's generation"})
     sync_timeout_s: float = field(default=300.0, metadata={"help": "deadline of one weight sync to every replica"})
     weight_sync: Literal["transfer", "files"] = field(
@@ -383,6 +397,20 @@ class ServeConfig:
     )
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per replica (GPU only)"})
     max_model_len: int = field(default=1024, metadata={"help": "context length of the replicas"})
+    compilation: Literal["auto", "eager", "compiled"] = field(
+        default="auto",
+        metadata={
+            "help": "vLLM engine mode: eager, compiled (torch.compile; CUDA graphs on GPUs), or auto: compiled on GPUs, "
+            "eager on CPUs (compiling there costs 1-2 minutes a start and gains nothing measured)"
+        },
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={
+            "help": "vLLM compute dtype; auto: the model's on GPUs, float32 on CPUs (vLLM's CPU default, bfloat16, "
+            "changed SmolLM2-135M's greedy answers: its steps of 1/8 in the logits break near-ties)"
+        },
+    )
     max_tokens_limit: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask for"})
     default_max_tokens: int = field(
         default=256, metadata={"help": "max_tokens of a request that sets none (at most max_tokens_limit)"}

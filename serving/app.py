@@ -73,6 +73,26 @@ def _lora_rank(adapter_dir: Path) -> int:
         raise ServeError(f"adapters: {adapter_dir} is not a peft LoRA adapter directory ({exc})") from None
 
 
+def engine_mode(compilation: str, dtype: str, gpu: bool) -> dict[str, Any]:
+    """vLLM engine arguments for the configured compilation and dtype on this kind of device.
+
+    On CPUs, ``auto`` means eager and float32: vLLM's CPU default computes in bfloat16, whose coarse
+    logits changed SmolLM2-135M's greedy answer ("L'Étoile, ..." for "The capital of France is
+    Paris."), and compiling costs 1-2 minutes per engine start. Chunked prefill is off on CPUs
+    whatever the rest: vLLM rewinds the generator of a seeded request whose prompt was split over
+    steps, which only CUDA generators allow, and the engine died ("CPU Generator does not use
+    offset") once a step's prompts passed the token budget. Without chunking the budget is at least
+    ``max_model_len``, so no prompt is split, whatever the batch.
+    """
+    eager = compilation == "eager" or (compilation == "auto" and not gpu)
+    arguments: dict[str, Any] = {"enforce_eager": eager}
+    if dtype != "auto" or not gpu:
+        arguments["dtype"] = "float32" if dtype == "auto" else dtype
+    if not gpu:
+        arguments["enable_chunked_prefill"] = False
+    return arguments
+
+
 def llm_config(config: ServeConfig, gpu: bool | None = None, weight_transfer: bool = False) -> Any:
     """The ``LLMConfig`` of the model replicas for ``config``.
 
@@ -106,6 +126,7 @@ def llm_config(config: ServeConfig, gpu: bool | None = None, weight_transfer: bo
             "lora_modules": [{"name": name, "path": str(path)} for name, path in dirs.items()],
         }
     gpu = on_gpu() if gpu is None else gpu
+    engine |= engine_mode(config.compilation, config.dtype, gpu)
     if gpu:
         engine["tensor_parallel_size"] = config.tensor_parallel_size
     if weight_transfer:

@@ -795,6 +795,8 @@ def deploy_rollouts(config: PPOConfig, app_name: str) -> str:
         max_replicas=r.num_replicas,
         max_model_len=r.max_model_len,
         max_tokens_limit=r.max_model_len,
+        compilation=r.compilation,
+        dtype=r.dtype,
     )
     resolve(config.policy.name_or_path)  # builds the embedded tiny model on first use, before a replica loads it
     weight_transfer = r.weight_sync == "transfer"

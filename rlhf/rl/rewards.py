@@ -676,9 +676,7 @@ class WeightedReward:
     ) -> tuple[list[float], dict[str, list[float]]]:
         """The weighted sums and each component's own (unweighted) rewards, by name."""
         parts = {name: source.score(prompts, responses, timeout_s, columns) for name, source, _ in self.terms}
-        totals = [
-            sum(weight * parts[name][row] for name, _, weight in self.terms) for row in range(len(responses))
-        ]
+        totals = [sum(weight * parts[name][row] for name, _, weight in self.terms) for row in range(len(responses))]
         return totals, parts
 
     def score(

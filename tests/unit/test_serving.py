@@ -198,3 +198,20 @@ def test_serve_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--adapter 'no-equals-sign' is not of the form NAME=DIR" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_engine_mode_is_eager_float32_without_chunked_prefill_on_cpus_and_vllms_own_on_gpus() -> None:
+    """The CPU defaults that answer right on a real model (tests/real/test_engine.py says what went wrong before)."""
+    from serving.app import engine_mode, llm_config
+
+    cpu = {"enforce_eager": True, "dtype": "float32", "enable_chunked_prefill": False}
+    assert engine_mode("auto", "auto", gpu=False) == cpu
+    assert engine_mode("auto", "auto", gpu=True) == {"enforce_eager": False}
+    assert engine_mode("compiled", "bfloat16", gpu=False) == {**cpu, "enforce_eager": False, "dtype": "bfloat16"}
+    assert engine_mode("eager", "float16", gpu=True) == {"enforce_eager": True, "dtype": "float16"}
+    engine = llm_config(ServeConfig(model="/models/m"), gpu=False).engine_kwargs
+    assert {k: engine[k] for k in cpu} == cpu
+    engine = llm_config(
+        ServeConfig(model="/models/m", compilation="compiled", dtype="bfloat16"), gpu=False
+    ).engine_kwargs
+    assert (engine["enforce_eager"], engine["dtype"], engine["enable_chunked_prefill"]) == (False, "bfloat16", False)

@@ -1,0 +1,35 @@
+"""The real tier: SmolLM2-135M-Instruct (converted once from its packaged GGUF file) on a real vLLM replica.
+
+One rollout application of the real model serves the module's tests; it is deployed as ``rlhf ppo``
+deploys its replicas (serving.rollout.deploy, the engine defaults of this device).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+APP_NAME = "rlhf-real-tests"
+MAX_MODEL_LEN = 512
+
+
+@pytest.fixture(scope="package")
+def smollm2_app(ray_cluster, smollm2_dir: Path):
+    """A replica of SmolLM2 with the weight-transfer backend, as rlhf ppo deploys one; yields its application name."""
+    from ray import serve
+
+    from rlhf.config import ServeConfig
+    from serving.rollout import deploy, release
+
+    config = ServeConfig(
+        model=str(smollm2_dir), model_name="policy", max_model_len=MAX_MODEL_LEN, max_tokens_limit=MAX_MODEL_LEN
+    )
+    how = deploy(config, APP_NAME, timeout_s=600, weight_transfer=True)
+    yield APP_NAME
+    release(APP_NAME, how)
+    if how == "started":
+        serve.shutdown()
