@@ -449,6 +449,26 @@ def score(roles: Roles, samples: list[Any], prompts: list[dict], config: PPOConf
     )
 
 
+def reward_results(call: Any, config: PPOConfig, count: int) -> list:
+    """The reward ranks' answers to :func:`score`; a reward that did not answer in time is a
+    :class:`~rlhf.rl.rewards.RewardTimeoutError` naming it (its ranks are killed with the run's groups)."""
+    from cluster.groups import GroupError
+    from rlhf.config import reward_terms
+    from rlhf.jobs.rundir import scrub
+    from rlhf.rl.rewards import RewardTimeoutError
+
+    try:
+        return call.result()
+    except GroupError as error:
+        if error.kind != "timeout":
+            raise
+        named = " + ".join(scrub(t["source"]) for t in reward_terms(config))
+        raise RewardTimeoutError(
+            f"the reward {named} did not score {count} responses within reward_timeout_s={config.reward_timeout_s:g} s "
+            f"(+30 s of grace); the run stops and the reward's actors are killed"
+        ) from None
+
+
 def gather_scores(
     parts: list[tuple[list[float], dict[str, list[float]]]],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -487,7 +507,9 @@ def make_experience(roles: Roles, samples: list[Any], prompts: list[dict], confi
         "reference_logprobs": None if reference_call is None else _gather(reference_call, reference_slices, width),
         "values": None if value_call is None else _gather(value_call, value_slices, width),
     }
-    experience["scores"], experience["reward_components"] = gather_scores(reward_call.result())
+    experience["scores"], experience["reward_components"] = gather_scores(
+        reward_results(reward_call, config, len(samples))
+    )
     return experience
 
 
@@ -664,7 +686,7 @@ def sync_weights(roles: Roles, rollout: Any, weights_dir: Path, config: PPOConfi
 def evaluate(rollout: Any, roles: Roles, prompts: list[dict], config: PPOConfig, seed: int) -> dict[str, float]:
     """Mean reward and response length of one sample per held-out prompt."""
     samples = generate(rollout, prompts, config, seed, n=1)
-    scores, components = gather_scores(score(roles, samples, prompts, config).result())
+    scores, components = gather_scores(reward_results(score(roles, samples, prompts, config), config, len(samples)))
     return {
         "eval_reward": float(scores.mean()),
         **{f"eval_reward/{name}": float(values.mean()) for name, values in components.items()},

@@ -100,7 +100,7 @@ def test_two_runs_at_once_each_deploy_their_own_rollout_application_and_both_fin
 ) -> None:
     """Before: both runs took the default application name; the second reused the first's replicas (pushing its
     weights into them) and whichever finished first deleted them under the other."""
-    runs = {"long": 3, "short": 1}
+    runs = {"long": 2, "short": 1}
     # each run's two roles share a half-CPU bundle: with the shared replica and the runs' own two (2 CPUs each:
     # the replica actor and its engine) that is 7 of the 8 CPUs of the test cluster
     fit = ["roles.colocate=all", "roles.cpus_per_worker=0.5"]
@@ -128,7 +128,7 @@ def test_two_runs_at_once_each_deploy_their_own_rollout_application_and_both_fin
         if driver.returncode != 0:
             errors[name] = (tmp_path / f"{name}.log").read_text()[-3000:]
     assert not errors, errors
-    assert train_steps(tmp_path / "long") == [1, 2, 3] and train_steps(tmp_path / "short") == [1]
+    assert train_steps(tmp_path / "long") == [1, 2] and train_steps(tmp_path / "short") == [1]
     assert len(seen) == 2, seen
     assert not set(own_rollout_apps()) & seen  # each run deleted its own at its end
 
@@ -153,7 +153,9 @@ def ppo_command(sft_policy: Path) -> Callable[..., list[str]]:
     return command
 
 
-@pytest.mark.parametrize("stopped", ["while its replicas start", "while it trains"])
+# stopped while it trains, a driver released its application on the code before too (its deploy had returned);
+# only the case that failed is kept, the suite's time being what it is
+@pytest.mark.parametrize("stopped", ["while its replicas start"])
 def test_a_ppo_driver_stopped_like_rlhf_jobs_stop_leaves_no_serve_application(
     stopped: str, rollout_app: str, ppo_command: Callable[..., list[str]], driver_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -161,7 +163,7 @@ def test_a_ppo_driver_stopped_like_rlhf_jobs_stop_leaves_no_serve_application(
     nothing released an application whose deployment had not returned yet."""
     command = ppo_command(tmp_path / "run", "train.max_steps=50")
     before = set(own_rollout_apps())
-    wanted = ("DEPLOYING", "RUNNING") if stopped == "while its replicas start" else ("RUNNING",)
+    wanted = ("DEPLOYING", "RUNNING")
     log = tmp_path / "driver.log"
     with log.open("w") as output:
         driver = subprocess.Popen(command, env=driver_env, stdout=output, stderr=subprocess.STDOUT)
@@ -173,8 +175,6 @@ def test_a_ppo_driver_stopped_like_rlhf_jobs_stop_leaves_no_serve_application(
             ours = {name: status for name, status in ours.items() if status in wanted}
             time.sleep(0.2)
         assert ours, f"no rollout application of the run {wanted}: {driver.poll()=}"
-        if stopped == "while it trains":
-            time.sleep(5)  # the driver goes on to build its role groups
         driver.send_signal(signal.SIGTERM)
         try:
             driver.wait(timeout=JOB_STOP_WAIT_S)

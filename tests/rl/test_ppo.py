@@ -389,6 +389,27 @@ def test_a_reward_function_path_that_does_not_exist_is_named(sft_policy: Path, t
     assert "positive_word_reward" in str(caught.value)  # the nearest name
 
 
+def reward_that_hangs_on_training_rows(response: str, **columns: object) -> float:
+    """A reward function that never returns once training starts (the check before the run gets an answer)."""
+    if response != "The cat is calm.":
+        time.sleep(3600)
+    return 0.0
+
+
+def test_a_reward_function_that_hangs_is_stopped_and_named(sft_policy: Path, rollout_app: str, tmp_path: Path) -> None:
+    """Before: a hung function reward failed the step as a broken actor group (a timeout of the group's method
+    score, which the run treats as a failure it may recover from by restarting its groups), and no message named
+    the reward function. Now the run stops with a RewardTimeoutError naming it, and its actors are killed."""
+    from rlhf.jobs.ppo import run
+    from rlhf.rl.rewards import RewardTimeoutError
+
+    spec = f"{__name__}:reward_that_hangs_on_training_rows"
+    started = time.monotonic()
+    with pytest.raises(RewardTimeoutError, match=rf"the reward {spec} did not score \d+ responses within"):
+        run(ppo_config(sft_policy, tmp_path, f"reward={spec}", "reward_timeout_s=5", "train.max_steps=2"))
+    assert time.monotonic() - started < 240
+
+
 def _stall(_actor, seconds: float) -> None:
     """Run on a replica's actor: block its event loop, as a replica that hangs would."""
     time.sleep(seconds)
