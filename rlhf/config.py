@@ -8,7 +8,7 @@ Each component receives only its own slice (``model``, ``data``, ``engine``, ``t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from cluster.config import ClusterConfig
 from rlhf.data.config import DataConfig
@@ -128,6 +128,32 @@ class DPOConfig:
     preference: PreferenceLossConfig = field(default_factory=PreferenceLossConfig, metadata={"help": "the loss"})
 
 
+Compilation = Literal["auto", "eager", "compiled"]
+EngineDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def compilation_field() -> Any:
+    """The vLLM engine mode key (``serving.app.engine_mode``), in the serve and rollout sections alike."""
+    return field(
+        default="auto",
+        metadata={
+            "help": "vLLM engine mode: eager, compiled (torch.compile; CUDA graphs on GPUs), or auto: compiled on GPUs, "
+            "eager on CPUs (compiling there costs 1-2 minutes a start and gains nothing measured)"
+        },
+    )
+
+
+def dtype_field() -> Any:
+    """The vLLM compute dtype key (``serving.app.engine_mode``), in the serve and rollout sections alike."""
+    return field(
+        default="auto",
+        metadata={
+            "help": "vLLM compute dtype; auto: the model's on GPUs, float32 on CPUs (vLLM's CPU default, bfloat16, "
+            "changed SmolLM2-135M's greedy answers: its steps of 1/8 in the logits break near-ties)"
+        },
+    )
+
+
 @dataclass(frozen=True)
 class RolloutConfig:
     """Generation of rollouts by the vLLM replicas (a Ray Serve application) and the weight sync to them."""
@@ -153,20 +179,8 @@ class RolloutConfig:
         },
     )
     max_model_len: int = field(default=1024, metadata={"help": "context length of the replicas"})
-    compilation: Literal["auto", "eager", "compiled"] = field(
-        default="auto",
-        metadata={
-            "help": "vLLM engine mode: eager, compiled (torch.compile; CUDA graphs on GPUs), or auto: compiled on GPUs, "
-            "eager on CPUs (compiling there costs 1-2 minutes a start and gains nothing measured)"
-        },
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto",
-        metadata={
-            "help": "vLLM compute dtype; auto: the model's on GPUs, float32 on CPUs (vLLM's CPU default, bfloat16, "
-            "changed SmolLM2-135M's greedy answers: its steps of 1/8 in the logits break near-ties)"
-        },
-    )
+    compilation: Compilation = compilation_field()  # noqa: RUF009 (a dataclasses.field)
+    dtype: EngineDtype = dtype_field()  # noqa: RUF009 (a dataclasses.field)
     timeout_s: float = field(default=300.0, metadata={"help": "deadline of one step's generation"})
     sync_timeout_s: float = field(default=300.0, metadata={"help": "deadline of one weight sync to every replica"})
     weight_sync: Literal["transfer", "files"] = field(
@@ -397,20 +411,8 @@ class ServeConfig:
     )
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per replica (GPU only)"})
     max_model_len: int = field(default=1024, metadata={"help": "context length of the replicas"})
-    compilation: Literal["auto", "eager", "compiled"] = field(
-        default="auto",
-        metadata={
-            "help": "vLLM engine mode: eager, compiled (torch.compile; CUDA graphs on GPUs), or auto: compiled on GPUs, "
-            "eager on CPUs (compiling there costs 1-2 minutes a start and gains nothing measured)"
-        },
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto",
-        metadata={
-            "help": "vLLM compute dtype; auto: the model's on GPUs, float32 on CPUs (vLLM's CPU default, bfloat16, "
-            "changed SmolLM2-135M's greedy answers: its steps of 1/8 in the logits break near-ties)"
-        },
-    )
+    compilation: Compilation = compilation_field()  # noqa: RUF009 (a dataclasses.field)
+    dtype: EngineDtype = dtype_field()  # noqa: RUF009 (a dataclasses.field)
     max_tokens_limit: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask for"})
     default_max_tokens: int = field(
         default=256, metadata={"help": "max_tokens of a request that sets none (at most max_tokens_limit)"}
