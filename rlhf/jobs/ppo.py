@@ -108,8 +108,9 @@ def check_reward(config: PPOConfig, row: dict) -> str:
     from rlhf.rl.rewards import RewardError, make_reward, reward_model_config
 
     key = "rewards" if config.rewards else "reward"
+    terms = reward_terms(config)
     described = []
-    for term in reward_terms(config):
+    for term in terms:
         path = Path(term["source"]).expanduser()
         if path.is_dir():
             reward_model_config(path)  # a reward model: checked without loading it here
@@ -126,7 +127,7 @@ def check_reward(config: PPOConfig, row: dict) -> str:
         described.append(repr(source))
     if not config.rewards:
         return described[0]
-    return " + ".join(f"{t['weight']:g} * {d}" for t, d in zip(reward_terms(config), described, strict=True))
+    return " + ".join(f"{t['weight']:g} * {d}" for t, d in zip(terms, described, strict=True))
 
 
 def load_prompts(config: PPOConfig, tokenizer: Any) -> tuple[list[dict], list[dict]]:
@@ -436,7 +437,7 @@ def reward_inputs(samples: list[Any], prompts: list[dict]) -> tuple[list[Any], l
 
 def score(roles: Roles, samples: list[Any], prompts: list[dict], config: PPOConfig) -> Any:
     """Start scoring ``samples`` on the reward ranks, a slice each; ``.result()`` gives the list of
-    ``(scores, components)`` per rank (:func:`gather_scores`)."""
+    ``(scores, components)`` per rank (:func:`collect_scores`)."""
     from rlhf.rl.experience import split_rows
 
     texts, responses, columns = reward_inputs(samples, prompts)
@@ -449,16 +450,17 @@ def score(roles: Roles, samples: list[Any], prompts: list[dict], config: PPOConf
     )
 
 
-def reward_results(call: Any, config: PPOConfig, count: int) -> list:
-    """The reward ranks' answers to :func:`score`; a reward that did not answer in time is a
-    :class:`~rlhf.rl.rewards.RewardTimeoutError` naming it (its ranks are killed with the run's groups)."""
+def collect_scores(call: Any, config: PPOConfig, count: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The scores of the ``count`` samples :func:`score` started on, and each component's (:func:`gather_scores`);
+    a reward that did not answer in time is a :class:`~rlhf.rl.rewards.RewardTimeoutError` naming it (its ranks
+    are killed with the run's groups)."""
     from cluster.groups import GroupError
     from rlhf.config import reward_terms
     from rlhf.jobs.rundir import scrub
     from rlhf.rl.rewards import RewardTimeoutError
 
     try:
-        return call.result()
+        return gather_scores(call.result())
     except GroupError as error:
         if error.kind != "timeout":
             raise
@@ -507,9 +509,7 @@ def make_experience(roles: Roles, samples: list[Any], prompts: list[dict], confi
         "reference_logprobs": None if reference_call is None else _gather(reference_call, reference_slices, width),
         "values": None if value_call is None else _gather(value_call, value_slices, width),
     }
-    experience["scores"], experience["reward_components"] = gather_scores(
-        reward_results(reward_call, config, len(samples))
-    )
+    experience["scores"], experience["reward_components"] = collect_scores(reward_call, config, len(samples))
     return experience
 
 
@@ -686,7 +686,7 @@ def sync_weights(roles: Roles, rollout: Any, weights_dir: Path, config: PPOConfi
 def evaluate(rollout: Any, roles: Roles, prompts: list[dict], config: PPOConfig, seed: int) -> dict[str, float]:
     """Mean reward and response length of one sample per held-out prompt."""
     samples = generate(rollout, prompts, config, seed, n=1)
-    scores, components = gather_scores(reward_results(score(roles, samples, prompts, config), config, len(samples)))
+    scores, components = collect_scores(score(roles, samples, prompts, config), config, len(samples))
     return {
         "eval_reward": float(scores.mean()),
         **{f"eval_reward/{name}": float(values.mean()) for name, values in components.items()},
