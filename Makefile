@@ -12,7 +12,7 @@ export RLHF_CACHE ?= $(CURDIR)/.cache/rlhf
 export RAY_DEDUP_LOGS ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast lint format bench clean gpu-wheels gpu-check
+.PHONY: install demo demo-toy test test-fast lint format bench clean gpu-wheels gpu-check
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ endif
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf demo
+
+demo-toy: install
+	HF_HUB_OFFLINE=1 $(BIN)/rlhf demo --toy --output-dir runs/demo-toy
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/pytest

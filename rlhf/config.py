@@ -365,6 +365,16 @@ class PPOConfig:
     def __post_init__(self) -> None:
         if self.rewards and self.reward != DEFAULT_REWARD:
             raise ValueError("config keys 'reward' and 'rewards' are both set: give one reward, or a weighted list")
+        if self.policy.quantization != "none":
+            raise ValueError(
+                f"config key 'policy.quantization' is {self.policy.quantization!r}: rlhf ppo sends the policy's "
+                "weights to the rollout replicas unquantized; train LoRA adapters on the full-precision base"
+            )
+        if self.policy.lora.enabled and self.engine.zero_stage == 3:
+            raise ValueError(
+                "config keys 'policy.lora.enabled' and 'engine.zero_stage=3': a LoRA policy is merged whole on one "
+                "rank for the replicas; use engine.zero_stage 0-2 (its frozen base is small next to full training)"
+            )
 
 
 def reward_terms(config: PPOConfig) -> list[dict]:

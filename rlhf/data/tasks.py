@@ -8,8 +8,13 @@ reasoning-gym's task ``TASK`` (``basic_arithmetic``, ``chain_sum``, ``gsm_symbol
 * split ``train`` is generated from ``seed`` (default 0), ``size`` rows (default 1000); any other
   split (``test``, ``validation``) is the held-out set: ``eval_size`` rows (default 200) from a
   different seed, without the questions of the training rows;
+* ``rows=sft`` makes supervised rows instead (``prompt`` plus ``completion``, the answer as the
+  assistant's reply), ``rows=preference`` pairs (``prompt``, ``chosen`` = the answer, ``rejected`` = a
+  wrong one: the answer of the next question of the split whose answer differs), for reward models
+  and DPO; both keep ``answer`` and ``metadata``;
 * the other options are the task's own (``min_terms=2&max_terms=3`` for ``chain_sum``), passed to
-  ``reasoning_gym.create_dataset``.
+  ``reasoning_gym.create_dataset``. A ``+`` in a query means a space: write ``%2B``
+  (``operators=[%2B,-]``).
 
 :func:`task_score` is the task's own scorer as a reward function, ``(response, answer, metadata)``:
 the final answer of the response (:func:`rlhf.rl.verifiable.final_answer`) scored by reasoning-gym
@@ -30,6 +35,7 @@ from rlhf.data.errors import DataError, Source
 PREFIX = "reasoning_gym:"
 TRAIN_SPLIT = "train"
 DEFAULTS = {"size": 1000, "seed": 0, "eval_size": 200}
+ROW_KINDS = ("prompt", "sft", "preference")
 HELD_OUT_SEED_OFFSET = 1_000_003
 """What the held-out split's seed adds to ``seed``: far from the seeds of neighbouring training runs."""
 
@@ -57,6 +63,8 @@ def parse(path: str) -> tuple[str, dict[str, Any]]:
     for key in ("size", "eval_size"):
         if not isinstance(options[key], int) or options[key] < 1:
             raise DataError(f"bad option {key}", detail=f"{options[key]!r}: a positive integer", source=path)
+    if options.setdefault("rows", "prompt") not in ROW_KINDS:
+        raise DataError("bad option rows", detail=f"{options['rows']!r}: one of {', '.join(ROW_KINDS)}", source=path)
     return name, options
 
 
@@ -101,7 +109,7 @@ def load_task_rows(path: str, split: str) -> tuple[list[dict[str, Any]], Source]
     """The prompt rows of ``split`` of the task ``path`` (module docstring)."""
     name, options = parse(path)
     size, seed, eval_size = options.pop("size"), options.pop("seed"), options.pop("eval_size")
-    instruction = options.pop("instruction", "")
+    instruction, kind = options.pop("instruction", ""), options.pop("rows")
     train = _entries(path, name, options, size, seed)
     if split == TRAIN_SPLIT:
         entries = train
@@ -119,7 +127,28 @@ def load_task_rows(path: str, split: str) -> tuple[list[dict[str, Any]], Source]
         }
         for e in entries
     ]
+    if kind == "sft":
+        rows = [row | {"completion": _reply(row["answer"])} for row in rows]
+    elif kind == "preference":
+        rows = _pairs(rows, path)
     return rows, Source(f"{path} ({split})")
+
+
+def _reply(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def _pairs(rows: list[dict[str, Any]], path: str) -> list[dict[str, Any]]:
+    """``rows`` as preference pairs: the answer over the answer of the next question (cyclically) that differs."""
+    pairs = []
+    for i, row in enumerate(rows):
+        others = (rows[(i + k) % len(rows)]["answer"] for k in range(1, len(rows)))
+        wrong = next((answer for answer in others if answer != row["answer"]), None)
+        if wrong is not None:
+            pairs.append(row | {"chosen": _reply(row["answer"]), "rejected": _reply(wrong)})
+    if not pairs:
+        raise DataError("no preference pairs", detail="every question of the split has the same answer", source=path)
+    return pairs
 
 
 @functools.cache

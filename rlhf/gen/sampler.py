@@ -161,10 +161,14 @@ class Sampler:
         """``n`` completions of each prompt (``sampling``'s settings unless given), per prompt, in order."""
         from tqdm.auto import tqdm
 
+        from rlhf import console
+
         s = self.sampling
         n = n or s.n
         completions: list[list[Completion]] = []
-        with tqdm(total=len(prompt_ids), desc=description, unit="prompt", dynamic_ncols=True) as bar:
+        with tqdm(
+            total=len(prompt_ids), desc=description, unit="prompt", dynamic_ncols=True, file=console.stream()
+        ) as bar:
             for start in range(0, len(prompt_ids), s.chunk_prompts):
                 wave = prompt_ids[start : start + s.chunk_prompts]
                 samples = self._client.generate(

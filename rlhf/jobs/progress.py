@@ -15,6 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from rlhf import console
+
 log = logging.getLogger(__name__)
 
 
@@ -77,7 +79,14 @@ class RunLog:
         self.records: list[dict[str, Any]] = []
         _drop_torn_line(self.metrics_path)
         self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
-        self.bar = tqdm(total=total_steps, initial=initial_step, desc=description, unit="step", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=initial_step,
+            desc=description,
+            unit="step",
+            dynamic_ncols=True,
+            file=console.stream(),
+        )
 
     def write(self, records: list[dict[str, Any]]) -> None:
         """Append ``records`` to the file, TensorBoard and the bar."""

@@ -148,11 +148,6 @@ class PolicyWorker(_TrainableWorker):
 
         seed_everything(seed + self.rank)
         self.model_config, engine_config = _configs(model, engine)
-        if self.model_config.lora.enabled:
-            raise ValueError(
-                "config key 'policy.lora.enabled': rlhf ppo trains full policies in this version "
-                "(the rollout replicas reload full weights)"
-            )
         self.tokenizer = load_tokenizer(self.model_config)
         self.engine = TrainingEngine(
             _without_dropout(load_causal_lm(self.model_config), disable_dropout), engine_config, total_steps

@@ -1,7 +1,8 @@
 """The real tier: SmolLM2-135M-Instruct (converted once from its packaged GGUF file) on a real vLLM replica.
 
-One rollout application of the real model serves the module's tests; it is deployed as ``rlhf ppo``
-deploys its replicas (serving.rollout.deploy, the engine defaults of this device).
+One rollout application of the real model serves the package's tests; it is deployed as ``rlhf ppo``
+deploys its replicas (serving.rollout.deploy, the engine defaults of this device). Serve runs with its
+HTTP proxy on a free port of 127.0.0.1, so the endpoint tests can add an OpenAI application next to it.
 """
 
 from __future__ import annotations
@@ -18,10 +19,22 @@ MAX_MODEL_LEN = 512
 
 
 @pytest.fixture(scope="package")
-def smollm2_app(ray_cluster, smollm2_dir: Path):
-    """A replica of SmolLM2 with the weight-transfer backend, as rlhf ppo deploys one; yields its application name."""
+def serve_port(ray_cluster) -> int:
+    """Serve, started with its proxy on a free loopback port (stopped after the package)."""
     from ray import serve
+    from ray.serve.config import HTTPOptions
 
+    from cluster.connect import free_port
+
+    port = free_port()
+    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port))
+    yield port
+    serve.shutdown()
+
+
+@pytest.fixture(scope="package")
+def smollm2_app(serve_port: int, smollm2_dir: Path):
+    """A replica of SmolLM2 with the weight-transfer backend, as rlhf ppo deploys one; yields its application name."""
     from rlhf.config import ServeConfig
     from serving.rollout import deploy, release
 
@@ -31,5 +44,3 @@ def smollm2_app(ray_cluster, smollm2_dir: Path):
     how = deploy(config, APP_NAME, timeout_s=600, weight_transfer=True)
     yield APP_NAME
     release(APP_NAME, how)
-    if how == "started":
-        serve.shutdown()

@@ -42,9 +42,31 @@ def test_an_instruction_is_appended_to_every_question() -> None:
     assert all(r["prompt"][0]["content"].endswith(". Answer with the number only.") for r in rows)
 
 
+def test_sft_rows_answer_each_question_and_preference_rows_pair_it_with_another_questions_answer(
+    tiny_model_dir: Path,
+) -> None:
+    from transformers import AutoTokenizer
+
+    prompts, _ = load_rows(TASK, "train")
+    sft, _ = load_rows(f"{TASK}&rows=sft", "train")
+    assert [r["completion"] for r in sft] == [[{"role": "assistant", "content": r["answer"]}] for r in prompts]
+    pairs, _ = load_rows(f"{TASK}&rows=preference", "test")
+    held_out, _ = load_rows(TASK, "test")
+    assert len(pairs) == len(held_out) and pairs[0]["prompt"] == held_out[0]["prompt"]
+    answers = {r["answer"] for r in held_out}
+    for pair in pairs:
+        (chosen,), (rejected,) = pair["chosen"], pair["rejected"]
+        assert chosen["content"] == pair["answer"] and rejected["content"] in answers - {pair["answer"]}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert len(build_examples(DataConfig(path=f"{TASK}&rows=sft", format="prompt_completion"), tokenizer, "sft")) == 40
+    examples = build_examples(DataConfig(path=f"{TASK}&rows=preference", format="preference"), tokenizer, "preference")
+    assert len(examples) == 40
+
+
 @pytest.mark.parametrize(
     ("path", "message"),
     [
+        ("reasoning_gym:basic_arithmetic?rows=pairs", "bad option rows: 'pairs': one of prompt, sft, preference"),
         (
             "reasoning_gym:basic_arithmetc",
             "unknown reasoning-gym task: 'basic_arithmetc'; did you mean basic_arithmetic",
