@@ -29,7 +29,7 @@ from rlhf.console import logs_to_file, say
 EXAMPLE_PROMPT = "Describe the cat."
 PPO_STEPS = 30
 REAL_MODEL = "smollm2-135m-instruct"
-GRPO_STEPS = 5
+GRPO_STEPS = 4
 LOG_NAME = "demo.log"
 
 
