@@ -49,7 +49,7 @@ EXAMPLE_OVERRIDES = {
     "rm": "train.max_steps=10",
     "dpo": "preference.loss=ipo",
     "ppo": "algorithm.estimator=grpo",
-    "serve": "--model runs/demo/dpo/final",
+    "serve": "--model runs/demo/grpo/final",
     "generate": "sampling.n=4",
     "synth": "mode=self_instruct",
     "best-of-n": "finetune=true",
