@@ -176,7 +176,6 @@ def run_toy_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
     say(
         f"[4/6] ppo: {PPO_STEPS} steps from the SFT model against the reward model (policy, reference, value and "
         "reward actor groups; rollouts from a vLLM replica on Ray Serve)",
-        flush=True,
     )
     ppo_summary = ppo.run(
         _config(
