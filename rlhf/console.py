@@ -26,7 +26,7 @@ def stream() -> TextIO:
 
 def say(text: str = "") -> None:
     """Print one of the command's own lines to the terminal."""
-    print(text, file=stream() if _terminal is not None else sys.stdout, flush=True)
+    print(text, file=_terminal or sys.stdout, flush=True)
 
 
 @contextlib.contextmanager

@@ -33,17 +33,22 @@ GRPO_STEPS = 4
 LOG_NAME = "demo.log"
 
 
-def sample(model_dir: str | Path, prompt: str = EXAMPLE_PROMPT, max_new_tokens: int = 16) -> str:
-    """Greedy completion of a plain-text ``prompt`` by the model in ``model_dir`` (transformers)."""
+def sample(model_dir: str | Path, prompt: str = EXAMPLE_PROMPT, max_new_tokens: int = 16, chat: bool = False) -> str:
+    """Greedy completion of ``prompt`` by the model in ``model_dir`` (transformers); with ``chat``, its reply to
+    ``prompt`` as one user message, through the model's chat template."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if chat:
+        messages = [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def _example(name: str) -> Path:
@@ -74,20 +79,6 @@ def clear_previous_demo(output_dir: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-
-
-def chat_sample(model_dir: str | Path, question: str, max_new_tokens: int = 16) -> str:
-    """Greedy reply of the chat model in ``model_dir`` to one user message (transformers)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    messages = [{"role": "user", "content": question}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def run_demo(output_dir: Path, workers: int = 2, toy: bool = False) -> dict[str, object]:
@@ -125,7 +116,7 @@ def run_real_demo(output_dir: Path) -> dict[str, object]:
     summary = ppo.run(config)
     held_out, _ = load_rows(config.data.path, config.data.eval_split or "test")
     question, answer = held_out[0]["prompt"][0]["content"], held_out[0]["answer"]
-    before = chat_sample(model_dir, question)
+    before = sample(model_dir, question, chat=True)
     say("[3/3] serve the trained model (Ray Serve + vLLM) and ask it a held-out question through the openai client")
     served = ask_served_model(summary["final_model"], question)
     elapsed = time.perf_counter() - started
