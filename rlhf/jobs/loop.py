@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -102,39 +102,71 @@ def evaluate(engine: Any, objective: Objective, batches: list[dict[str, Any]]) -
     return result | objective.derived_eval_metrics(result)
 
 
+@dataclass(frozen=True)
+class RankIO:
+    """Where one rank's records and checkpoints go. Under Ray Train (:func:`run_worker`): the driver's metrics sink
+    and Ray Train's checkpoints; without Ray (tests of the loop itself), any callables."""
+
+    log: Callable[[dict[str, Any]], None]
+    """Send a metric record (rank 0's count; other ranks may send too, the receiver decides)."""
+    flush: Callable[[], object]
+    """Wait until every record sent so far is written (before a checkpoint)."""
+    restore: Callable[[Any], int]
+    """Load the latest checkpoint into the engine, if any; the step it holds (0 for none)."""
+    save: Callable[[Any, int, bool], None]
+    """Write a resumable checkpoint of the engine at a step (``is_main``: this is rank 0)."""
+
+
 def run_worker(args: dict[str, Any], config_cls: type, make_objective: Callable[[Any, Any], Objective]) -> None:
     """The body of every Ray Train worker: ``make_objective(config, tokenizer)`` says what to train."""
     import ray
 
     from rlhf import configtree
+    from rlhf.jobs.worker import Reporter, worker_info
+
+    config = configtree.from_dict(config_cls, args["config"])
+    reporter = Reporter(args["sink"], worker_info())
+    reporter.announce()
+    io = RankIO(log=reporter.log, flush=reporter.flush, restore=restore, save=save)
+    evaluation = ray.get(args["eval"]) if args["eval"] is not None else None
+    train_rank(config, make_objective, ray.get(args["train"]), evaluation, args["total_steps"], io)
+
+
+def train_rank(
+    config: Any,
+    make_objective: Callable[[Any, Any], Objective],
+    train_examples: list[dict[str, Any]],
+    eval_examples: list[dict[str, Any]] | None,
+    total_steps: int,
+    io: RankIO,
+) -> None:
+    """One rank of a data-parallel job, from the whole tokenized data to the exported model: this rank's shard,
+    the objective's preparation, the engine (which joins the process group), evaluation before and after, the
+    steps, checkpoints, export to ``config.train.output_dir``/final."""
     from rlhf.data.collate import shard
     from rlhf.engine import TrainingEngine
     from rlhf.jobs.batching import step_indices
-    from rlhf.jobs.worker import Reporter, seed_everything, worker_info
+    from rlhf.jobs.worker import seed_everything, worker_info
     from rlhf.models.loading import load_tokenizer
 
-    config = configtree.from_dict(config_cls, args["config"])
     info = worker_info()
-    reporter = Reporter(args["sink"], info)
-    reporter.announce()
     seed_everything(config.train.seed)
     tokenizer = load_tokenizer(config.model)
     objective = make_objective(config, tokenizer)
     model = objective.build_model()
-    train_examples = objective.prepare(model, shard(ray.get(args["train"]), info.rank, info.world_size))
-    eval_examples = []
-    if args["eval"] is not None:
-        eval_examples = objective.prepare(model, shard(ray.get(args["eval"]), info.rank, info.world_size))
-    total_steps = args["total_steps"]
+    train_examples = objective.prepare(model, shard(train_examples, info.rank, info.world_size))
+    if eval_examples is not None:
+        eval_examples = objective.prepare(model, shard(eval_examples, info.rank, info.world_size))
     engine = TrainingEngine(model, config.engine, total_steps)
-    start_step = restore(engine)
+    start_step = io.restore(engine)
     train = config.train
     mbs, gas = config.engine.micro_batch_size, config.engine.gradient_accumulation_steps
+    eval_examples = eval_examples or []
     eval_batches = [objective.collate(eval_examples[i : i + mbs]) for i in range(0, len(eval_examples), mbs)]
 
     def log_eval(step: int) -> None:
         if eval_batches:
-            reporter.log({"kind": "eval", "step": step, **evaluate(engine, objective, eval_batches)})
+            io.log({"kind": "eval", "step": step, **evaluate(engine, objective, eval_batches)})
 
     if start_step == 0:
         log_eval(0)
@@ -146,7 +178,7 @@ def run_worker(args: dict[str, Any], config_cls: type, make_objective: Callable[
         seconds = time.perf_counter() - started
         done = step + 1
         if done % train.log_every == 0 or done == total_steps:
-            reporter.log(
+            io.log(
                 {"kind": "train", "step": done, "total_steps": total_steps, **metrics,
                  "step_seconds": seconds, "items_per_second": metrics["items"] / seconds}
             )  # fmt: skip
@@ -155,8 +187,8 @@ def run_worker(args: dict[str, Any], config_cls: type, make_objective: Callable[
         if (train.save_every and done % train.save_every == 0) or done == total_steps:
             # the metrics of every step up to this one reach the disk first; a driver that does not
             # acknowledge within the flush's timeout does not hold the checkpoint up
-            reporter.flush()
-            save(engine, done, info.is_main)
+            io.flush()
+            io.save(engine, done, info.is_main)
     log_eval(total_steps)
     storage = RunStorage(config.train.output_dir)
     export_to(storage, lambda directory: engine.export(directory, tokenizer, config.model), "final")

@@ -1,4 +1,4 @@
-"""LoRA and QLoRA through the real jobs (2 Ray Train workers, gloo, a few steps each).
+"""LoRA and QLoRA through the real jobs (2 ranks of the jobs' loop, gloo, a few steps each; tests/distributed/ranks.py).
 
 Each run trains 4 steps, then the test checks what a user gets: the held-out loss fell;
 ``final/`` is a plain merged model that transformers loads, and it scores the held-out data
@@ -25,13 +25,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf import configtree
-from rlhf.cli import EXAMPLES_DIR
-from rlhf.config import DPOConfig, RMConfig, SFTConfig
+from .ranks import job_config, run_ranks
+
+pytestmark = pytest.mark.distributed
 
 ATOL = 1e-4
-
-JOBS = {"sft": (SFTConfig, "sft.yaml"), "rm": (RMConfig, "rm.yaml"), "dpo": (DPOConfig, "dpo.yaml")}
 
 CASES = [  # job, model.quantization, engine.zero_stage
     pytest.param("sft", "none", 2, id="sft-lora"),
@@ -43,9 +41,8 @@ CASES = [  # job, model.quantization, engine.zero_stage
 ]
 
 
-def _config(job: str, quantization: str, zero_stage: int, model_dir: Path, out: Path):
-    cls, example = JOBS[job]
-    overrides = [
+def _overrides(job: str, quantization: str, zero_stage: int, model_dir: Path, out: Path) -> list[str]:
+    return [
         f"model.name_or_path={model_dir}",
         f"train.output_dir={out}",
         "train.max_steps=4",
@@ -56,7 +53,22 @@ def _config(job: str, quantization: str, zero_stage: int, model_dir: Path, out: 
         "engine.warmup_steps=0",
         "data.max_rows=64",
     ]
-    return configtree.load(cls, EXAMPLES_DIR / example, overrides)
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple, tuple[list[str], dict]]:
+    """Every case trained once, one after the other on the same 2 ranks: its overrides and its run summary."""
+    from rlhf.jobs.loop import summarize
+    from rlhf.jobs.storage import RunStorage
+
+    tmp = tmp_path_factory.mktemp("lora")
+    keys = [tuple(case.values) for case in CASES]
+    runs = [(key[0], _overrides(*key, tiny_model_dir, tmp / "-".join(map(str, key)))) for key in keys]
+    results = run_ranks(2, runs, tmp / "records.json")
+    return {
+        key: (overrides, summarize(records, RunStorage(str(tmp / "-".join(map(str, key))))))
+        for key, (_, overrides), records in zip(keys, runs, results, strict=True)
+    }
 
 
 def _load_final(job: str, model_dir: Path, final: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -91,12 +103,12 @@ def _held_out_loss(job: str, config, model: torch.nn.Module) -> float:
 
 @pytest.mark.parametrize(("job", "quantization", "zero_stage"), CASES)
 def test_adapters_train_and_export_a_merged_model_and_an_adapter(
-    ray_cluster, tiny_model_dir: Path, tmp_path: Path, job: str, quantization: str, zero_stage: int
+    finished: dict, tiny_model_dir: Path, job: str, quantization: str, zero_stage: int
 ) -> None:
     from transformers import AutoTokenizer
 
-    config = _config(job, quantization, zero_stage, tiny_model_dir, tmp_path / "run")
-    summary = importlib.import_module(f"rlhf.jobs.{job}").run(config)
+    overrides, summary = finished[(job, quantization, zero_stage)]
+    config = job_config(job, overrides)
     assert summary["eval_loss_after"] < summary["eval_loss_before"], summary
 
     final = Path(summary["final_model"])

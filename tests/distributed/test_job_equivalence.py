@@ -1,8 +1,9 @@
-"""Invariances of the real jobs (2 Ray Train workers, gloo, fp32): how the work is split must not change the run.
+"""Invariances of the real jobs (2 ranks of the jobs' loop, gloo, fp32): how the work is split must not change the run.
 
 ZeRO-2 and ZeRO-3 give the ZeRO-0 run, and micro-batch 1 x accumulation 8 gives micro-batch 8
 x accumulation 1, for ``rlhf sft``, ``rlhf rm`` and ``rlhf dpo``: the same per-step training
-loss and gradient norm in ``metrics.jsonl`` and the same exported weights in ``final/``.
+loss and gradient norm in the metric records and the same exported weights in ``final/``. The runs are
+the loop every Ray Train worker of these jobs runs, on 2 ranks of their own (tests/distributed/ranks.py).
 
 What makes the comparison meaningful: the data order is a pure function of (seed, step)
 (``rlhf.jobs.batching.step_indices``), so every run reads the same examples at every step;
@@ -24,23 +25,26 @@ first steps amplify reduction-order noise in near-zero gradients towards ``lr * 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from rlhf import configtree
-from rlhf.cli import EXAMPLES_DIR
-from rlhf.config import DPOConfig, RMConfig, SFTConfig
+from .ranks import run_ranks
+
+pytestmark = pytest.mark.distributed
 
 STEPS = 3
 LOSS_ATOL = 1e-4
 GRAD_NORM_RTOL = 1e-4
 WEIGHT_ATOL = 1e-4
 
-JOBS = {"sft": (SFTConfig, "sft.yaml"), "rm": (RMConfig, "rm.yaml"), "dpo": (DPOConfig, "dpo.yaml")}
+RUNS = [  # job, zero_stage, micro-batch size, accumulation steps
+    ("sft", 0, 8, 1), ("sft", 2, 8, 1), ("sft", 3, 8, 1), ("sft", 2, 1, 8),
+    ("rm", 0, 8, 1), ("rm", 3, 8, 1),
+    ("dpo", 0, 8, 1), ("dpo", 3, 8, 1),
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -51,10 +55,9 @@ class Run:
     weights: dict[str, torch.Tensor]
 
 
-def _load_run(out: Path) -> Run:
+def _load_run(records: list[dict], out: Path) -> Run:
     from safetensors.torch import load_file
 
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     weights: dict[str, torch.Tensor] = {}
     for file in sorted((out / "final").glob("*.safetensors")):
@@ -63,32 +66,32 @@ def _load_run(out: Path) -> Run:
 
 
 @pytest.fixture(scope="module")
-def run_job(ray_cluster, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """``run_job(job, zero_stage, mbs, gas)``: a finished run, trained once per module and shared by the tests."""
-    import importlib
-
-    runs: dict[tuple, Run] = {}
-
-    def run(job: str, zero_stage: int, mbs: int = 8, gas: int = 1) -> Run:
-        key = (job, zero_stage, mbs, gas)
-        if key not in runs:
-            cls, example = JOBS[job]
-            out = tmp_path_factory.mktemp(f"{job}-zero{zero_stage}-{mbs}x{gas}") / "run"
-            overrides = [
+def run_job(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``run_job(job, zero_stage, mbs, gas)``: a finished run; every run of RUNS trains once, on the same 2 ranks."""
+    tmp = tmp_path_factory.mktemp("jobs")
+    outs = {key: tmp / "{}-zero{}-{}x{}".format(*key) for key in RUNS}
+    runs = [
+        (
+            key[0],
+            [
                 f"model.name_or_path={tiny_model_dir}",
-                f"train.output_dir={out}",
+                f"train.output_dir={outs[key]}",
                 f"train.max_steps={STEPS}",
-                "cluster.num_workers=2",
-                f"engine.zero_stage={zero_stage}",
-                f"engine.micro_batch_size={mbs}",
-                f"engine.gradient_accumulation_steps={gas}",
+                f"engine.zero_stage={key[1]}",
+                f"engine.micro_batch_size={key[2]}",
+                f"engine.gradient_accumulation_steps={key[3]}",
                 "engine.warmup_steps=0",  # every step learns (a zero-LR first step would compare nothing)
                 "data.eval_split=null",  # no evaluation: only the training trajectory is compared
                 "data.max_rows=64",  # 2 ranks x 8 x 3 steps fit; less to tokenize
-            ]
-            importlib.import_module(f"rlhf.jobs.{job}").run(configtree.load(cls, EXAMPLES_DIR / example, overrides))
-            runs[key] = _load_run(out)
-        return runs[key]
+            ],
+        )
+        for key in RUNS
+    ]
+    results = run_ranks(2, runs, tmp / "records.json")
+    finished = {key: _load_run(records, outs[key]) for key, records in zip(RUNS, results, strict=True)}
+
+    def run(job: str, zero_stage: int, mbs: int = 8, gas: int = 1) -> Run:
+        return finished[(job, zero_stage, mbs, gas)]
 
     return run
 
