@@ -42,3 +42,27 @@ def ray_cluster():
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+# ---- parallel runs (make test: pytest -n 2 --dist loadgroup) ----------------------------------------------------
+# Each test worker is a process of its own with its own embedded Ray cluster. A tier whose fixtures are shared by
+# its whole package (a trained policy and a rollout replica, the real model's replica, the serving endpoint) runs
+# on one worker; any other module runs on one worker. The longest tiers are handed out first, so that no long one
+# is left for the end while the other worker idles.
+PACKAGE_TIERS = ("real", "rl", "serving")
+TIER_ORDER = ("real", "rl", "ray", "serving", "cluster", "serving_autoscale", "distributed", "e2e", "unit")
+TESTS = Path(__file__).resolve().parent
+
+
+def _tier(item: pytest.Item) -> str:
+    return Path(str(item.path)).resolve().relative_to(TESTS).parts[0]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not getattr(config.option, "numprocesses", None):
+        return
+    for item in items:
+        tier = _tier(item)
+        item.add_marker(pytest.mark.xdist_group(tier if tier in PACKAGE_TIERS else item.nodeid.split("::")[0]))
+    order = {tier: i for i, tier in enumerate(TIER_ORDER)}
+    items.sort(key=lambda item: order.get(_tier(item), len(order)))

@@ -265,11 +265,16 @@ def test_a_zero3_policy_group_of_two_ranks_trains_with_the_kl_as_a_loss_term(
 
 
 def role_pids(role_class: str) -> list[int]:
+    """The actors of ``role_class`` in this test process's own Ray cluster (its raylet is a child of this process;
+    another cluster on the machine, such as another test worker's, is never touched)."""
     import psutil
 
     pids = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
+    for process in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(process.cmdline())
+        except psutil.Error:  # gone meanwhile
+            continue
         if cmdline.startswith(f"ray::{role_class}"):
             pids.append(process.pid)
     return pids
