@@ -47,7 +47,7 @@ def run_rlhf(model_dir: str, steps: int, output_dir: str, overrides: tuple[str, 
     import os
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from rlhf import configtree
+    from cluster import configtree
     from rlhf.config import PPOConfig
     from rlhf.jobs.ppo import run
 

@@ -153,8 +153,8 @@ def run_rlhf(model_dir: str, seconds: float) -> Side:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import ray
 
-    from rlhf.config import ServeConfig
     from serving import server
+    from serving.config import ServeConfig
 
     config = ServeConfig(
         model=model_dir,

@@ -11,7 +11,7 @@
 Each actor is a process of its own, so each has its own default ``torch.distributed``
 group: rank 0's node address and a free port are found first, then every rank sets
 ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and calls
-:func:`rlhf.engine.init_process_group` (gloo on CPU, nccl on GPU). A
+:func:`cluster.process_group.init_process_group` (gloo on CPU, nccl on GPU). A
 :class:`~rlhf.engine.TrainingEngine` built inside the actor therefore works unchanged.
 Groups on the same node do not interfere: their rendezvous ports differ, and DeepSpeed's
 shared-memory all-reduce (keyed by address and port) is only enabled when ``LOCAL_SIZE``
@@ -114,7 +114,7 @@ class RankWorker:
         """
         import ray
 
-        from rlhf.engine import init_process_group
+        from cluster.process_group import init_process_group
 
         gpu_ids = ray.get_gpu_ids()
         if gpu_ids:

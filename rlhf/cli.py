@@ -1,7 +1,7 @@
 """The ``rlhf`` command line: one subcommand per job, each ``--config FILE`` plus ``key=value`` overrides.
 
 The CLI is a thin layer over the Python API: it loads a typed config tree
-(:mod:`rlhf.configtree`), calls the job's ``run``, and turns the project's own errors
+(:mod:`cluster.configtree`), calls the job's ``run``, and turns the project's own errors
 (bad config, bad data, a model that cannot load, a failed job) into one clear line on
 stderr with a non-zero exit code.
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf import configtree
+from cluster import configtree
 from rlhf.config import JOBS
 from rlhf.gen.config import GEN_JOBS
 
@@ -134,6 +134,9 @@ def _serve_overrides(args: argparse.Namespace) -> list[str]:
 def _serve(args: argparse.Namespace, config: Any) -> None:
     from dataclasses import replace
 
+    from rlhf.models.loading import resolve
+    from serving.app import model_name
+
     adapters = dict(config.adapters)
     for item in args.adapter:
         name, sep, directory = item.partition("=")
@@ -141,6 +144,9 @@ def _serve(args: argparse.Namespace, config: Any) -> None:
             raise configtree.ConfigError(f"--adapter {item!r} is not of the form NAME=DIR")
         adapters[name] = directory
     config = replace(config, adapters=adapters, api_keys=(*config.api_keys, *args.api_key))
+    # serving takes a directory or a hub id: the project's own names (tiny, a GGUF file) resolve here, and the
+    # endpoint keeps the name the user gave
+    config = replace(config, model=resolve(config.model), model_name=model_name(config))
     if args.export:
         from serving.server import export
 
@@ -279,7 +285,7 @@ def _detect_job(path: Path) -> str:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from cluster.plan import parse_memory, plan_job, report
+    from rlhf.plan import parse_memory, plan_job, report
 
     job = args.job or _detect_job(args.config)
     config = configtree.load(JOBS[job], args.config, args.overrides)
@@ -358,10 +364,10 @@ def _run_job(args: argparse.Namespace) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from cluster.groups import GroupError
     from cluster.jobs import JobsError
-    from cluster.plan import PlanError
     from rlhf.data.errors import DataError
     from rlhf.jobs.runner import JobError
     from rlhf.models.loading import ModelLoadError
+    from rlhf.plan import PlanError
     from serving.rollout import RolloutError
 
     return (

@@ -2,18 +2,19 @@
 
 Each component receives only its own slice (``model``, ``data``, ``engine``, ``train``,
 ``cluster``, ...). YAML files and ``key=value`` overrides become these trees through
-:mod:`rlhf.configtree`, which refuses unknown keys and wrong types.
+:mod:`cluster.configtree`, which refuses unknown keys and wrong types.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from cluster.config import ClusterConfig
 from rlhf.data.config import DataConfig
 from rlhf.engine import EngineConfig
 from rlhf.models.config import ModelConfig
+from serving.config import Compilation, EngineDtype, ServeConfig, compilation_field, dtype_field
 
 
 @dataclass(frozen=True)
@@ -126,32 +127,6 @@ class DPOConfig:
     )
     cluster: ClusterConfig = field(default_factory=ClusterConfig, metadata={"help": "where it runs"})
     preference: PreferenceLossConfig = field(default_factory=PreferenceLossConfig, metadata={"help": "the loss"})
-
-
-Compilation = Literal["auto", "eager", "compiled"]
-EngineDtype = Literal["auto", "float32", "bfloat16", "float16"]
-
-
-def compilation_field() -> Any:
-    """The vLLM engine mode key (``serving.app.engine_mode``), in the serve and rollout sections alike."""
-    return field(
-        default="auto",
-        metadata={
-            "help": "vLLM engine mode: eager, compiled (torch.compile; CUDA graphs on GPUs), or auto: compiled on GPUs, "
-            "eager on CPUs (compiling there costs 1-2 minutes a start and gains nothing measured)"
-        },
-    )
-
-
-def dtype_field() -> Any:
-    """The vLLM compute dtype key (``serving.app.engine_mode``), in the serve and rollout sections alike."""
-    return field(
-        default="auto",
-        metadata={
-            "help": "vLLM compute dtype; auto: the model's on GPUs, float32 on CPUs (vLLM's CPU default, bfloat16, "
-            "changed SmolLM2-135M's greedy answers: its steps of 1/8 in the logits break near-ties)"
-        },
-    )
 
 
 @dataclass(frozen=True)
@@ -388,52 +363,6 @@ def reward_terms(config: PPOConfig) -> list[dict]:
         if names.count(term["name"]) > 1:
             term["name"] = f"{term['name']}_{i}"
     return terms
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """An OpenAI-compatible Ray Serve endpoint hosting vLLM replicas."""
-
-    model: str = field(default="tiny", metadata={"help": "model directory or hub id (a run's final/ directory)"})
-    model_name: str | None = field(default=None, metadata={"help": "name clients use (empty: from the directory)"})
-    adapters: dict[str, str] = field(
-        default_factory=dict, metadata={"help": "LoRA adapters: name -> adapter directory"}
-    )
-    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
-    port: int = field(default=8000, metadata={"help": "port to listen on"})
-    api_keys: tuple[str, ...] = field(
-        default=(), metadata={"help": "accepted bearer API keys, also from $RLHF_API_KEYS (empty: no auth)"}
-    )
-    allow_unauthenticated: bool = field(
-        default=False,
-        metadata={"help": "serve with no API key on an address other machines reach (refused unless set)"},
-    )
-    min_replicas: int = field(default=1, metadata={"help": "fewest vLLM replicas (autoscaling lower bound)"})
-    max_replicas: int = field(default=1, metadata={"help": "most vLLM replicas (autoscaling upper bound)"})
-    target_ongoing_requests: float = field(
-        default=16.0, metadata={"help": "autoscaling: requests in flight per replica that Serve aims for"}
-    )
-    upscale_delay_s: float = field(
-        default=30.0, metadata={"help": "autoscaling: how long the load must stay high before a replica is added"}
-    )
-    downscale_delay_s: float = field(
-        default=600.0, metadata={"help": "autoscaling: how long the load must stay low before a replica is removed"}
-    )
-    tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per replica (GPU only)"})
-    max_model_len: int = field(default=1024, metadata={"help": "context length of the replicas"})
-    compilation: Compilation = compilation_field()  # noqa: RUF009 (a dataclasses.field)
-    dtype: EngineDtype = dtype_field()  # noqa: RUF009 (a dataclasses.field)
-    max_tokens_limit: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask for"})
-    default_max_tokens: int = field(
-        default=256, metadata={"help": "max_tokens of a request that sets none (at most max_tokens_limit)"}
-    )
-    max_n: int = field(default=8, metadata={"help": "largest n (and best_of) a request may ask for"})
-    max_logprobs: int = field(
-        default=20, metadata={"help": "largest logprobs, top_logprobs or prompt_logprobs a request may ask for"}
-    )
-    max_stop: int = field(default=4, metadata={"help": "most stop strings in one request"})
-    max_prompts: int = field(default=16, metadata={"help": "most prompts in one completion request"})
-    max_request_bytes: int = field(default=1_000_000, metadata={"help": "largest request body accepted"})
 
 
 JOBS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "serve": ServeConfig}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rlhf import configtree
+from cluster import configtree
 from rlhf.config import PPOConfig, RMConfig, SFTConfig
 from rlhf.console import logs_to_file, say
 
@@ -241,7 +241,7 @@ def ask_served_model(model_dir: str | Path, question: str = EXAMPLE_PROMPT) -> d
     import openai
 
     from cluster.connect import free_port
-    from rlhf.config import ServeConfig
+    from serving.config import ServeConfig
     from serving.server import start, stop
 
     # a free port, so the demo never collides with a running server

@@ -16,10 +16,8 @@ micro-batch 8 x accumulation 1, and 2 ranks equal 1 rank with the whole batch.
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -106,26 +104,6 @@ def clips_itself(config: EngineConfig) -> bool:
     return config.zero_stage == 0 and not use_bf16(config.precision)
 
 
-def init_process_group(timeout_s: float = 600.0) -> None:
-    """Join (or, in a lone process, create) the default process group: gloo on CPU, nccl on GPU.
-
-    Ray Train workers already have one; a plain process gets a single-rank group.
-    """
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        from cluster.connect import free_port
-
-        port = free_port()
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
-
-
 def save_rng_state(path: Path) -> None:
     """Write this process's Python, NumPy, torch and CUDA generator states to ``path`` (via a temporary name).
 
@@ -194,6 +172,8 @@ class TrainingEngine:
         from transformers import get_scheduler
 
         _quiet_deepspeed()
+        from cluster.process_group import init_process_group
+
         init_process_group(config.collective_timeout_s)
         self.config = config
         self.world_size = dist.get_world_size()

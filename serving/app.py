@@ -28,8 +28,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rlhf import configtree
-from rlhf.config import ServeConfig
+from cluster import configtree
+from serving.config import ServeConfig
 
 API_KEYS_ENV = "RLHF_API_KEYS"
 """Comma-separated API keys read when the application is built (in addition to the config's)."""
@@ -101,10 +101,9 @@ def llm_config(config: ServeConfig, gpu: bool | None = None, weight_transfer: bo
     """
     from ray.serve.llm import LLMConfig
 
-    from rlhf.models.loading import resolve
-
-    source = resolve(config.model)
     from serving.vllm_worker import QUALNAME
+
+    source = config.model  # a directory or a hub id: names of the project's own (tiny, a GGUF file) resolve above
 
     engine: dict[str, Any] = {
         "max_model_len": config.max_model_len,

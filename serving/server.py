@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhf import configtree
-from rlhf.config import ServeConfig
+from cluster import configtree
 from serving.app import api_keys, build_app, is_loopback, model_name, require_keys, validate
+from serving.config import ServeConfig
 
 APP_NAME = "rlhf"
 

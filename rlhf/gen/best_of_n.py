@@ -33,8 +33,8 @@ def select(
 
 def run(config: BestOfNConfig) -> dict[str, Any]:
     """Sample, score, keep the best (then fine-tune); return a summary."""
+    from cluster import configtree
     from cluster.connect import connect
-    from rlhf import configtree
     from rlhf.gen.common import (
         Dropped,
         answer,

@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rlhf.configtree import ConfigError
+from cluster.configtree import ConfigError
 from rlhf.gen.config import EvalConfig
 
 PROPORTIONS = ("exact_match", "format", "self_consistency", "win_rate", "accuracy")

@@ -14,8 +14,8 @@ from rlhf.gen.config import GenerateConfig
 
 def run(config: GenerateConfig) -> dict[str, Any]:
     """Generate; return a summary (output path, rows, samples, tokens per second)."""
+    from cluster import configtree
     from cluster.connect import connect
-    from rlhf import configtree
     from rlhf.gen.common import (
         answer,
         build_prompts,

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from rlhf.configtree import ConfigError
+from cluster.configtree import ConfigError
 from rlhf.gen.config import IterativeDPOConfig
 
 
@@ -136,7 +136,7 @@ def _judged_pairs(
     dropped: Any,
 ) -> Path:
     """Sample the current policy, judge, and write the round's pairs; the dataset's path."""
-    from rlhf import configtree
+    from cluster import configtree
     from rlhf.gen.common import answer, preference_pairs, provenance, score_samples, write_dataset
     from rlhf.jobs.runner import JobError
 

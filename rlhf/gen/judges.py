@@ -22,7 +22,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from rlhf.configtree import ConfigError
+from cluster.configtree import ConfigError
 from rlhf.data.formats import Text
 from rlhf.gen.config import JudgeConfig, SamplingConfig
 

@@ -60,10 +60,10 @@ class Sampler:
         self._deployment: str | None = None
 
     def __enter__(self) -> Sampler:
-        from rlhf.config import ServeConfig
         from rlhf.models.config import ModelConfig
         from rlhf.models.loading import load_tokenizer, resolve
         from serving import rollout
+        from serving.config import ServeConfig
 
         s = self.sampling
         path = resolve(self.model)

@@ -48,8 +48,8 @@ def first_paragraph(text: str) -> str:
 
 def run(config: SynthConfig) -> dict[str, Any]:
     """Make the synthetic dataset; return a summary (output, rows, what was dropped)."""
+    from cluster import configtree
     from cluster.connect import connect
-    from rlhf import configtree
     from rlhf.gen.common import prepare_output, read_rows, release_output, write_dataset
     from rlhf.gen.judges import check_judge
     from rlhf.gen.sampler import Sampler

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rlhf.configtree import ConfigError
+from cluster.configtree import ConfigError
 from rlhf.data.errors import DataError, Source
 from rlhf.data.formats import Message, Text
 from rlhf.gen.config import TemplateConfig

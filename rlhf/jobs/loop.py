@@ -121,7 +121,7 @@ def run_worker(args: dict[str, Any], config_cls: type, make_objective: Callable[
     """The body of every Ray Train worker: ``make_objective(config, tokenizer)`` says what to train."""
     import ray
 
-    from rlhf import configtree
+    from cluster import configtree
     from rlhf.jobs.worker import Reporter, worker_info
 
     config = configtree.from_dict(config_cls, args["config"])

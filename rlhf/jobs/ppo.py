@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from rlhf import configtree
+from cluster import configtree
 from rlhf.config import PPOConfig
 from rlhf.jobs.rundir import write_json
 from rlhf.jobs.runner import JobError
@@ -805,13 +805,13 @@ def prepare(config: PPOConfig) -> Prepared:
 def deploy_rollouts(config: PPOConfig, app_name: str) -> str:
     """Deploy (or, with a name the user gave, find) the policy's rollout replicas as the Serve application
     ``app_name``; how, for :func:`serving.rollout.release`."""
-    from rlhf.config import ServeConfig
     from rlhf.models.loading import resolve
+    from serving.config import ServeConfig
     from serving.rollout import deploy
 
     r = config.rollout
     serve_config = ServeConfig(
-        model=config.policy.name_or_path,
+        model=resolve(config.policy.name_or_path),  # the tiny model is built, a GGUF file converted, once
         model_name=POLICY_MODEL_NAME,
         min_replicas=r.num_replicas,
         max_replicas=r.num_replicas,
@@ -820,7 +820,6 @@ def deploy_rollouts(config: PPOConfig, app_name: str) -> str:
         compilation=r.compilation,
         dtype=r.dtype,
     )
-    resolve(config.policy.name_or_path)  # builds the embedded tiny model on first use, before a replica loads it
     weight_transfer = r.weight_sync == "transfer"
     return deploy(serve_config, app_name, timeout_s=config.roles.call_timeout_s, weight_transfer=weight_transfer)
 

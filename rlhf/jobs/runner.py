@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlhf import configtree
+from cluster import configtree
 from rlhf.jobs.rundir import RunDirectoryInUse, lock_run_directory, scrub, unlock_run_directory, write_atomic
 from rlhf.jobs.storage import RunStorage, redact
 

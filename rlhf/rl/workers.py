@@ -23,7 +23,7 @@ from rlhf.algos.objective import PolicyObjective
 
 
 def _configs(model: dict[str, Any], engine: dict[str, Any] | None = None) -> tuple[Any, Any]:
-    from rlhf import configtree
+    from cluster import configtree
     from rlhf.engine import EngineConfig
     from rlhf.models.config import ModelConfig
 

@@ -16,7 +16,7 @@ def main(model_dir: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from rlhf import configtree
+    from cluster import configtree
     from rlhf.config import PPOConfig
     from rlhf.jobs.ppo import build_roles
 

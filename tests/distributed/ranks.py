@@ -26,8 +26,8 @@ Run = tuple[str, list[str]]
 
 def job_config(job: str, overrides: list[str], world_size: int = 1) -> Any:
     """The typed config of ``job`` from its example file, ``overrides`` and ``cluster.num_workers=world_size``."""
+    from cluster import configtree
     from rlhf import config as configs
-    from rlhf import configtree
     from rlhf.cli import EXAMPLES_DIR
 
     name, example = JOBS[job]

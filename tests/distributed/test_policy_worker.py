@@ -24,7 +24,7 @@ pytestmark = pytest.mark.distributed
 def _first_update(model_dir: str, disable_dropout: bool) -> dict[str, float]:
     import torch
 
-    from rlhf import configtree
+    from cluster import configtree
     from rlhf.algos.objective import PolicyObjective
     from rlhf.engine import EngineConfig
     from rlhf.models.config import ModelConfig

@@ -250,7 +250,7 @@ def main() -> int:
     import deepspeed
     import transformers
 
-    from rlhf.engine import init_process_group
+    from cluster.process_group import init_process_group
     from rlhf.models.loading import resolve
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {deepspeed.__version__}")

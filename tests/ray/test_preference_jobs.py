@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf import configtree
+from cluster import configtree
 from rlhf.cli import EXAMPLES_DIR
 from rlhf.config import DPOConfig, RMConfig
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import configtree
+from cluster import configtree
 from rlhf.cli import EXAMPLES_DIR
 from rlhf.config import SFTConfig
 

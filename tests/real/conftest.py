@@ -35,7 +35,7 @@ def serve_port(ray_cluster) -> int:
 @pytest.fixture(scope="package")
 def smollm2_app(serve_port: int, smollm2_dir: Path):
     """A replica of SmolLM2 with the weight-transfer backend, as rlhf ppo deploys one; yields its application name."""
-    from rlhf.config import ServeConfig
+    from serving.config import ServeConfig
     from serving.rollout import deploy, release
 
     config = ServeConfig(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import configtree
+from cluster import configtree
 from rlhf.cli import EXAMPLES_DIR
 from tests.real.test_learning import TASK
 
@@ -54,8 +54,8 @@ def test_the_served_adapter_answers_in_the_trained_form_and_the_model_still_know
     import openai
     from ray import serve
 
-    from rlhf.config import ServeConfig
     from rlhf.data.loading import load_rows
+    from serving.config import ServeConfig
     from serving.server import APP_NAME, start
 
     adapter = str(Path(lora_sft["final_model"]) / "adapter")

@@ -21,7 +21,7 @@ MAX_MODEL_LEN = 256
 @pytest.fixture(scope="package")
 def sft_policy(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model after 60 SFT steps on bundled:sft_mixed (one Ray Train worker)."""
-    from rlhf import configtree
+    from cluster import configtree
     from rlhf.cli import EXAMPLES_DIR
     from rlhf.config import SFTConfig
     from rlhf.jobs.sft import run
@@ -46,7 +46,7 @@ def rollout_app(ray_cluster, sft_policy: Path):
     """One rollout replica of the SFT policy, deployed once; the runs find it running and reuse it."""
     from ray import serve
 
-    from rlhf.config import ServeConfig
+    from serving.config import ServeConfig
     from serving.rollout import deploy
 
     config = ServeConfig(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import configtree
+from cluster import configtree
 from rlhf.cli import EXAMPLES_DIR
 from rlhf.data.bundled import positive_word_reward
 from rlhf.gen.config import GEN_JOBS

@@ -33,7 +33,7 @@ JOB_STOP_WAIT_S = 3  # Ray's job supervisor: SIGKILL this long after the SIGTERM
 
 
 def ppo_config(policy: Path, output_dir: Path, *overrides: str):
-    from rlhf import configtree
+    from cluster import configtree
     from rlhf.cli import EXAMPLES_DIR
     from rlhf.config import PPOConfig
 

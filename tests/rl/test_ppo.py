@@ -36,7 +36,7 @@ EXPECTED_METRICS = {
 
 
 def ppo_config(policy: Path, output_dir: Path, *overrides: str):
-    from rlhf import configtree
+    from cluster import configtree
     from rlhf.cli import EXAMPLES_DIR
     from rlhf.config import PPOConfig
 
@@ -134,8 +134,8 @@ def test_a_weight_transfer_from_the_policy_actor_reaches_every_replica_and_befor
     ppo_run: dict, sft_policy: Path
 ) -> None:
     """The transfer path on its own: a policy actor holding the trained weights sends them over gloo."""
+    from cluster import configtree
     from cluster.groups import ActorGroup
-    from rlhf import configtree
     from rlhf.engine import EngineConfig
     from rlhf.models.config import ModelConfig
     from rlhf.rl.workers import PolicyWorker

@@ -44,12 +44,12 @@ def tied_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_the_output_layer_of_a_tied_model_follows_every_transfer(ray_cluster, tied_models: tuple[Path, Path]) -> None:
     from ray import serve
 
+    from cluster import configtree
     from cluster.groups import ActorGroup
-    from rlhf import configtree
-    from rlhf.config import ServeConfig
     from rlhf.engine import EngineConfig
     from rlhf.models.config import ModelConfig
     from rlhf.rl.workers import PolicyWorker
+    from serving.config import ServeConfig
     from serving.rollout import RolloutClient, deploy, release
     from serving.weight_transfer import ReplicaWeightSync
 

@@ -55,7 +55,7 @@ def make_adapter(model_dir: Path, out: Path) -> Path:
 def endpoint(ray_cluster, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from ray import serve
 
-    from rlhf.config import ServeConfig
+    from serving.config import ServeConfig
     from serving.server import start
 
     adapter_dir = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "positive")

@@ -56,7 +56,7 @@ def test_load_scales_the_replicas_from_min_towards_max(ray_cluster, tiny_model_d
     from ray import serve
 
     from cluster.connect import free_port
-    from rlhf.config import ServeConfig
+    from serving.config import ServeConfig
     from serving.server import start
 
     config = ServeConfig(

@@ -79,7 +79,7 @@ def test_a_kl_loss_term_gives_finite_gradients_where_a_masked_log_prob_is_very_n
 def test_k1_is_refused_as_a_loss_term() -> None:
     """Before: ``kl.placement=loss`` with ``k1`` trained with a term whose expected gradient is zero: it regularised
     nothing, silently. The pure loss and the config both refuse it, naming the keys."""
-    from rlhf import configtree
+    from cluster import configtree
     from rlhf.algos.kl import kl_penalty_loss
     from rlhf.config import PPOConfig
 

@@ -20,7 +20,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("job", sorted(ALL_JOBS))
 def test_job_help_lists_every_key(job: str) -> None:
-    from rlhf import configtree
+    from cluster import configtree
 
     result = _run(job, "--help")
     assert result.returncode == 0, result.stderr

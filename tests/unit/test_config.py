@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import configtree
+from cluster import configtree
+from cluster.configtree import ConfigError
 from rlhf.cli import ALL_JOBS, EXAMPLES_DIR
 from rlhf.config import DPOConfig, SFTConfig
-from rlhf.configtree import ConfigError
 
 
 def test_defaults_and_overrides_are_typed(tmp_path: Path) -> None:

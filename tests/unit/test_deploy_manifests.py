@@ -28,7 +28,7 @@ def test_the_cluster_launcher_yaml_satisfies_rays_schema() -> None:
 
 
 def test_the_rayjob_entrypoint_is_an_rlhf_command_whose_config_loads() -> None:
-    from rlhf import configtree
+    from cluster import configtree
     from rlhf.cli import EXAMPLES_DIR, build_parser
     from rlhf.config import JOBS
 
@@ -42,8 +42,8 @@ def test_the_rayjob_entrypoint_is_an_rlhf_command_whose_config_loads() -> None:
 
 
 def test_the_rayservice_serve_config_is_what_rlhf_serve_export_writes(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from rlhf import configtree
-    from rlhf.config import ServeConfig
+    from cluster import configtree
+    from serving.config import ServeConfig
     from serving.server import export
 
     spec = yaml.safe_load((DEPLOY / "rayservice.yaml").read_text())["spec"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import configtree
-from rlhf.configtree import ConfigError
+from cluster import configtree
+from cluster.configtree import ConfigError
 from rlhf.data.bundled import judge_case, positive_word_reward
 from rlhf.gen.best_of_n import select
 from rlhf.gen.common import Dropped, OutputExistsError, answer, deduplicate, preference_pairs, prepare_output

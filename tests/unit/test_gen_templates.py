@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.configtree import ConfigError
+from cluster.configtree import ConfigError
 from rlhf.data.errors import DataError, Source
 from rlhf.gen.config import TemplateConfig
 from rlhf.gen.templates import placeholders, prompt_builder

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.plan import GB, ModelShape, model_state_bytes, plan_job, shape_of
-from rlhf import configtree
+from cluster import configtree
 from rlhf.cli import EXAMPLES_DIR
 from rlhf.config import PPOConfig, SFTConfig
+from rlhf.plan import GB, ModelShape, model_state_bytes, plan_job, shape_of
 
 # Llama-2-7B and Llama-2-70B as their configs describe them (parameters as counted by transformers)
 LLAMA_7B = ModelShape(parameters=6_738_415_616, hidden_size=4096, num_layers=32, num_heads=32, vocab_size=32000)
@@ -163,7 +163,7 @@ def test_the_estimate_is_close_to_the_measured_peak_of_a_training_step_on_cpu() 
     """Peak resident memory of fp32 AdamW steps on a 50M Llama-shaped model, beyond its weights, vs the estimate."""
     import json
 
-    from cluster.plan import activation_bytes
+    from rlhf.plan import activation_bytes
 
     result = subprocess.run([sys.executable, "-c", PEAK_PROBE], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -65,7 +65,7 @@ def reward_of_a_conversation(prompt: object, response: str) -> float:
 def test_the_reward_check_before_a_run_scores_a_prompt_of_the_data(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Before: the check that builds the reward before a run scored the string "Describe the cat." whatever the
     data held, so a reward function written for a chat dataset's messages failed it and the run could not start."""
-    from rlhf import configtree
+    from cluster import configtree
     from rlhf.cli import EXAMPLES_DIR
     from rlhf.config import PPOConfig
     from rlhf.jobs.ppo import prepare

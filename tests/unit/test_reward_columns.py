@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import configtree
+from cluster import configtree
 from rlhf.config import PPOConfig, reward_terms
 from rlhf.data.config import DataConfig
 from rlhf.data.encode import build_examples

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf import configtree
+from cluster import configtree
 from rlhf.cli import ALL_JOBS, _runner
 from rlhf.jobs.runner import JobError, prepare_output_dir, write_config
 

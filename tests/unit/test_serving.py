@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf.config import ServeConfig
+from serving.config import ServeConfig
 from serving.guard import Guard, check_body, check_key
 from tests.unit.guard_limits import limits
 

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from rlhf.config import ServeConfig
+from serving.config import ServeConfig
 from serving.guard import Guard, route_path
 from tests.unit.guard_limits import LIMITS
 

@@ -104,7 +104,7 @@ def test_task_prompts_encode_for_rl_with_their_columns(tiny_model_dir: Path) -> 
 
 
 def test_eval_reports_accuracy_on_task_data_only() -> None:
-    from rlhf import configtree
+    from cluster import configtree
     from rlhf.gen.config import EvalConfig
     from rlhf.gen.evaluate import _aggregate, row_scores
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from rlhf.config import ServeConfig
+from serving.config import ServeConfig
 from serving.rollout import Replica, ReplicaSet, RolloutError
 from serving.weight_transfer import ReplicaWeightSync, backend, open_trainer
 
