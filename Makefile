@@ -41,12 +41,13 @@ demo: install
 demo-toy: install
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf demo --toy --output-dir runs/demo-toy
 
-# Two test workers (tests/conftest.py keeps each tier's shared fixtures on one worker): much of a test's time is one
-# busy core (a replica decoding, one trainer actor, processes starting), so two at once use the machine better.
+# Two test workers (the scheduler in tests/conftest.py keeps the tests that share a fixture on one worker): much
+# of a test's time is one busy core (a replica decoding, one trainer actor, processes starting), so two at once
+# use the machine better.
 # TEST_WORKERS=0 runs the suite in this process, one test after another.
 TEST_WORKERS ?= 2
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+	HF_HUB_OFFLINE=1 $(BIN)/pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS))
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/pytest tests/unit

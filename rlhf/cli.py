@@ -18,6 +18,7 @@ from typing import Any
 from cluster import configtree
 from rlhf.config import JOBS
 from rlhf.gen.config import GEN_JOBS
+from rlhf.jobs.registry import EXAMPLES_DIR
 
 ALL_JOBS = {**JOBS, **GEN_JOBS}
 GEN_MODULES = {
@@ -27,8 +28,6 @@ GEN_MODULES = {
     "iterative-dpo": "iterative_dpo",
     "eval": "evaluate",
 }
-
-EXAMPLES_DIR = Path(__file__).parent / "configs"
 
 JOB_SUMMARIES = {
     "sft": "supervised fine-tuning (Ray Train + DeepSpeed)",

@@ -52,7 +52,7 @@ def sample(model_dir: str | Path, prompt: str = EXAMPLE_PROMPT, max_new_tokens: 
 
 
 def _example(name: str) -> Path:
-    from rlhf.cli import EXAMPLES_DIR
+    from rlhf.jobs.registry import EXAMPLES_DIR
 
     return EXAMPLES_DIR / f"{name}.yaml"
 
@@ -221,9 +221,9 @@ def run_toy_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
 
 def evaluate(model: str, baseline: str, reward_model: str, output_dir: Path) -> dict:
     """``rlhf eval`` of ``model`` against ``baseline`` on the bundled held-out prompts, judged by ``reward_model``."""
-    from rlhf.cli import EXAMPLES_DIR
     from rlhf.gen import evaluate as eval_job
     from rlhf.gen.config import EvalConfig
+    from rlhf.jobs.registry import EXAMPLES_DIR
 
     overrides = [
         f"model={model}",

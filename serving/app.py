@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import configtree
+from serving.backends import backend, on_gpu
 from serving.config import ServeConfig
 
 API_KEYS_ENV = "RLHF_API_KEYS"
@@ -55,13 +56,6 @@ def api_keys(config: ServeConfig) -> tuple[str, ...]:
     """Accepted keys: the config's plus those in ``$RLHF_API_KEYS``; empty means no auth."""
     from_env = [key.strip() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
     return tuple(dict.fromkeys([*config.api_keys, *from_env]))
-
-
-def on_gpu() -> bool:
-    """Whether the Ray cluster this process is connected to has GPUs."""
-    import ray
-
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
 def _lora_rank(adapter_dir: Path) -> int:
@@ -129,8 +123,6 @@ def llm_config(config: ServeConfig, gpu: bool | None = None, weight_transfer: bo
     if gpu:
         engine["tensor_parallel_size"] = config.tensor_parallel_size
     if weight_transfer:
-        from serving.weight_transfer import backend
-
         engine["weight_transfer_config"] = {"backend": backend(gpu)}
     if config.min_replicas == config.max_replicas:
         scaling: dict[str, Any] = {"num_replicas": config.min_replicas}

@@ -36,11 +36,6 @@ log = logging.getLogger(__name__)
 NOT_CONFIGURED = "Weight transfer not configured"  # vLLM's message from a replica deployed without a backend
 
 
-def backend(gpu: bool) -> str:
-    """The weight-transfer backend of replicas on GPUs (NCCL) or CPUs (gloo)."""
-    return "nccl" if gpu else "gloo"
-
-
 def register() -> None:
     """Register the gloo backend with vLLM's weight-transfer factories (a ``vllm.general_plugins`` entry point).
 

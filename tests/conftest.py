@@ -44,25 +44,38 @@ def ray_cluster():
     ray.shutdown()
 
 
-# ---- parallel runs (make test: pytest -n 2 --dist loadgroup) ----------------------------------------------------
-# Each test worker is a process of its own with its own embedded Ray cluster. A tier whose fixtures are shared by
-# its whole package (a trained policy and a rollout replica, the real model's replica, the serving endpoint) runs
-# on one worker; any other module runs on one worker. The longest tiers are handed out first, so that no long one
-# is left for the end while the other worker idles.
+# ---- parallel runs (make test: pytest -n 2) -----------------------------------------------------------------------
+# Each test worker is a process of its own with its own embedded Ray cluster. The scheduler below hands out whole
+# units: a tier whose fixtures its whole package shares (a trained policy and a rollout replica, the real model's
+# replica, the serving endpoint) is one unit, any other module is one. The workers order what they collect tier by
+# tier, longest first, so that no long unit is left for the end while the other worker idles.
 PACKAGE_TIERS = ("real", "rl", "serving")
 TIER_ORDER = ("real", "rl", "ray", "serving", "cluster", "serving_autoscale", "distributed", "e2e", "unit")
 TESTS = Path(__file__).resolve().parent
 
 
-def _tier(item: pytest.Item) -> str:
-    return Path(str(item.path)).resolve().relative_to(TESTS).parts[0]
+def unit_of(nodeid: str) -> str:
+    """The unit of work a test belongs to: ``tests/<tier>`` for a package tier, else its module."""
+    module = nodeid.split("::")[0]
+    parts = module.split("/")
+    return "/".join(parts[:2]) if len(parts) > 2 and parts[1] in PACKAGE_TIERS else module
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not getattr(config.option, "numprocesses", None):
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # set in xdist's workers, which collect what the scheduler hands out
         return
-    for item in items:
-        tier = _tier(item)
-        item.add_marker(pytest.mark.xdist_group(tier if tier in PACKAGE_TIERS else item.nodeid.split("::")[0]))
     order = {tier: i for i, tier in enumerate(TIER_ORDER)}
-    items.sort(key=lambda item: order.get(_tier(item), len(order)))
+    items.sort(key=lambda item: order.get(unit_of(item.nodeid).split("/")[1], len(order)))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:  # xdist's Producer and Scheduling
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        """xdist's scheduling by scope, with :func:`unit_of` as the scope, in the workers' collection order."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    config.option.loadscopereorder = False  # by number of tests it would put the short unit tier first
+    return UnitScheduling(config, log)

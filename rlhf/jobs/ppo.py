@@ -656,9 +656,9 @@ def sync_weights(roles: Roles, rollout: Any, weights_dir: Path, config: PPOConfi
     change); ``files`` writes them to ``weights_dir`` for every replica to reload.
     """
     from cluster.groups import GroupError
-    from serving.app import on_gpu
+    from serving.backends import backend, on_gpu
     from serving.rollout import RolloutError
-    from serving.weight_transfer import ReplicaWeightSync, backend
+    from serving.weight_transfer import ReplicaWeightSync
 
     r = config.rollout
     if r.weight_sync == "files":

@@ -28,7 +28,7 @@ def job_config(job: str, overrides: list[str], world_size: int = 1) -> Any:
     """The typed config of ``job`` from its example file, ``overrides`` and ``cluster.num_workers=world_size``."""
     from cluster import configtree
     from rlhf import config as configs
-    from rlhf.cli import EXAMPLES_DIR
+    from rlhf.jobs.registry import EXAMPLES_DIR
 
     name, example = JOBS[job]
     overrides = [*overrides, f"cluster.num_workers={world_size}"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.cli import EXAMPLES_DIR
+from rlhf.jobs.registry import EXAMPLES_DIR
 
 
 def _drivers_of(out: Path) -> list[dict]:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from cluster import configtree
-from rlhf.cli import EXAMPLES_DIR
 from rlhf.config import DPOConfig
+from rlhf.jobs.registry import EXAMPLES_DIR
 
 
 def _config(model_dir: Path, out: Path, *overrides: str) -> DPOConfig:

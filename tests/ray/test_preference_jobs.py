@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cluster import configtree
-from rlhf.cli import EXAMPLES_DIR
 from rlhf.config import DPOConfig, RMConfig
+from rlhf.jobs.registry import EXAMPLES_DIR
 
 
 def _config(cls: type, example: str, model_dir: Path, out: Path, *overrides: str):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from cluster import configtree
-from rlhf.cli import EXAMPLES_DIR
 from rlhf.config import SFTConfig
+from rlhf.jobs.registry import EXAMPLES_DIR
 from rlhf.jobs.runner import JobError
 
 STEPS = 4

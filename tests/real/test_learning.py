@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from cluster import configtree
-from rlhf.cli import EXAMPLES_DIR
+from rlhf.jobs.registry import EXAMPLES_DIR
 
 GRPO_STEPS = 3
 DPO_STEPS = 16

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cluster import configtree
-from rlhf.cli import EXAMPLES_DIR
+from rlhf.jobs.registry import EXAMPLES_DIR
 from tests.real.test_learning import TASK
 
 SFT_STEPS = 8

@@ -22,8 +22,8 @@ MAX_MODEL_LEN = 256
 def sft_policy(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model after 60 SFT steps on bundled:sft_mixed (one Ray Train worker)."""
     from cluster import configtree
-    from rlhf.cli import EXAMPLES_DIR
     from rlhf.config import SFTConfig
+    from rlhf.jobs.registry import EXAMPLES_DIR
     from rlhf.jobs.sft import run
 
     out = tmp_path_factory.mktemp("sft")

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from cluster import configtree
-from rlhf.cli import EXAMPLES_DIR
 from rlhf.data.bundled import positive_word_reward
 from rlhf.gen.config import GEN_JOBS
 from rlhf.gen.metrics import extract_answer, pairwise_outcome, token_f1
+from rlhf.jobs.registry import EXAMPLES_DIR
 
 from .conftest import APP_NAME, MAX_MODEL_LEN
 

@@ -37,8 +37,8 @@ EXPECTED_METRICS = {
 
 def ppo_config(policy: Path, output_dir: Path, *overrides: str):
     from cluster import configtree
-    from rlhf.cli import EXAMPLES_DIR
     from rlhf.config import PPOConfig
+    from rlhf.jobs.registry import EXAMPLES_DIR
 
     base = [
         f"policy.name_or_path={policy}",

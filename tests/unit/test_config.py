@@ -8,8 +8,9 @@ import pytest
 
 from cluster import configtree
 from cluster.configtree import ConfigError
-from rlhf.cli import ALL_JOBS, EXAMPLES_DIR
+from rlhf.cli import ALL_JOBS
 from rlhf.config import DPOConfig, SFTConfig
+from rlhf.jobs.registry import EXAMPLES_DIR
 
 
 def test_defaults_and_overrides_are_typed(tmp_path: Path) -> None:

@@ -29,8 +29,9 @@ def test_the_cluster_launcher_yaml_satisfies_rays_schema() -> None:
 
 def test_the_rayjob_entrypoint_is_an_rlhf_command_whose_config_loads() -> None:
     from cluster import configtree
-    from rlhf.cli import EXAMPLES_DIR, build_parser
+    from rlhf.cli import build_parser
     from rlhf.config import JOBS
+    from rlhf.jobs.registry import EXAMPLES_DIR
 
     spec = yaml.safe_load((DEPLOY / "rayjob.yaml").read_text())["spec"]
     words = shlex.split(spec["entrypoint"])

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from cluster import configtree
-from rlhf.cli import EXAMPLES_DIR
 from rlhf.config import PPOConfig, SFTConfig
+from rlhf.jobs.registry import EXAMPLES_DIR
 from rlhf.plan import GB, ModelShape, model_state_bytes, plan_job, shape_of
 
 # Llama-2-7B and Llama-2-70B as their configs describe them (parameters as counted by transformers)

@@ -129,8 +129,8 @@ def _state(step: int) -> str:
 
 
 def _ppo_config(tiny_model_dir: Path, output_dir: Path, *overrides: str):
-    from rlhf.cli import EXAMPLES_DIR
     from rlhf.config import PPOConfig
+    from rlhf.jobs.registry import EXAMPLES_DIR
 
     base = [f"policy.name_or_path={tiny_model_dir}", f"train.output_dir={output_dir}", "train.max_steps=6"]
     return configtree.load(PPOConfig, EXAMPLES_DIR / "ppo.yaml", [*base, *overrides])
@@ -293,8 +293,8 @@ def test_scrub_masks_credentials_and_keeps_the_rest(url: str, expected: str) -> 
 
 def test_config_yaml_keeps_no_credential_of_a_storage_uri_or_reward_url(tmp_path: Path) -> None:
     """config.yaml was the config tree as given: the bucket's key and secret and the reward URL's password."""
-    from rlhf.cli import EXAMPLES_DIR
     from rlhf.config import PPOConfig
+    from rlhf.jobs.registry import EXAMPLES_DIR
 
     config = configtree.load(PPOConfig, EXAMPLES_DIR / "ppo.yaml", [])
     config = replace(config, reward=REWARD_URL, train=replace(config.train, output_dir=STORAGE_URI))

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
+from serving.backends import backend
 from serving.config import ServeConfig
 from serving.rollout import Replica, ReplicaSet, RolloutError
-from serving.weight_transfer import ReplicaWeightSync, backend, open_trainer
+from serving.weight_transfer import ReplicaWeightSync, open_trainer
 
 
 def test_replicas_get_the_transfer_backend_of_their_device() -> None:
