@@ -46,26 +46,27 @@ def ray_cluster():
 
 # ---- parallel runs (make test: pytest -n 2) -----------------------------------------------------------------------
 # Each test worker is a process of its own with its own embedded Ray cluster. The scheduler below hands out whole
-# units: a tier whose fixtures its whole package shares (a trained policy and a rollout replica, the real model's
-# replica, the serving endpoint) is one unit, any other module is one. The workers order what they collect tier by
-# tier, longest first, so that no long unit is left for the end while the other worker idles.
-PACKAGE_TIERS = ("real", "rl", "serving")
+# units: the tests that share a package's fixtures (a trained policy and its rollout replica, the serving endpoint)
+# are one unit, any other module is one. The real model's tier and the RL tier are one unit together: each holds
+# several GiB (SmolLM2's trainer, reference and replica; PPO's role actors and replicas), and side by side they
+# took the machine to its memory limit, where Ray's memory monitor killed their workers. The workers order what
+# they collect tier by tier, longest first, so that no long unit is left for the end while the other worker idles.
+UNITS = {"real": "tests/real+rl", "rl": "tests/real+rl", "serving": "tests/serving"}
 TIER_ORDER = ("real", "rl", "ray", "serving", "cluster", "serving_autoscale", "distributed", "e2e", "unit")
-TESTS = Path(__file__).resolve().parent
 
 
 def unit_of(nodeid: str) -> str:
-    """The unit of work a test belongs to: ``tests/<tier>`` for a package tier, else its module."""
+    """The unit of work a test belongs to (see above): its tier's for a shared tier, else its module."""
     module = nodeid.split("::")[0]
     parts = module.split("/")
-    return "/".join(parts[:2]) if len(parts) > 2 and parts[1] in PACKAGE_TIERS else module
+    return UNITS.get(parts[1], module) if len(parts) > 2 else module
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if "PYTEST_XDIST_WORKER" not in os.environ:  # set in xdist's workers, which collect what the scheduler hands out
         return
     order = {tier: i for i, tier in enumerate(TIER_ORDER)}
-    items.sort(key=lambda item: order.get(unit_of(item.nodeid).split("/")[1], len(order)))
+    items.sort(key=lambda item: order.get(item.nodeid.split("/")[1], len(order)))
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:  # xdist's Producer and Scheduling
