@@ -46,20 +46,20 @@ def ray_cluster():
 
 # ---- parallel runs (make test: pytest -n 2) -----------------------------------------------------------------------
 # Each test worker is a process of its own with its own embedded Ray cluster. The scheduler below hands out whole
-# units: the tests that share a package's fixtures (a trained policy and its rollout replica, the serving endpoint)
-# are one unit, any other module is one. The real model's tier and the RL tier are one unit together: each holds
-# several GiB (SmolLM2's trainer, reference and replica; PPO's role actors and replicas), and side by side they
-# took the machine to its memory limit, where Ray's memory monitor killed their workers. The workers order what
-# they collect tier by tier, longest first, so that no long unit is left for the end while the other worker idles.
-UNITS = {"real": "tests/real+rl", "rl": "tests/real+rl", "serving": "tests/serving"}
-TIER_ORDER = ("real", "rl", "ray", "serving", "cluster", "serving_autoscale", "distributed", "e2e", "unit")
+# units of tests. Every tier that starts vLLM or trains the real model is one unit, run in order by one worker:
+# SmolLM2's trainer, reference and replica, PPO's role actors and replicas, the serving endpoint's two replicas each
+# hold GiBs, and side by side they took the machine (24 GiB) to its memory limit, where Ray's memory monitor killed
+# their workers (measured: 22.6 GiB used with the real LoRA case beside the endpoint's replicas). The other
+# worker takes the rest module by module (Ray Train jobs of the tiny model, the cluster, the loop on gloo, units).
+REPLICA_TIERS = ("real", "rl", "serving", "serving_autoscale", "e2e")
+TIER_ORDER = ("real", "rl", "serving", "serving_autoscale", "e2e", "ray", "cluster", "distributed", "unit")
 
 
 def unit_of(nodeid: str) -> str:
-    """The unit of work a test belongs to (see above): its tier's for a shared tier, else its module."""
+    """The unit of work a test belongs to (see above): one for every tier that runs replicas, else its module."""
     module = nodeid.split("::")[0]
     parts = module.split("/")
-    return UNITS.get(parts[1], module) if len(parts) > 2 else module
+    return "tests/replica-tiers" if len(parts) > 2 and parts[1] in REPLICA_TIERS else module
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
