@@ -175,6 +175,9 @@ def check_body(path: str, raw: bytes, limits: Limits) -> tuple[str, str | None] 
     for field, (value, most) in counted.items():
         if isinstance(value, list) and len(value) > most:
             return f"{field} may hold at most {most} items on this endpoint, got {len(value)}", field
+    # vLLM's request model reads it with .get while validating it: anything but an object was a 500
+    if body.get("structured_outputs") is not None and not isinstance(body["structured_outputs"], dict):
+        return "structured_outputs must be an object", "structured_outputs"
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:

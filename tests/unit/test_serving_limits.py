@@ -121,3 +121,15 @@ def test_a_body_without_content_length_is_read_only_up_to_the_cap(route: str) ->
     assert sent[0]["status"] == 413
     assert json.loads(sent[1]["body"])["error"]["code"] == "too_large"
     assert sum(received) <= LIMITS.max_request_bytes + len(chunk)
+
+
+@pytest.mark.parametrize("value", [5, "regex", [1, 2]])
+def test_structured_outputs_that_are_not_an_object_are_a_400_naming_the_field(value: object) -> None:
+    """Before: vLLM's request model reads ``structured_outputs`` with ``.get`` while validating it, so a number or a
+    string there raised AttributeError inside the validator and the endpoint answered 500 (found by the fuzz test:
+    5 of 1209 requests)."""
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 4, "structured_outputs": value}
+    refused = check_body("/v1/completions", json.dumps(body).encode(), limits())
+    assert refused is not None and refused[1] == "structured_outputs", refused
+    del body["structured_outputs"]
+    assert check_body("/v1/completions", json.dumps(body).encode(), limits()) is None
