@@ -8,13 +8,16 @@ Each component receives only its own slice (``model``, ``data``, ``engine``, ``t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from cluster.config import ClusterConfig
 from rlhf.data.config import DataConfig
 from rlhf.engine import EngineConfig
 from rlhf.models.config import ModelConfig
 from serving.config import Compilation, EngineDtype, ServeConfig, compilation_field, dtype_field
+
+if TYPE_CHECKING:
+    from rlhf.algos.estimators import EstimatorSettings
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,11 @@ class PPOAlgorithmConfig:
     """The RL algorithm: advantage estimator and policy-loss settings."""
 
     estimator: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = field(
-        default="ppo", metadata={"help": "advantage estimator; only ppo creates a value (critic) group"}
+        default="ppo",
+        metadata={
+            "help": "advantage estimator (the table of rlhf/algos/estimators.py); only ppo creates a value "
+            "(critic) group; grpo and rloo compare the samples of a prompt"
+        },
     )
     gamma: float = field(default=1.0, metadata={"help": "discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda (ppo)"})
@@ -350,6 +357,31 @@ class PPOConfig:
                 "config keys 'policy.lora.enabled' and 'engine.zero_stage=3': a LoRA policy is merged whole on one "
                 "rank for the replicas; use engine.zero_stage 0-2 (its frozen base is small next to full training)"
             )
+
+    @property
+    def needs_critic(self) -> bool:
+        """Whether the configured estimator needs a value (critic) role."""
+        from rlhf.algos.estimators import estimator
+
+        return estimator(self.algorithm.estimator).critic
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a reference role computes the KL to the reference (``kl.coefficient`` above 0)."""
+        return self.kl.coefficient > 0
+
+    def estimator_settings(self) -> EstimatorSettings:
+        """The numbers the estimators read, from ``algorithm`` and ``rollout.group_size``."""
+        from rlhf.algos.estimators import EstimatorSettings
+
+        a = self.algorithm
+        return EstimatorSettings(
+            group_size=self.rollout.group_size,
+            gamma=a.gamma,
+            lam=a.lam,
+            whiten=a.whiten_advantages,
+            grpo_std_normalize=a.grpo_std_normalize,
+        )
 
 
 def reward_terms(config: PPOConfig) -> list[dict]:

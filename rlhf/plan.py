@@ -277,11 +277,11 @@ def plan_job(
     gpus = r.gpus_per_worker or 1
     policy_shape = shape(config.policy)
     roles = [trained_role("policy", policy_shape, config.policy, config.engine, r.policy_workers, gpus, sequence)]
-    if config.kl.coefficient > 0:
+    if config.needs_reference:
         roles.append(
             frozen_role("reference", policy_shape, r.reference_workers, gpus, config.engine.micro_batch_size, sequence)
         )
-    if config.algorithm.estimator == "ppo":
+    if config.needs_critic:
         value = value_model_config(config)
         roles.append(trained_role("value", shape(value), value, config.value_engine, r.value_workers, gpus, sequence))
     if Path(config.reward).expanduser().is_dir():

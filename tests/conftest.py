@@ -80,3 +80,31 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:  
 
     config.option.loadscopereorder = False  # by number of tests it would put the short unit tier first
     return UnitScheduling(config, log)
+
+
+# ---- where the suite's time goes ----------------------------------------------------------------------------------
+# The suite's budget is 45 minutes on the 2-core CI machine; the end of every run prints the seconds of each tier
+# (setup, call and teardown of its tests) and of its five longest modules, so a run's log says where to cut.
+_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    module = report.nodeid.split("::")[0]
+    _seconds[module] = _seconds.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: object, exitstatus: int, config: pytest.Config) -> None:
+    if not _seconds:
+        return
+    tiers: dict[str, float] = {}
+    for module, seconds in _seconds.items():
+        parts = module.split("/")
+        tier = parts[1] if len(parts) > 2 else module
+        tiers[tier] = tiers.get(tier, 0.0) + seconds
+    write = terminalreporter.write_line  # type: ignore[attr-defined]
+    terminalreporter.section("seconds per tier")  # type: ignore[attr-defined]
+    for tier, seconds in sorted(tiers.items(), key=lambda kv: -kv[1]):
+        write(f"{seconds:8.1f}  {tier}")
+    terminalreporter.section("seconds of the longest modules")  # type: ignore[attr-defined]
+    for module, seconds in sorted(_seconds.items(), key=lambda kv: -kv[1])[:12]:
+        write(f"{seconds:8.1f}  {module}")

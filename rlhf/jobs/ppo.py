@@ -68,8 +68,10 @@ POLICY_MODEL_NAME = "policy"
 
 def check_config(config: PPOConfig) -> None:
     """Refuse settings that cannot work, naming the config key, before anything starts."""
+    from rlhf.algos.estimators import estimator
+
     rollout, algorithm, roles = config.rollout, config.algorithm, config.roles
-    if algorithm.estimator in ("grpo", "rloo") and rollout.group_size < 2:
+    if estimator(algorithm.estimator).grouped and rollout.group_size < 2:
         raise JobError(
             f"rollout.group_size={rollout.group_size}: algorithm.estimator={algorithm.estimator} "
             "compares samples of a prompt and needs at least 2"
@@ -220,9 +222,9 @@ def build_roles(config: PPOConfig) -> Roles:
 
     r, algorithm = config.roles, config.algorithm
     counts = {"policy": r.policy_workers, "reward": r.reward_workers}
-    if config.kl.coefficient > 0:
+    if config.needs_reference:
         counts["reference"] = r.reference_workers
-    if algorithm.estimator == "ppo":
+    if config.needs_critic:
         counts["value"] = r.value_workers
     classes = {"policy": PolicyWorker, "reference": ReferenceWorker, "value": ValueWorker, "reward": RewardWorker}
     roles = Roles(policy=None, reward=None)
@@ -517,6 +519,7 @@ def advantages(experience: dict, config: PPOConfig, kl_coef: float) -> dict[str,
     """Advantages (and returns) of the whole batch, the IS weights, and the rollout-vs-trainer gap."""
     from rlhf.algos import explained_variance
     from rlhf.rl.experience import (
+        KLShaping,
         advantages_and_returns,
         importance_weight_stats,
         logprob_gap,
@@ -534,14 +537,8 @@ def advantages(experience: dict, config: PPOConfig, kl_coef: float) -> dict[str,
         experience["rollout_logprobs"] if trainer_logprobs is None else trainer_logprobs,
         experience["reference_logprobs"],
         experience["values"],
-        kl_coef=kl_coef,
-        kl_estimator=config.kl.estimator,
-        kl_in_reward=config.kl.placement == "reward",
-        group_size=config.rollout.group_size,
-        gamma=algorithm.gamma,
-        lam=algorithm.lam,
-        whiten_advantages=algorithm.whiten_advantages,
-        grpo_std_normalize=algorithm.grpo_std_normalize,
+        KLShaping(kl_coef, config.kl.estimator, in_reward=config.kl.placement == "reward"),
+        config.estimator_settings(),
     )
     experience["advantages"], experience["returns"] = adv, returns
     if trainer_logprobs is not None:  # else the policy update measures the gap

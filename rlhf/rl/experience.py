@@ -13,38 +13,20 @@ token, so a response of ``r`` tokens after a prompt of ``p`` covers positions
 ``p - 1 .. p + r - 2``. A value at position ``t`` is ``V`` of the state before token
 ``t + 1`` is emitted, which is what GAE expects.
 
-Estimators (the math itself is :mod:`rlhf.algos`):
-
-* ``ppo``: KL-shaped token rewards (penalty when ``kl_in_reward``) and GAE with the value
-  model; advantages whitened over the batch.
-* ``reinforce_pp``: the same token rewards, discounted return-to-go, whitened over the
-  batch (REINFORCE++), no critic.
-* ``grpo`` / ``rloo``: a sequence score per sample (minus ``kl_coef * sum KL`` when the KL is
-  in the reward), normalised within each prompt's group, the same advantage on every token.
+The estimators themselves are the table of :mod:`rlhf.algos.estimators`; here the KL to the
+reference is computed and shaped, and the configured one is called.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 
-from rlhf.algos import (
-    gae,
-    grpo_advantages,
-    kl_estimate,
-    masked_mean,
-    masked_sum,
-    reinforce_plus_plus_returns,
-    rloo_advantages,
-    token_rewards_with_kl,
-    whiten,
-)
-
-Estimator = Literal["ppo", "grpo", "rloo", "reinforce_pp"]
-CRITIC_ESTIMATORS = ("ppo",)
-GROUP_ESTIMATORS = ("grpo", "rloo")
+from rlhf.algos import kl_estimate, masked_mean, masked_sum
+from rlhf.algos.estimators import EstimatorSettings, StepRewards, estimator
+from rlhf.algos.kl import KLEstimator
 
 
 def sequence_batch(
@@ -82,39 +64,37 @@ def place_response_values(values: Sequence[Sequence[float]], response_mask: torc
     return out
 
 
+@dataclass(frozen=True)
+class KLShaping:
+    """How the KL to the reference enters the advantages."""
+
+    coefficient: float = 0.0
+    estimator: KLEstimator = "k1"
+    in_reward: bool = True
+    """Subtract ``coefficient * KL`` from the reward (else the policy loss carries the KL and it is only measured)."""
+
+
 def advantages_and_returns(
-    estimator: Estimator,
+    name: str,
     scores: torch.Tensor,
     response_mask: torch.Tensor,
     logprobs: torch.Tensor,
     reference_logprobs: torch.Tensor | None,
     values: torch.Tensor | None,
-    *,
-    kl_coef: float,
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1",
-    kl_in_reward: bool = True,
-    group_size: int = 1,
-    gamma: float = 1.0,
-    lam: float = 0.95,
-    whiten_advantages: bool = True,
-    grpo_std_normalize: bool = True,
+    kl: KLShaping,
+    settings: EstimatorSettings,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
-    """Advantages ``[B, T-1]``, returns (``ppo`` only, else None) and the step's KL/reward metrics.
+    """Advantages ``[B, T-1]``, returns (estimators with a critic, else None) and the step's KL/reward metrics.
 
     Args:
-        estimator: ``ppo``, ``grpo``, ``rloo`` or ``reinforce_pp``.
+        name: the estimator's row of :data:`~rlhf.algos.estimators.ESTIMATORS` (``algorithm.estimator``).
         scores: ``[B]`` sequence rewards, prompt-major (``group_size`` samples of a prompt together).
         response_mask: ``[B, T-1]`` 1 on response positions.
         logprobs: ``[B, T-1]`` the rollout policy's log-probs (as recomputed by the trainer).
         reference_logprobs: ``[B, T-1]`` the reference model's, or None when there is no KL term.
-        values: ``[B, T-1]`` the critic's values (``ppo``), else None.
-        kl_coef: KL coefficient (used here only when ``kl_in_reward``).
-        kl_estimator: per-token KL estimator.
-        kl_in_reward: subtract the KL from the reward (else the policy loss carries it).
-        group_size: samples per prompt (``grpo``/``rloo``).
-        gamma, lam: discount and GAE lambda.
-        whiten_advantages: whiten ``ppo``/``reinforce_pp`` advantages over the batch.
-        grpo_std_normalize: divide GRPO advantages by the group's standard deviation.
+        values: ``[B, T-1]`` the critic's values, else None.
+        kl: the KL coefficient, estimator and placement.
+        settings: group size, discount, GAE lambda, whitening.
 
     Returns:
         ``(advantages, returns, metrics)``; metrics are 0-dim tensors: ``kl`` (mean per-token KL of the
@@ -122,34 +102,15 @@ def advantages_and_returns(
     """
     mask = response_mask.to(logprobs.dtype)
     if reference_logprobs is None:
-        kl = torch.zeros_like(logprobs)
+        per_token = torch.zeros_like(logprobs)
     else:
-        kl = torch.where(mask.bool(), kl_estimate(logprobs, reference_logprobs, kl_estimator), 0.0)
-    penalty = kl_coef if kl_in_reward else 0.0
+        per_token = torch.where(mask.bool(), kl_estimate(logprobs, reference_logprobs, kl.estimator), 0.0)
     scores = scores.to(logprobs.dtype)
-    returns = None
-    if estimator in ("ppo", "reinforce_pp"):
-        token_rewards = token_rewards_with_kl(scores, kl, mask, penalty)
-        if estimator == "ppo":
-            if values is None:
-                raise ValueError("estimator ppo needs values from the value model")
-            advantages, returns = gae(token_rewards, values, mask, gamma, lam)
-        else:
-            advantages = reinforce_plus_plus_returns(token_rewards, mask, gamma)
-        if whiten_advantages:
-            advantages = whiten(advantages, mask)
-    elif estimator in GROUP_ESTIMATORS:
-        shaped = scores - penalty * masked_sum(kl, mask, dim=-1)
-        if estimator == "grpo":
-            per_sequence = grpo_advantages(shaped, group_size, normalize_std=grpo_std_normalize)
-        else:
-            per_sequence = rloo_advantages(shaped, group_size)
-        advantages = per_sequence.unsqueeze(1) * mask
-    else:
-        raise ValueError(f"unknown estimator {estimator!r}; expected ppo, grpo, rloo or reinforce_pp")
+    rewards = StepRewards(scores, per_token, mask, kl_penalty=kl.coefficient if kl.in_reward else 0.0, values=values)
+    advantages, returns = estimator(name).estimate(rewards, settings)
     metrics = {
-        "kl": masked_mean(kl, mask),
-        "kl_sequence": masked_sum(kl, mask, dim=-1).mean(),
+        "kl": masked_mean(per_token, mask),
+        "kl_sequence": masked_sum(per_token, mask, dim=-1).mean(),
         "score_mean": scores.mean(),
         "score_std": scores.std() if scores.numel() > 1 else torch.zeros(()),
     }

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from rlhf.algos import gae, grpo_advantages, kl_estimate, reinforce_plus_plus_returns, rloo_advantages, whiten
+from rlhf.algos.estimators import EstimatorSettings
 from rlhf.engine import EngineConfig
 from rlhf.jobs.ppo import colocation_sets, engine_for, prompts_for_step
 from rlhf.rl.experience import (
+    KLShaping,
     advantages_and_returns,
     importance_weight_stats,
     logprob_gap,
@@ -67,7 +69,7 @@ def random_experience(rows: int = 8, width: int = 6, seed: int = 0) -> dict[str,
 def test_grpo_advantages_are_the_group_normalised_kl_shaped_scores_on_every_response_token() -> None:
     x = random_experience()
     adv, returns, metrics = advantages_and_returns(
-        "grpo", x["scores"], x["mask"], x["logprobs"], x["reference"], None, kl_coef=0.1, group_size=4
+        "grpo", x["scores"], x["mask"], x["logprobs"], x["reference"], None, KLShaping(0.1), EstimatorSettings(4)
     )
     kl = kl_estimate(x["logprobs"], x["reference"], "k1") * x["mask"]
     expected = grpo_advantages(x["scores"] - 0.1 * kl.sum(dim=1), 4)
@@ -85,9 +87,8 @@ def test_rloo_with_the_kl_in_the_loss_uses_the_raw_scores() -> None:
         x["logprobs"],
         x["reference"],
         None,
-        kl_coef=0.1,
-        kl_in_reward=False,
-        group_size=2,
+        KLShaping(0.1, in_reward=False),
+        EstimatorSettings(group_size=2),
     )
     torch.testing.assert_close(adv, rloo_advantages(x["scores"], 2).unsqueeze(1) * x["mask"])
     assert float(metrics["kl"]) != 0  # still measured
@@ -96,7 +97,14 @@ def test_rloo_with_the_kl_in_the_loss_uses_the_raw_scores() -> None:
 def test_ppo_is_whitened_gae_of_the_kl_shaped_token_rewards() -> None:
     x = random_experience()
     adv, returns, _ = advantages_and_returns(
-        "ppo", x["scores"], x["mask"], x["logprobs"], x["reference"], x["values"], kl_coef=0.05, gamma=0.9, lam=0.8
+        "ppo",
+        x["scores"],
+        x["mask"],
+        x["logprobs"],
+        x["reference"],
+        x["values"],
+        KLShaping(0.05),
+        EstimatorSettings(gamma=0.9, lam=0.8),
     )
     kl = kl_estimate(x["logprobs"], x["reference"], "k1") * x["mask"]
     rewards = -0.05 * kl
@@ -110,7 +118,7 @@ def test_ppo_is_whitened_gae_of_the_kl_shaped_token_rewards() -> None:
 def test_reinforce_pp_is_the_whitened_return_to_go_and_needs_no_values() -> None:
     x = random_experience()
     adv, returns, _ = advantages_and_returns(
-        "reinforce_pp", x["scores"], x["mask"], x["logprobs"], None, None, kl_coef=0.05
+        "reinforce_pp", x["scores"], x["mask"], x["logprobs"], None, None, KLShaping(0.05), EstimatorSettings()
     )
     rewards = torch.zeros_like(x["logprobs"])
     last = x["mask"].cumsum(1).argmax(1)
@@ -122,7 +130,9 @@ def test_reinforce_pp_is_the_whitened_return_to_go_and_needs_no_values() -> None
 def test_ppo_without_values_is_refused() -> None:
     x = random_experience()
     with pytest.raises(ValueError, match="needs values"):
-        advantages_and_returns("ppo", x["scores"], x["mask"], x["logprobs"], None, None, kl_coef=0.0)
+        advantages_and_returns(
+            "ppo", x["scores"], x["mask"], x["logprobs"], None, None, KLShaping(), EstimatorSettings()
+        )
 
 
 def test_truncated_importance_weights_are_capped_ratios_on_response_tokens() -> None:
