@@ -93,6 +93,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _seconds[module] = _seconds.get(module, 0.0) + report.duration
 
 
+@pytest.hookimpl(trylast=True)  # after the durations: the end of a CI log is what it shows
 def pytest_terminal_summary(terminalreporter: object, exitstatus: int, config: pytest.Config) -> None:
     if not _seconds:
         return

@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 
-from cluster import configtree
 from rlhf.config import PPOConfig
 from rlhf.jobs.rundir import write_json
 from rlhf.jobs.runner import JobError
@@ -257,8 +256,8 @@ def build_roles(config: PPOConfig) -> Roles:
         calls = [
             roles.policy.submit(
                 "build",
-                configtree.to_dict(config.policy),
-                configtree.to_dict(policy_engine),
+                config.policy,
+                policy_engine,
                 optimizer_steps,
                 config.train.seed,
                 algorithm.disable_dropout,
@@ -266,14 +265,14 @@ def build_roles(config: PPOConfig) -> Roles:
             roles.reward.submit("build", reward_spec(config)),
         ]
         if roles.reference is not None:
-            calls.append(roles.reference.submit("build", configtree.to_dict(config.policy)))
+            calls.append(roles.reference.submit("build", config.policy))
         if roles.value is not None:
             value_engine = engine_for(config.value_engine, batch, r.value_workers, algorithm.mini_batches)
             calls.append(
                 roles.value.submit(
                     "build",
-                    configtree.to_dict(value_model_config(config)),
-                    configtree.to_dict(value_engine),
+                    value_model_config(config),
+                    value_engine,
                     optimizer_steps,
                     config.train.seed,
                     algorithm.disable_dropout,

@@ -9,26 +9,22 @@
 
 :class:`~cluster.groups.ActorGroup` creates them and joins their process group; the
 driver (:mod:`rlhf.jobs.ppo`) sends each rank its shard. Every method takes and returns
-plain tensors and numbers; the losses come from :mod:`rlhf.algos`.
+plain tensors and numbers, and configs as the dataclasses they are (Ray pickles them); the
+losses come from :mod:`rlhf.algos`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cluster.groups import RankWorker
 from rlhf.algos.objective import PolicyObjective
 
-
-def _configs(model: dict[str, Any], engine: dict[str, Any] | None = None) -> tuple[Any, Any]:
-    from cluster import configtree
+if TYPE_CHECKING:
     from rlhf.engine import EngineConfig
     from rlhf.models.config import ModelConfig
-
-    model_config = configtree.from_dict(ModelConfig, model)
-    return model_config, None if engine is None else configtree.from_dict(EngineConfig, engine)
 
 
 def causal_logits(model: Any, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
@@ -136,7 +132,7 @@ class PolicyWorker(_TrainableWorker):
     transfer: Any = None
 
     def build(
-        self, model: dict[str, Any], engine: dict[str, Any], total_steps: int, seed: int, disable_dropout: bool = True
+        self, model: ModelConfig, engine: EngineConfig, total_steps: int, seed: int, disable_dropout: bool = True
     ) -> None:
         """Load the policy (dropout off unless ``disable_dropout`` is False) and wrap it in the training engine.
 
@@ -147,11 +143,9 @@ class PolicyWorker(_TrainableWorker):
         from rlhf.models.loading import load_causal_lm, load_tokenizer
 
         seed_everything(seed + self.rank)
-        self.model_config, engine_config = _configs(model, engine)
-        self.tokenizer = load_tokenizer(self.model_config)
-        self.engine = TrainingEngine(
-            _without_dropout(load_causal_lm(self.model_config), disable_dropout), engine_config, total_steps
-        )
+        self.model_config = model
+        self.tokenizer = load_tokenizer(model)
+        self.engine = TrainingEngine(_without_dropout(load_causal_lm(model), disable_dropout), engine, total_steps)
 
     def logprobs(self, batches: list[dict[str, torch.Tensor]], temperature: float) -> list[torch.Tensor]:
         """Log-probs ``[b, T-1]`` of each batch under the current weights (no gradients)."""
@@ -226,7 +220,7 @@ class ValueWorker(_TrainableWorker):
     """One rank of the trainable critic: a scalar-head model read at every position."""
 
     def build(
-        self, model: dict[str, Any], engine: dict[str, Any], total_steps: int, seed: int, disable_dropout: bool = True
+        self, model: ModelConfig, engine: EngineConfig, total_steps: int, seed: int, disable_dropout: bool = True
     ) -> None:
         """Load the value model (a scalar head on the given checkpoint) and wrap it in the training engine."""
         from rlhf.engine import TrainingEngine
@@ -234,10 +228,9 @@ class ValueWorker(_TrainableWorker):
         from rlhf.models.loading import load_scalar_model, load_tokenizer
 
         seed_everything(seed + 1000 + self.rank)
-        self.model_config, engine_config = _configs(model, engine)
-        self.tokenizer = load_tokenizer(self.model_config)
-        model = _without_dropout(load_scalar_model(self.model_config), disable_dropout)
-        self.engine = TrainingEngine(model, engine_config, total_steps)
+        self.model_config = model
+        self.tokenizer = load_tokenizer(model)
+        self.engine = TrainingEngine(_without_dropout(load_scalar_model(model), disable_dropout), engine, total_steps)
 
     @staticmethod
     def _values(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -285,13 +278,12 @@ class ReferenceWorker(RankWorker):
     model: Any = None
     device: str = "cpu"
 
-    def build(self, model: dict[str, Any]) -> None:
+    def build(self, model: ModelConfig) -> None:
         """Load the frozen reference model (bf16 on a GPU, fp32 on the CPU)."""
         from rlhf.models.loading import load_causal_lm
 
-        model_config, _ = _configs(model)
         self.device = _device()
-        frozen = load_causal_lm(model_config, trainable=False)
+        frozen = load_causal_lm(model, trainable=False)
         self.model = (frozen if self.device != "cpu" else frozen.float()).to(self.device)
 
     def logprobs(self, batches: list[dict[str, torch.Tensor]], temperature: float) -> list[torch.Tensor]:

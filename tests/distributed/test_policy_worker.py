@@ -24,7 +24,6 @@ pytestmark = pytest.mark.distributed
 def _first_update(model_dir: str, disable_dropout: bool) -> dict[str, float]:
     import torch
 
-    from cluster import configtree
     from rlhf.algos.objective import PolicyObjective
     from rlhf.engine import EngineConfig
     from rlhf.models.config import ModelConfig
@@ -33,8 +32,7 @@ def _first_update(model_dir: str, disable_dropout: bool) -> dict[str, float]:
 
     worker = PolicyWorker()
     engine = EngineConfig(micro_batch_size=8, learning_rate=1e-3, precision="fp32")
-    model = configtree.to_dict(ModelConfig(name_or_path=model_dir))
-    worker.build(model, configtree.to_dict(engine), total_steps=1, seed=0, disable_dropout=disable_dropout)
+    worker.build(ModelConfig(name_or_path=model_dir), engine, total_steps=1, seed=0, disable_dropout=disable_dropout)
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(5, 200, (6,), generator=generator).tolist() for _ in range(8)]
     responses = [torch.randint(5, 200, (10,), generator=generator).tolist() for _ in range(8)]

@@ -134,7 +134,6 @@ def test_a_weight_transfer_from_the_policy_actor_reaches_every_replica_and_befor
     ppo_run: dict, sft_policy: Path
 ) -> None:
     """The transfer path on its own: a policy actor holding the trained weights sends them over gloo."""
-    from cluster import configtree
     from cluster.groups import ActorGroup
     from rlhf.engine import EngineConfig
     from rlhf.models.config import ModelConfig
@@ -152,8 +151,7 @@ def test_a_weight_transfer_from_the_policy_actor_reaches_every_replica_and_befor
         return max(abs(a - b) for a, b in zip(served, trained, strict=True))
 
     with ActorGroup("policy", PolicyWorker, num_actors=1, call_timeout_s=300) as policy:
-        model = configtree.to_dict(ModelConfig(name_or_path=final))
-        policy.call("build", model, configtree.to_dict(EngineConfig(zero_stage=0)), 1, 0)
+        policy.call("build", ModelConfig(name_or_path=final), EngineConfig(zero_stage=0), 1, 0)
         replicas = client.replicas()
         client.sync_weights(sft_policy)  # "before": the replicas hold other weights
         before = [worst_gap(replica) for replica in replicas]

@@ -44,7 +44,6 @@ def tied_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_the_output_layer_of_a_tied_model_follows_every_transfer(ray_cluster, tied_models: tuple[Path, Path]) -> None:
     from ray import serve
 
-    from cluster import configtree
     from cluster.groups import ActorGroup
     from rlhf.engine import EngineConfig
     from rlhf.models.config import ModelConfig
@@ -71,8 +70,7 @@ def test_the_output_layer_of_a_tied_model_follows_every_transfer(ray_cluster, ti
         gaps["files"] = worst_gap("changed")
         gaps["stale files"] = worst_gap("base")
         with ActorGroup("policy", PolicyWorker, num_actors=1, call_timeout_s=300) as policy:
-            policy.call("build", configtree.to_dict(ModelConfig(name_or_path=str(changed))),
-                        configtree.to_dict(EngineConfig(zero_stage=0)), 1, 0)  # fmt: skip
+            policy.call("build", ModelConfig(name_or_path=str(changed)), EngineConfig(zero_stage=0), 1, 0)
             sync = ReplicaWeightSync(client.replica_set(timeout_s=120))
             policy.call("open_weight_transfer", sync, "gloo", 120.0)
             for round_ in range(2):  # every transfer, not only the first
