@@ -41,6 +41,7 @@ import torch
 from rlhf.config import PPOConfig
 from rlhf.jobs.rundir import write_json
 from rlhf.jobs.runner import JobError
+from rlhf.rl.experience import Experience
 
 log = logging.getLogger(__name__)
 
@@ -384,18 +385,12 @@ def generate(rollout: Any, prompts: list[dict], config: PPOConfig, seed: int, n:
     )
 
 
-def _micro_batches(batch: dict[str, torch.Tensor], rows: slice, size: int) -> list[dict[str, torch.Tensor]]:
-    from rlhf.rl.experience import take_rows
-
-    return [take_rows(batch, slice(s, min(s + size, rows.stop))) for s in range(rows.start, rows.stop, size)]
-
-
-def _sharded_pass(group: Any, method: str, batch: dict, micro_batch_size: int, *args: Any) -> Any:
+def _sharded_pass(group: Any, method: str, batch: Experience, micro_batch_size: int, *args: Any) -> Any:
     """Submit ``method`` over the group's ranks, each on its rows in micro-batches (returns the pending call)."""
     from rlhf.rl.experience import split_rows
 
-    slices = split_rows(len(batch["input_ids"]), group.world_size)
-    shards = [_micro_batches(batch, rows, micro_batch_size) for rows in slices]
+    slices = split_rows(len(batch), group.world_size)
+    shards = [batch.rows(rows).split(micro_batch_size) for rows in slices]
     return group.submit_sharded(method, shards, *args), slices
 
 
@@ -484,15 +479,18 @@ def gather_scores(
     return scores, components
 
 
-def make_experience(roles: Roles, samples: list[Any], prompts: list[dict], config: PPOConfig, pad_id: int) -> dict:
-    """Sequences of the samples plus, computed in parallel by the groups: log-probs, reference log-probs, values, scores.
+def make_experience(
+    roles: Roles, samples: list[Any], prompts: list[dict], config: PPOConfig, pad_id: int
+) -> tuple[Experience, dict[str, torch.Tensor]]:
+    """The samples' :class:`~rlhf.rl.experience.Experience` with what the groups compute in parallel (log-probs,
+    reference log-probs, values, scores), and the reward's components by name.
 
     The policy's log-probs are left to the update when :func:`old_logprobs_in_update`.
     """
     from rlhf.rl.experience import place_response_values, sequence_batch
 
     batch = sequence_batch([s.prompt_token_ids for s in samples], [s.token_ids for s in samples], pad_id)
-    width = batch["response_mask"].shape[1]
+    width = batch.response_mask.shape[1]
     temperature = config.rollout.temperature
     mbs = config.engine.micro_batch_size
     policy_call = reference_call = value_call = None
@@ -503,19 +501,24 @@ def make_experience(roles: Roles, samples: list[Any], prompts: list[dict], confi
     if roles.value is not None:
         value_call, value_slices = _sharded_pass(roles.value, "values", batch, config.value_engine.micro_batch_size)
     reward_call = score(roles, samples, prompts, config)
-    experience = {
-        "batch": batch,
-        "rollout_logprobs": place_response_values([s.logprobs for s in samples], batch["response_mask"]),
-        "old_logprobs": None if policy_call is None else _gather(policy_call, policy_slices, width),
-        "reference_logprobs": None if reference_call is None else _gather(reference_call, reference_slices, width),
-        "values": None if value_call is None else _gather(value_call, value_slices, width),
-    }
-    experience["scores"], experience["reward_components"] = collect_scores(reward_call, config, len(samples))
-    return experience
+    rollout_logprobs = place_response_values([s.logprobs for s in samples], batch.response_mask)
+    old_logprobs = None if policy_call is None else _gather(policy_call, policy_slices, width)
+    reference_logprobs = None if reference_call is None else _gather(reference_call, reference_slices, width)
+    values = None if value_call is None else _gather(value_call, value_slices, width)
+    scores, components = collect_scores(reward_call, config, len(samples))
+    experience = replace(
+        batch,
+        rollout_logprobs=rollout_logprobs,
+        old_logprobs=old_logprobs,
+        reference_logprobs=reference_logprobs,
+        values=values,
+        scores=scores,
+    )
+    return experience, components
 
 
-def advantages(experience: dict, config: PPOConfig, kl_coef: float) -> dict[str, float]:
-    """Advantages (and returns) of the whole batch, the IS weights, and the rollout-vs-trainer gap."""
+def advantages(experience: Experience, config: PPOConfig, kl_coef: float) -> tuple[Experience, dict[str, float]]:
+    """The experience with its advantages, returns and IS weights; the step's KL, gap and IS metrics."""
     from rlhf.algos import explained_variance
     from rlhf.rl.experience import (
         KLShaping,
@@ -525,63 +528,54 @@ def advantages(experience: dict, config: PPOConfig, kl_coef: float) -> dict[str,
         truncated_importance_weights,
     )
 
-    batch = experience["batch"]
-    algorithm = config.algorithm
-    trainer_logprobs = experience["old_logprobs"]
+    mask, rollout_logprobs, trainer_logprobs = (
+        experience.response_mask,
+        experience.rollout_logprobs,
+        experience.old_logprobs,
+    )
     adv, returns, metrics = advantages_and_returns(
-        algorithm.estimator,
-        experience["scores"],
-        batch["response_mask"],
+        config.algorithm.estimator,
+        experience.scores,
+        mask,
         # without a reference model the log-probs only set the dtype here (no KL)
-        experience["rollout_logprobs"] if trainer_logprobs is None else trainer_logprobs,
-        experience["reference_logprobs"],
-        experience["values"],
+        rollout_logprobs if trainer_logprobs is None else trainer_logprobs,
+        experience.reference_logprobs,
+        experience.values,
         KLShaping(kl_coef, config.kl.estimator, in_reward=config.kl.placement == "reward"),
         config.estimator_settings(),
     )
-    experience["advantages"], experience["returns"] = adv, returns
     if trainer_logprobs is not None:  # else the policy update measures the gap
-        metrics |= logprob_gap(trainer_logprobs, experience["rollout_logprobs"], batch["response_mask"])
+        metrics |= logprob_gap(trainer_logprobs, rollout_logprobs, mask)
+    weights = None
     if config.rollout.truncated_is is not None:
-        experience["importance_weights"] = truncated_importance_weights(
-            experience["old_logprobs"],
-            experience["rollout_logprobs"],
-            batch["response_mask"],
-            config.rollout.truncated_is,
-        )
-        metrics |= importance_weight_stats(
-            experience["importance_weights"], batch["response_mask"], config.rollout.truncated_is
-        )
+        weights = truncated_importance_weights(trainer_logprobs, rollout_logprobs, mask, config.rollout.truncated_is)
+        metrics |= importance_weight_stats(weights, mask, config.rollout.truncated_is)
     if returns is not None:
-        metrics["explained_variance"] = explained_variance(experience["values"], returns, batch["response_mask"])
-    return {name: float(value) for name, value in metrics.items()}
+        metrics["explained_variance"] = explained_variance(experience.values, returns, mask)
+    experience = replace(experience, advantages=adv, returns=returns, importance_weights=weights)
+    return experience, {name: float(value) for name, value in metrics.items()}
 
 
 def _mini_batches(
-    experience: dict, keys: list[str], workers: int, micro_batch_size: int, config: PPOConfig, step: int
-) -> tuple[list[list[list[dict]]], list[dict[str, float]]]:
+    experience: Experience, workers: int, micro_batch_size: int, config: PPOConfig, step: int
+) -> tuple[list[list[list[Experience]]], list[dict[str, float]]]:
     """Per rank: its micro-batches of every mini-batch of every epoch; and each mini-batch's global denominators."""
-    from rlhf.rl.experience import split_rows, take_rows
+    from rlhf.rl.experience import split_rows
 
     algorithm = config.algorithm
-    batch = experience["batch"]
-    tensors = dict(batch) | {k: experience[k] for k in keys if experience.get(k) is not None}
-    total = len(batch["input_ids"])
-    per_rank: list[list[list[dict]]] = [[] for _ in range(workers)]
+    total = len(experience)
+    per_rank: list[list[list[Experience]]] = [[] for _ in range(workers)]
     denominators = []
     for epoch in range(algorithm.ppo_epochs):
         generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + step * 101 + epoch)
-        order = (
-            torch.randperm(total, generator=generator) if algorithm.ppo_epochs * algorithm.mini_batches > 1 else None
-        )
-        shuffled = tensors if order is None else {k: v[order] for k, v in tensors.items()}
+        shuffled = experience
+        if algorithm.ppo_epochs * algorithm.mini_batches > 1:
+            shuffled = experience.rows(torch.randperm(total, generator=generator))
         for mini in split_rows(total, algorithm.mini_batches):
-            part = take_rows(shuffled, mini)
-            denominators.append(
-                {"num_tokens": float(part["response_mask"].sum()), "num_sequences": float(len(part["input_ids"]))}
-            )
-            for rank, rows in enumerate(split_rows(len(part["input_ids"]), workers)):
-                per_rank[rank].append(_micro_batches(part, rows, micro_batch_size))
+            part = shuffled.rows(mini)
+            denominators.append({"num_tokens": float(part.response_mask.sum()), "num_sequences": float(len(part))})
+            for rank, rows in enumerate(split_rows(len(part), workers)):
+                per_rank[rank].append(part.rows(rows).split(micro_batch_size))
     return per_rank, denominators
 
 
@@ -601,33 +595,30 @@ def _combine(per_rank: list[dict[str, float]], extensive: tuple[str, ...]) -> di
     return combined
 
 
-def train_value(roles: Roles, experience: dict, config: PPOConfig, step: int) -> dict[str, float]:
+def train_value(roles: Roles, experience: Experience, config: PPOConfig, step: int) -> dict[str, float]:
     """The critic's update on the clipped value loss (ppo only)."""
     if roles.value is None:
         return {}
     shards, denominators = _mini_batches(
-        experience, ["returns", "values"], roles.value.world_size, config.value_engine.micro_batch_size, config, step
+        experience.keep("values", "returns"), roles.value.world_size, config.value_engine.micro_batch_size, config, step
     )
-    for rank_batches in shards:  # the loss calls them old_values
-        for micro_batches in rank_batches:
-            for micro in micro_batches:
-                micro["old_values"] = micro.pop("values")
     results = roles.value.call_sharded("train", shards, denominators, config.algorithm.value_clip)
     metrics = _combine(results, extensive=("value_loss",))
     metrics["value_loss"] /= len(denominators)
     return metrics
 
 
-def train_policy(roles: Roles, experience: dict, config: PPOConfig, step: int, kl_coef: float) -> dict[str, float]:
+def train_policy(
+    roles: Roles, experience: Experience, config: PPOConfig, step: int, kl_coef: float
+) -> dict[str, float]:
     """The policy's update on the clipped surrogate (+ entropy, + KL when it is a loss term)."""
     from rlhf.algos.objective import PolicyObjective
 
-    keys = ["old_logprobs", "advantages", "importance_weights", "rollout_logprobs"]
     kl_in_loss = config.kl.placement == "loss" and roles.reference is not None
-    if kl_in_loss:
-        keys.append("reference_logprobs")
+    needed = ("old_logprobs", "advantages", "importance_weights", "rollout_logprobs")
+    policy_rows = experience.keep(*needed, *(("reference_logprobs",) if kl_in_loss else ()))
     shards, denominators = _mini_batches(
-        experience, keys, roles.policy.world_size, config.engine.micro_batch_size, config, step
+        policy_rows, roles.policy.world_size, config.engine.micro_batch_size, config, step
     )
     algorithm = config.algorithm
     objective = PolicyObjective(
@@ -730,21 +721,21 @@ def rl_step(
     with timer("generate"):
         samples = generate(rollout, chosen, config, seed=config.train.seed * 1_000_000 + step * 10_007)
     with timer("experience"):
-        experience = make_experience(roles, samples, chosen, config, pad_id)
-        metrics = advantages(experience, config, kl_coef)
+        experience, components = make_experience(roles, samples, chosen, config, pad_id)
+        experience, metrics = advantages(experience, config, kl_coef)
     with timer("train_value"):
         metrics |= train_value(roles, experience, config, step)
     with timer("train_policy"):
         metrics |= train_policy(roles, experience, config, step, kl_coef)
     with timer("sync"):
         sync_weights(roles, rollout, weights_dir, config)
-    scores = experience["scores"]
+    scores = experience.scores
     lengths = torch.tensor([len(s.token_ids) for s in samples], dtype=torch.float32)
     generated = float(lengths.sum())
     metrics |= {
         "reward_mean": float(scores.mean()),
         "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-        **{f"reward/{name}": float(values.mean()) for name, values in experience["reward_components"].items()},
+        **{f"reward/{name}": float(values.mean()) for name, values in components.items()},
         "response_length": float(lengths.mean()),
         "truncated_fraction": sum(s.finish_reason == "length" for s in samples) / len(samples),
         "generated_tokens": generated,

@@ -20,7 +20,7 @@ reference is computed and shaped, and the configured one is called.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -28,11 +28,98 @@ from rlhf.algos import kl_estimate, masked_mean, masked_sum
 from rlhf.algos.estimators import EstimatorSettings, StepRewards, estimator
 from rlhf.algos.kl import KLEstimator
 
+SEQUENCE_FIELDS = ("input_ids", "attention_mask")
+"""The ``[B, T]`` fields of an :class:`Experience`; every other tensor field is ``[B, T-1]`` but ``scores``."""
+
+
+@dataclass(frozen=True)
+class Experience:
+    """One RL step's rows (or a micro-batch of them): named tensors, B rows prompt-major, T tokens.
+
+    The sequences and the response mask are always there; every other field is None until the stage that makes
+    it (the groups' passes, the reward, the advantages) has run, or when the run has no such stage (no reference
+    model, no critic, no truncated importance sampling). ``old_logprobs`` is None when the policy update takes
+    the rollout policy's log-probs from its own forward (one on-policy pass, see ``old_logprobs_in_update`` in
+    :mod:`rlhf.jobs.ppo`). Nothing is changed in place: a stage returns a new Experience (``replace``).
+
+    Attributes:
+        input_ids: ``[B, T]`` prompt + response tokens, right-padded.
+        attention_mask: ``[B, T]`` 1 on real tokens.
+        response_mask: ``[B, T-1]`` 1 on the positions that predict a response token.
+        rollout_logprobs: ``[B, T-1]`` the replicas' log-probs of the sampled tokens.
+        old_logprobs: ``[B, T-1]`` the trainer's log-probs under the rollout policy's weights.
+        reference_logprobs: ``[B, T-1]`` the reference model's.
+        values: ``[B, T-1]`` the critic's values at rollout time (the "old" values of the value loss).
+        scores: ``[B]`` the reward of each row.
+        advantages: ``[B, T-1]``.
+        returns: ``[B, T-1]`` the critic's targets (estimators with a critic).
+        importance_weights: ``[B, T-1]`` truncated trainer/rollout ratios (``rollout.truncated_is``).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    rollout_logprobs: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None
+    reference_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    importance_weights: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are set, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def keep(self, *names: str) -> Experience:
+        """The sequences, the response mask and the fields ``names``; the others None (what a role needs)."""
+        kept = {*SEQUENCE_FIELDS, "response_mask", *names}
+        return replace(self, **{f.name: None for f in fields(self) if f.name not in kept})
+
+    def rows(self, rows: slice | torch.Tensor) -> Experience:
+        """The rows ``rows`` (a slice or an index tensor), trimmed to their longest row's width."""
+        part = {name: value[rows] for name, value in self.tensors().items()}
+        width = max(int(part["attention_mask"].sum(dim=1).max()), 2) if len(part["attention_mask"]) else 2
+        for name, value in part.items():
+            if value.dim() == 2:
+                part[name] = value[:, : width if name in SEQUENCE_FIELDS else width - 1]
+        return Experience(**part)
+
+    def split(self, size: int) -> list[Experience]:
+        """Consecutive micro-batches of at most ``size`` rows, each trimmed."""
+        return [self.rows(slice(start, min(start + size, len(self)))) for start in range(0, len(self), size)]
+
+    @staticmethod
+    def concat(parts: Sequence[Experience]) -> Experience:
+        """The rows of ``parts`` in order, right-padded to the widest (the inverse of :meth:`split`)."""
+        width = max(part.input_ids.shape[1] for part in parts)
+        out: dict[str, torch.Tensor] = {}
+        for name in parts[0].tensors():
+            pieces = []
+            for part in parts:
+                value = getattr(part, name)
+                if value is None:
+                    raise ValueError(f"concat: field {name} is set in the first part but not in every part")
+                if value.dim() == 2:
+                    target = width if name in SEQUENCE_FIELDS else width - 1
+                    value = torch.nn.functional.pad(value, (0, target - value.shape[1]))
+                pieces.append(value)
+            out[name] = torch.cat(pieces)
+        return Experience(**out)
+
+    def to(self, device: torch.device | str) -> Experience:
+        """Every set field on ``device``."""
+        return replace(self, **{name: value.to(device) for name, value in self.tensors().items()})
+
 
 def sequence_batch(
     prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int
-) -> dict[str, torch.Tensor]:
-    """``input_ids``/``attention_mask`` ``[B, T]`` and ``response_mask`` ``[B, T-1]`` of prompt+response rows.
+) -> Experience:
+    """The :class:`Experience` of prompt+response rows: ``input_ids``, ``attention_mask``, ``response_mask``.
 
     Raises ValueError for an empty prompt (there is no position to predict the first response token from).
     """
@@ -50,7 +137,7 @@ def sequence_batch(
         input_ids[i, :length] = torch.tensor(rows[i], dtype=torch.long)
         attention_mask[i, :length] = 1
         response_mask[i, len(prompt) - 1 : length - 1] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+    return Experience(input_ids, attention_mask, response_mask)
 
 
 def place_response_values(values: Sequence[Sequence[float]], response_mask: torch.Tensor) -> torch.Tensor:
@@ -166,14 +253,3 @@ def split_rows(num_rows: int, parts: int) -> list[slice]:
         slices.append(slice(start, stop))
         start = stop
     return slices
-
-
-def take_rows(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
-    """The rows ``rows`` of every ``[B, ...]`` tensor of ``batch``, trimmed to the longest row's width."""
-    part = {key: value[rows] for key, value in batch.items()}
-    if "attention_mask" in part and len(part["attention_mask"]):
-        width = max(int(part["attention_mask"].sum(dim=1).max()), 2)
-        for key, value in part.items():
-            if value.dim() == 2:
-                part[key] = value[:, : width if value.shape[1] == batch["attention_mask"].shape[1] else width - 1]
-    return part

@@ -25,20 +25,21 @@ from rlhf.algos.objective import PolicyObjective
 if TYPE_CHECKING:
     from rlhf.engine import EngineConfig
     from rlhf.models.config import ModelConfig
+    from rlhf.rl.experience import Experience
 
 
-def causal_logits(model: Any, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+def causal_logits(model: Any, batch: Experience, temperature: float) -> torch.Tensor:
     """Logits ``[B, T-1, V]`` predicting tokens ``1..T-1``, divided by the sampling temperature."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     return out.logits[:, :-1].float() / temperature
 
 
-def causal_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+def causal_logprobs(model: Any, batch: Experience, temperature: float) -> torch.Tensor:
     """Log-prob ``[B, T-1]`` of every next token (0 off the response positions)."""
     from rlhf.algos import token_logprobs
 
-    logprobs = token_logprobs(causal_logits(model, batch, temperature), batch["input_ids"][:, 1:])
-    return torch.where(batch["response_mask"].bool(), logprobs, 0.0)
+    logprobs = token_logprobs(causal_logits(model, batch, temperature), batch.input_ids[:, 1:])
+    return torch.where(batch.response_mask.bool(), logprobs, 0.0)
 
 
 def _without_dropout(model: torch.nn.Module, disable: bool) -> torch.nn.Module:
@@ -72,7 +73,7 @@ class _TrainableWorker(RankWorker):
     tokenizer: Any = None
     model_config: Any = None
 
-    def _no_grad(self, batches: list[dict[str, torch.Tensor]], fn: Any) -> list[torch.Tensor]:
+    def _no_grad(self, batches: list[Experience], fn: Any) -> list[torch.Tensor]:
         self.engine.eval()
         try:
             with torch.no_grad():
@@ -82,7 +83,7 @@ class _TrainableWorker(RankWorker):
 
     def _update(
         self,
-        mini_batches: list[list[dict[str, torch.Tensor]]],
+        mini_batches: list[list[Experience]],
         denominators: list[dict[str, float]],
         loss_fn: Any,
         loss_name: str,
@@ -96,16 +97,15 @@ class _TrainableWorker(RankWorker):
         optimizer step's engine stats renamed by ``stat_names``; the driver adds the ranks.
         """
         from rlhf.algos import masked_count
-        from rlhf.jobs.worker import to_device
 
         sums: dict[str, float] = {"tokens": 0.0}
         for micro_batches, denominator in zip(mini_batches, denominators, strict=True):
             for batch in micro_batches:
-                batch = to_device(batch, self.engine.device)
+                batch = batch.to(self.engine.device)
                 loss, metrics = loss_fn(batch, denominator)
                 self.engine.backward(loss)
                 stats = self.engine.step() or {}
-                tokens = float(masked_count(batch["response_mask"]))
+                tokens = float(masked_count(batch.response_mask))
                 sums["tokens"] += tokens
                 _weighted(metrics, tokens, sums)
                 sums[loss_name] = sums.get(loss_name, 0.0) + float(loss.detach())
@@ -147,46 +147,45 @@ class PolicyWorker(_TrainableWorker):
         self.tokenizer = load_tokenizer(model)
         self.engine = TrainingEngine(_without_dropout(load_causal_lm(model), disable_dropout), engine, total_steps)
 
-    def logprobs(self, batches: list[dict[str, torch.Tensor]], temperature: float) -> list[torch.Tensor]:
+    def logprobs(self, batches: list[Experience], temperature: float) -> list[torch.Tensor]:
         """Log-probs ``[b, T-1]`` of each batch under the current weights (no gradients)."""
         return self._no_grad(batches, lambda model, batch: causal_logprobs(model, batch, temperature))
 
     def train(
         self,
-        mini_batches: list[list[dict[str, torch.Tensor]]],
+        mini_batches: list[list[Experience]],
         denominators: list[dict[str, float]],
         objective: PolicyObjective,
         temperature: float,
     ) -> dict[str, float]:
         """One optimizer step per mini-batch on :func:`~rlhf.algos.objective.policy_objective`.
 
-        Each micro-batch holds ``input_ids``, ``attention_mask``, ``response_mask``,
-        ``advantages``, ``rollout_logprobs`` and optionally ``old_logprobs`` (else this pass's own
-        detached log-probs: one on-policy pass), ``reference_logprobs`` (KL in the loss) and
-        ``importance_weights``. Without ``old_logprobs`` the trainer-vs-rollout gap is measured
-        here. See :meth:`_update` for the denominators and the sums returned.
+        Each micro-batch holds the sequences, ``advantages``, ``rollout_logprobs`` and maybe
+        ``old_logprobs`` (None: this pass's own detached log-probs, one on-policy pass),
+        ``reference_logprobs`` (KL in the loss) and ``importance_weights``. Without ``old_logprobs``
+        the trainer-vs-rollout gap is measured here. See :meth:`_update` for the denominators and the sums returned.
         """
         from rlhf.algos import token_logprobs
         from rlhf.algos.objective import policy_objective
         from rlhf.rl.experience import logprob_gap
 
-        def loss_fn(batch: dict[str, torch.Tensor], denominator: dict[str, float]) -> tuple[torch.Tensor, dict]:
-            mask = batch["response_mask"]
+        def loss_fn(batch: Experience, denominator: dict[str, float]) -> tuple[torch.Tensor, dict]:
+            mask = batch.response_mask
             logits = causal_logits(self.engine, batch, temperature)
-            logprobs = token_logprobs(logits, batch["input_ids"][:, 1:])
+            logprobs = token_logprobs(logits, batch.input_ids[:, 1:])
             gap: dict[str, torch.Tensor] = {}
-            if "old_logprobs" not in batch:
-                gap = logprob_gap(logprobs.detach(), batch["rollout_logprobs"], mask)
+            if batch.old_logprobs is None:
+                gap = logprob_gap(logprobs.detach(), batch.rollout_logprobs, mask)
                 gap.pop("logprob_gap_max")  # a token-weighted mean over ranks is not a max
             loss, metrics = policy_objective(
                 logits,
                 logprobs,
-                batch["advantages"],
+                batch.advantages,
                 mask,
                 objective,
-                old_logprobs=batch.get("old_logprobs"),
-                reference_logprobs=batch.get("reference_logprobs"),
-                importance_weights=batch.get("importance_weights"),
+                old_logprobs=batch.old_logprobs,
+                reference_logprobs=batch.reference_logprobs,
+                importance_weights=batch.importance_weights,
                 num_tokens=denominator["num_tokens"],
                 num_sequences=denominator["num_sequences"],
             )
@@ -233,38 +232,37 @@ class ValueWorker(_TrainableWorker):
         self.engine = TrainingEngine(_without_dropout(load_scalar_model(model), disable_dropout), engine, total_steps)
 
     @staticmethod
-    def _values(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _values(model: Any, batch: Experience) -> torch.Tensor:
         """``[B, T-1]``: the scalar head at position ``t`` is V of the state before token ``t + 1``."""
         from rlhf.models.loading import is_peft
 
         module = getattr(model, "module", model)
         base = module.get_base_model() if is_peft(module) else module
         hidden = base.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
         ).last_hidden_state
         values = base.score(hidden).squeeze(-1)[:, :-1].float()
-        return torch.where(batch["response_mask"].bool(), values, 0.0)
+        return torch.where(batch.response_mask.bool(), values, 0.0)
 
-    def values(self, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    def values(self, batches: list[Experience]) -> list[torch.Tensor]:
         """Values ``[b, T-1]`` of each batch (no gradients)."""
         return self._no_grad(batches, self._values)
 
     def train(
         self,
-        mini_batches: list[list[dict[str, torch.Tensor]]],
+        mini_batches: list[list[Experience]],
         denominators: list[dict[str, float]],
         clip_range: float | None,
     ) -> dict[str, float]:
-        """One optimizer step per mini-batch on the clipped value loss (``old_values``, ``returns``)."""
+        """One optimizer step per mini-batch on the clipped value loss (``values`` at rollout time, ``returns``)."""
         from rlhf.algos import value_loss
 
-        def loss_fn(batch: dict[str, torch.Tensor], denominator: dict[str, float]) -> tuple[torch.Tensor, dict]:
-            values = self._values(self.engine, batch)
+        def loss_fn(batch: Experience, denominator: dict[str, float]) -> tuple[torch.Tensor, dict]:
             return value_loss(
-                values,
-                batch["old_values"],
-                batch["returns"],
-                batch["response_mask"],
+                self._values(self.engine, batch),
+                batch.values,
+                batch.returns,
+                batch.response_mask,
                 clip_range,
                 num_tokens=denominator["num_tokens"],
             )
@@ -286,12 +284,11 @@ class ReferenceWorker(RankWorker):
         frozen = load_causal_lm(model, trainable=False)
         self.model = (frozen if self.device != "cpu" else frozen.float()).to(self.device)
 
-    def logprobs(self, batches: list[dict[str, torch.Tensor]], temperature: float) -> list[torch.Tensor]:
+    def logprobs(self, batches: list[Experience], temperature: float) -> list[torch.Tensor]:
         """Log-probs ``[b, T-1]`` of each batch under the reference model."""
-        from rlhf.jobs.worker import to_device
 
         with torch.no_grad():
-            return [causal_logprobs(self.model, to_device(b, self.device), temperature).cpu() for b in batches]
+            return [causal_logprobs(self.model, b.to(self.device), temperature).cpu() for b in batches]
 
 
 class RewardWorker(RankWorker):

@@ -22,6 +22,8 @@ pytestmark = pytest.mark.distributed
 
 
 def _first_update(model_dir: str, disable_dropout: bool) -> dict[str, float]:
+    from dataclasses import replace
+
     import torch
 
     from rlhf.algos.objective import PolicyObjective
@@ -38,12 +40,10 @@ def _first_update(model_dir: str, disable_dropout: bool) -> dict[str, float]:
     responses = [torch.randint(5, 200, (10,), generator=generator).tolist() for _ in range(8)]
     batch = sequence_batch(prompts, responses, pad_token_id=0)
     (old,) = worker.logprobs([batch], temperature=1.0)
-    batch |= {
-        "old_logprobs": old,
-        "rollout_logprobs": old,
-        "advantages": torch.randn(old.shape, generator=generator),
-    }
-    tokens = float(batch["response_mask"].sum())
+    batch = replace(
+        batch, old_logprobs=old, rollout_logprobs=old, advantages=torch.randn(old.shape, generator=generator)
+    )
+    tokens = float(batch.response_mask.sum())
     sums = worker.train([[batch]], [{"num_tokens": tokens, "num_sequences": 8.0}], PolicyObjective(), 1.0)
     return {name: sums[name] / sums["tokens"] for name in ("ratio_mean", "clip_fraction", "approx_kl")}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from rlhf.algos.estimators import EstimatorSettings
 from rlhf.engine import EngineConfig
 from rlhf.jobs.ppo import colocation_sets, engine_for, prompts_for_step
 from rlhf.rl.experience import (
+    Experience,
     KLShaping,
     advantages_and_returns,
     importance_weight_stats,
@@ -17,7 +20,6 @@ from rlhf.rl.experience import (
     place_response_values,
     sequence_batch,
     split_rows,
-    take_rows,
     truncated_importance_weights,
 )
 
@@ -31,10 +33,10 @@ def batch_of_two() -> dict[str, torch.Tensor]:
 
 def test_sequence_batch_marks_the_positions_that_predict_response_tokens() -> None:
     batch = batch_of_two()
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 7, 0, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 7, 0, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     # position t predicts token t+1: row 0's response tokens 2..4 are predicted at 1..3
-    assert batch["response_mask"].tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]
+    assert batch.response_mask.tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]
 
 
 def test_sequence_batch_refuses_an_empty_prompt() -> None:
@@ -44,10 +46,10 @@ def test_sequence_batch_refuses_an_empty_prompt() -> None:
 
 def test_rollout_logprobs_land_on_the_response_positions() -> None:
     batch = batch_of_two()
-    placed = place_response_values([[-1.0, -2.0, -3.0], [-4.0]], batch["response_mask"])
+    placed = place_response_values([[-1.0, -2.0, -3.0], [-4.0]], batch.response_mask)
     assert placed.tolist() == [[0.0, -1.0, -2.0, -3.0], [-4.0, 0.0, 0.0, 0.0]]
     with pytest.raises(ValueError, match="row 1: 2 values for 1 response tokens"):
-        place_response_values([[-1.0, -2.0, -3.0], [-4.0, -5.0]], batch["response_mask"])
+        place_response_values([[-1.0, -2.0, -3.0], [-4.0, -5.0]], batch.response_mask)
 
 
 def random_experience(rows: int = 8, width: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -146,11 +148,30 @@ def test_truncated_importance_weights_are_capped_ratios_on_response_tokens() -> 
     assert float(gap["logprob_gap_max"]) == pytest.approx(1.0)
 
 
-def test_rows_split_evenly_and_take_rows_trims_padding() -> None:
+def test_rows_split_evenly_and_rows_trims_padding() -> None:
     assert split_rows(10, 3) == [slice(0, 4), slice(4, 7), slice(7, 10)]
-    part = take_rows(batch_of_two(), slice(1, 2))
-    assert part["input_ids"].tolist() == [[5, 7]]
-    assert part["response_mask"].tolist() == [[1]]
+    part = batch_of_two().rows(slice(1, 2))
+    assert part.input_ids.tolist() == [[5, 7]]
+    assert part.response_mask.tolist() == [[1]]
+
+
+def test_an_experience_splits_into_trimmed_micro_batches_and_concatenates_back() -> None:
+    batch = sequence_batch([[5, 6], [5], [5, 6, 7], [5]], [[7, 8, 9], [7], [8], [9, 9]], PAD)
+    batch = replace(batch, advantages=torch.arange(16.0).reshape(4, 4) * batch.response_mask, scores=torch.arange(4.0))
+    parts = batch.split(2)
+    assert [len(p) for p in parts] == [2, 2]
+    assert [p.input_ids.shape[1] for p in parts] == [5, 4]  # each micro-batch as wide as its longest row
+    assert parts[1].advantages.shape == (2, 3) and parts[1].scores.tolist() == [2.0, 3.0]
+    whole = Experience.concat(parts)
+    for name, value in batch.tensors().items():
+        assert torch.equal(getattr(whole, name), value), name
+    assert whole.values is None and whole.returns is None
+
+
+def test_keep_leaves_a_role_only_the_fields_it_reads() -> None:
+    batch = replace(batch_of_two(), values=torch.zeros(2, 4), returns=torch.ones(2, 4), scores=torch.ones(2))
+    kept = batch.keep("returns")
+    assert set(kept.tensors()) == {"input_ids", "attention_mask", "response_mask", "returns"}
 
 
 def test_each_epoch_visits_every_prompt_once_in_a_seeded_order() -> None:
