@@ -8,6 +8,7 @@ Each component receives only its own slice (``model``, ``data``, ``engine``, ``t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from cluster.config import ClusterConfig
@@ -382,6 +383,17 @@ class PPOConfig:
             whiten=a.whiten_advantages,
             grpo_std_normalize=a.grpo_std_normalize,
         )
+
+
+def reward_models(config: PPOConfig) -> list[tuple[str, Path]]:
+    """The reward models among the reward's terms, as ``(term name, resolved directory)``, in order.
+
+    Raises :class:`~rlhf.rl.rewards.RewardError` (naming the config key) for a source of no accepted form.
+    """
+    from rlhf.rl.rewards import parse_reward
+
+    specs = [(term["name"], parse_reward(term["source"])) for term in reward_terms(config)]
+    return [(name, Path(spec.source)) for name, spec in specs if spec.is_model]
 
 
 def reward_terms(config: PPOConfig) -> list[dict]:

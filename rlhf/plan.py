@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 GB = 1e9
@@ -271,6 +270,7 @@ def plan_job(
             [role], [[job]], math.ceil(cluster.num_workers * gpus), nodes, gpus_per_node, gpu_memory, headroom
         )
 
+    from rlhf.config import reward_models
     from rlhf.jobs.ppo import colocation_sets, value_model_config
 
     r = config.roles
@@ -284,11 +284,17 @@ def plan_job(
     if config.needs_critic:
         value = value_model_config(config)
         roles.append(trained_role("value", shape(value), value, config.value_engine, r.value_workers, gpus, sequence))
-    if Path(config.reward).expanduser().is_dir():
+    models = reward_models(config)  # every reward rank holds every reward model of the terms
+    if models:
         from rlhf.models.config import ModelConfig
 
-        reward_shape = shape(ModelConfig(name_or_path=str(Path(config.reward).expanduser())))
-        roles.append(frozen_role("reward", reward_shape, r.reward_workers, gpus, 16, sequence))
+        parts: dict[str, float] = {}
+        for name, directory in models:
+            memory = frozen_role("reward", shape(ModelConfig(name_or_path=str(directory))), 1, gpus, 16, sequence)
+            for part, size in memory.parts.items():
+                key = part if len(models) == 1 or part == "CUDA context" else f"{part} ({name})"
+                parts[key] = size if part == "CUDA context" else parts.get(key, 0.0) + size
+        roles.append(RoleMemory("reward", r.reward_workers, gpus, parts))
     names = [role.role for role in roles]
     sets = colocation_sets(r.colocate, names)
     counts = {role.role: role.ranks for role in roles}

@@ -69,7 +69,7 @@ def check_judge(config: JudgeConfig) -> None:
 
     from rlhf.gen.metrics import compile_answer_pattern
     from rlhf.gen.templates import placeholders
-    from rlhf.rl.rewards import RewardError, make_reward, reward_model_config
+    from rlhf.rl.rewards import RewardError, make_reward, parse_reward, reward_model_config
 
     if config.kind == "llm":
         for key, template, needed in (
@@ -84,10 +84,11 @@ def check_judge(config: JudgeConfig) -> None:
         compile_answer_pattern(config.score_pattern, "judge.score_pattern")
         return
     try:
-        if Path(config.reward).expanduser().is_dir():
-            reward_model_config(Path(config.reward).expanduser())  # the model itself loads in the actors
+        spec = parse_reward(config.reward)
+        if spec.is_model:
+            reward_model_config(Path(spec.source))  # the model itself loads in the actors
         else:
-            make_reward(config.reward)
+            make_reward(spec)
     except RewardError as exc:
         raise ConfigError(str(exc).replace("config key 'reward'", "config key 'judge.reward'")) from None
 

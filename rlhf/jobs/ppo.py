@@ -107,18 +107,18 @@ def check_reward(config: PPOConfig, row: dict) -> str:
     holds it, a string or messages, with its other columns, as the reward will get them), so a wrong path, a down
     endpoint or a column the function needs and the data lacks fails now."""
     from rlhf.config import reward_terms
-    from rlhf.rl.rewards import RewardError, make_reward, reward_model_config
+    from rlhf.rl.rewards import RewardError, make_reward, parse_reward, reward_model_config
 
     key = "rewards" if config.rewards else "reward"
     terms = reward_terms(config)
     described = []
     for term in terms:
-        path = Path(term["source"]).expanduser()
-        if path.is_dir():
-            reward_model_config(path)  # a reward model: checked without loading it here
-            described.append(f"reward model {path}")
+        spec = parse_reward(term["source"])
+        if spec.is_model:
+            reward_model_config(Path(spec.source))  # a reward model: checked without loading it here
+            described.append(f"reward model {spec.source}")
             continue
-        source = make_reward(term["source"])
+        source = make_reward(spec)
         try:
             columns = {name: [value] for name, value in row.get("columns", {}).items()}
             source.score([row["prompt"]], ["The cat is calm."], config.reward_timeout_s, columns)
@@ -197,16 +197,13 @@ def colocation_sets(colocate: str, roles: list[str]) -> list[list[str]]:
 
 def value_model_config(config: PPOConfig) -> Any:
     """The value model: ``config.value``, else the reward model when the reward is one, else the policy."""
+    from rlhf.config import reward_models
     from rlhf.models.config import ModelConfig
 
     if config.value is not None:
         return config.value
-    from rlhf.config import reward_terms
-
-    for term in reward_terms(config):  # the first reward model among the rewards
-        if Path(term["source"]).expanduser().is_dir():
-            return ModelConfig(name_or_path=str(Path(term["source"]).expanduser().resolve()))
-    return config.policy
+    models = reward_models(config)
+    return ModelConfig(name_or_path=str(models[0][1])) if models else config.policy
 
 
 def engine_for(engine: Any, batch: int, workers: int, mini_batches: int) -> Any:

@@ -708,23 +708,46 @@ def term_name(spec: str) -> str:
 # --- from the config string ---
 
 
-def make_reward(spec: str, *, device: str = "cpu") -> RewardSource:
-    """The reward source named by ``spec`` (``PPOConfig.reward``); ``device`` places a reward model.
+@dataclass(frozen=True)
+class RewardSpec:
+    """A reward source as a config names it, parsed once: its kind, and the URL, directory or function."""
 
-    An http(s) URL gives :class:`HTTPReward`, an existing directory :class:`ModelReward`, and
-    ``package.module:function`` :class:`FunctionReward`; anything else is a :class:`RewardError`
-    listing the three forms.
+    kind: Literal["http", "model", "function"]
+    source: str
+    """The URL as given, the reward model's resolved directory, or ``package.module:function``."""
+
+    @property
+    def is_model(self) -> bool:
+        """Whether it is a reward model (which a reward rank loads, and the memory plan counts)."""
+        return self.kind == "model"
+
+
+def parse_reward(spec: str) -> RewardSpec:
+    """What kind of reward source ``spec`` (``PPOConfig.reward``, or a term's ``source``) names.
+
+    An http(s) URL, an existing directory (a reward model), or ``package.module:function``; anything
+    else is a :class:`RewardError` listing the three forms.
     """
     forms = "; reward takes one of: " + "; ".join(FORMS)
     if spec.lower().startswith(("http://", "https://")):
-        return HTTPReward(spec)
+        return RewardSpec("http", spec)
     if "://" in spec:
         raise RewardError(f"config key 'reward': {_without_credentials(spec)!r} is a URL but not http(s){forms}")
     path = Path(spec).expanduser()
     if path.is_dir():
-        return ModelReward(path, device=device)
+        return RewardSpec("model", str(path.resolve()))
     if ":" in spec and "/" not in spec:
-        return FunctionReward(spec)
+        return RewardSpec("function", spec)
     if "/" in spec or spec.startswith((".", "~")):
         raise RewardError(f"config key 'reward': directory {spec} does not exist{forms}")
     raise RewardError(f"config key 'reward': {spec!r} is not one of the accepted forms{forms}")
+
+
+def make_reward(spec: str | RewardSpec, *, device: str = "cpu") -> RewardSource:
+    """The reward source named by ``spec`` (see :func:`parse_reward`); ``device`` places a reward model."""
+    parsed = parse_reward(spec) if isinstance(spec, str) else spec
+    if parsed.kind == "http":
+        return HTTPReward(parsed.source)
+    if parsed.kind == "model":
+        return ModelReward(Path(parsed.source), device=device)
+    return FunctionReward(parsed.source)

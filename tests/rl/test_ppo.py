@@ -413,9 +413,12 @@ def test_a_reward_function_that_hangs_is_stopped_and_named(sft_policy: Path, rol
     assert time.monotonic() - started < 240
 
 
-def _stall(_actor, seconds: float) -> None:
-    """Run on a replica's actor: block its event loop, as a replica that hangs would."""
-    time.sleep(seconds)
+def _stall(_actor, release: str, limit_s: float) -> None:
+    """Run on a replica's actor: block its event loop, as a replica that hangs would, until the file ``release``
+    exists (or ``limit_s`` has passed)."""
+    deadline = time.monotonic() + limit_s
+    while not Path(release).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def test_a_replica_that_does_not_answer_fails_the_run_within_the_sync_timeout(
@@ -428,7 +431,10 @@ def test_a_replica_that_does_not_answer_fails_the_run_within_the_sync_timeout(
 
     client = RolloutClient("policy", app_name=APP_NAME)
     (replica,) = client.replicas()
-    stall = ray.get_actor(replica.actor_name, namespace="serve").__ray_call__.remote(_stall, 20)
+    # stalled until the run has failed: a stall of a fixed 20 s once ended before the run's first sync, when the
+    # roles took longer than that to start, and the run went on ("DID NOT RAISE", 3 December 2026)
+    release = tmp_path / "release"
+    stall = ray.get_actor(replica.actor_name, namespace="serve").__ray_call__.remote(_stall, str(release), 300)
     try:
         started = time.monotonic()
         with pytest.raises(RolloutError, match="no answer within the 3.0 s timeout") as caught:
@@ -440,6 +446,7 @@ def test_a_replica_that_does_not_answer_fails_the_run_within_the_sync_timeout(
         assert replica.replica_id in str(caught.value)
         print(f"\nfailed after {time.monotonic() - started:.1f} s (role set-up included)")
     finally:
+        release.touch()
         ray.get(stall, timeout=120)
     # Serve's health check may have replaced the stalled replica meanwhile: wait for one to run again
     deadline = time.monotonic() + 300

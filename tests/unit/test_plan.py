@@ -175,3 +175,26 @@ def test_the_estimate_is_close_to_the_measured_peak_of_a_training_step_on_cpu() 
     print(f"\npeak growth beyond the weights: measured {measured['growth'] / GB:.2f} GB, estimated "
           f"{estimate / GB:.2f} GB (x{ratio:.2f})")  # fmt: skip
     assert 0.75 < ratio < 1.5  # CPU allocator caching and the step's temporaries come on top of the estimate
+
+
+def test_a_reward_model_among_weighted_rewards_has_its_memory_planned(tmp_path: Path) -> None:
+    """Before: the planner read the reward's kind from ``reward`` alone, so a reward model given as a term of
+    ``rewards`` was left out of the plan (no reward role, its memory unplanned) while the run loads it on every
+    reward rank. The kind of each term is now parsed once (``rlhf.rl.rewards.parse_reward``) for all its users."""
+    model = tmp_path / "rm"
+    model.mkdir()
+    shapes = {"llama": LLAMA_7B, str(model.resolve()): LLAMA_7B}
+    function = "rlhf.data.bundled:positive_word_reward"
+
+    def reward_role(*overrides: str):
+        plan = plan_job(ppo_config(*overrides), "ppo", 1, 8, 141 * GB, shapes=shapes)
+        return next((role for role in plan.roles if role.role == "reward"), None)
+
+    alone = reward_role(f"reward={model}")
+    weighted = reward_role(f"rewards=[{{source: '{model}', weight: 1.0}}, {{source: '{function}', weight: 0.5}}]")
+    assert alone is not None and weighted is not None
+    assert weighted.total == alone.total
+    assert reward_role(f"reward={function}") is None  # a function needs no GPU memory
+    two = reward_role(f"rewards=[{{source: '{model}', name: a}}, {{source: '{model}', name: b}}]")
+    assert two.parts["weights (a)"] == two.parts["weights (b)"] == alone.parts["weights"]
+    assert two.parts["CUDA context"] == alone.parts["CUDA context"]  # one per rank, not one per model

@@ -460,3 +460,15 @@ def test_directories_that_hold_no_reward_model_are_refused(
     (tmp_path / "empty").mkdir()
     with pytest.raises(RewardError, match=r"config key 'reward': .*empty is not a model directory \(no config.json\)"):
         make_reward(str(tmp_path / "empty"))
+
+
+def test_a_reward_spec_is_parsed_once_into_its_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rlhf.rl.rewards import RewardError, RewardSpec, parse_reward
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rm").mkdir()
+    assert parse_reward("https://user:pw@host/score") == RewardSpec("http", "https://user:pw@host/score")
+    assert parse_reward("rm") == RewardSpec("model", str((tmp_path / "rm").resolve()))  # resolved: one name per model
+    assert parse_reward("rlhf.data.bundled:positive_word_reward").kind == "function"
+    with pytest.raises(RewardError, match="directory ./missing does not exist"):
+        parse_reward("./missing")
