@@ -367,6 +367,11 @@ class PPOConfig:
         return estimator(self.algorithm.estimator).critic
 
     @property
+    def rows_per_step(self) -> int:
+        """The sequences of one RL step: ``rollout.prompts_per_step`` x ``rollout.group_size``."""
+        return self.rollout.prompts_per_step * self.rollout.group_size
+
+    @property
     def needs_reference(self) -> bool:
         """Whether a reference role computes the KL to the reference (``kl.coefficient`` above 0)."""
         return self.kl.coefficient > 0

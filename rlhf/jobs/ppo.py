@@ -78,7 +78,7 @@ def check_config(config: PPOConfig) -> None:
         )
     if config.train.max_steps is None:
         raise JobError("train.max_steps: rlhf ppo needs a number of steps")
-    batch = rollout.prompts_per_step * rollout.group_size
+    batch = config.rows_per_step
     for role, workers in (("policy", roles.policy_workers), ("value", roles.value_workers)):
         if batch % (workers * algorithm.mini_batches):
             raise JobError(
@@ -248,7 +248,7 @@ def build_roles(config: PPOConfig) -> Roles:
                     call_timeout_s=r.call_timeout_s,
                 )
                 setattr(roles, role, group)
-        batch = config.rollout.prompts_per_step * config.rollout.group_size
+        batch = config.rows_per_step
         optimizer_steps = config.train.max_steps * algorithm.ppo_epochs * algorithm.mini_batches
         policy_engine = engine_for(config.engine, batch, r.policy_workers, algorithm.mini_batches)
         calls = [
@@ -819,8 +819,9 @@ def close_step(
     r = config.rollout
     done = step + 1
     if config.kl.target is not None:
-        batch = r.prompts_per_step * r.group_size
-        kl_coef = adaptive_kl_coefficient(kl_coef, metrics["kl_sequence"], config.kl.target, config.kl.horizon, batch)
+        kl_coef = adaptive_kl_coefficient(
+            kl_coef, metrics["kl_sequence"], config.kl.target, config.kl.horizon, config.rows_per_step
+        )
     save_every = config.train.save_every
     if done == config.train.max_steps or (save_every and done % save_every == 0):
         with timer("checkpoint"):

@@ -205,3 +205,17 @@ def test_importance_weight_stats_count_response_tokens_only() -> None:
     stats = importance_weight_stats(weights, mask, cap=2.0)
     assert float(stats["is_weight_mean"]) == pytest.approx((1 + 2 + 0.5 + 1 + 2) / 5)
     assert float(stats["is_capped_fraction"]) == pytest.approx(2 / 5)
+
+
+def test_a_step_whose_rows_the_ranks_cannot_share_is_refused_naming_the_keys() -> None:
+    from cluster import configtree
+    from rlhf.config import PPOConfig
+    from rlhf.jobs.ppo import check_config
+    from rlhf.jobs.registry import EXAMPLES_DIR
+    from rlhf.jobs.runner import JobError
+
+    overrides = ["rollout.prompts_per_step=3", "rollout.group_size=2", "roles.policy_workers=4"]
+    config = configtree.load(PPOConfig, EXAMPLES_DIR / "ppo.yaml", overrides)
+    assert config.rows_per_step == 6
+    with pytest.raises(JobError, match=r"roles.policy_workers=4 x algorithm.mini_batches=1 must divide .* = 6 seq"):
+        check_config(config)
