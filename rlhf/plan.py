@@ -292,8 +292,8 @@ def plan_job(
         for name, directory in models:
             memory = frozen_role("reward", shape(ModelConfig(name_or_path=str(directory))), 1, gpus, 16, sequence)
             for part, size in memory.parts.items():
-                key = part if len(models) == 1 or part == "CUDA context" else f"{part} ({name})"
-                parts[key] = size if part == "CUDA context" else parts.get(key, 0.0) + size
+                # one CUDA context per rank, whatever the number of models; the rest per model
+                parts[part if len(models) == 1 or part == "CUDA context" else f"{part} ({name})"] = size
         roles.append(RoleMemory("reward", r.reward_workers, gpus, parts))
     names = [role.role for role in roles]
     sets = colocation_sets(r.colocate, names)

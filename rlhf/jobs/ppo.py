@@ -525,11 +525,8 @@ def advantages(experience: Experience, config: PPOConfig, kl_coef: float) -> tup
         truncated_importance_weights,
     )
 
-    mask, rollout_logprobs, trainer_logprobs = (
-        experience.response_mask,
-        experience.rollout_logprobs,
-        experience.old_logprobs,
-    )
+    mask, rollout_logprobs = experience.response_mask, experience.rollout_logprobs
+    trainer_logprobs = experience.old_logprobs
     adv, returns, metrics = advantages_and_returns(
         config.algorithm.estimator,
         experience.scores,

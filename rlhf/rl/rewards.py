@@ -716,6 +716,9 @@ class RewardSpec:
     source: str
     """The URL as given, the reward model's resolved directory, or ``package.module:function``."""
 
+    def __repr__(self) -> str:  # a URL's credentials stay out of every log and error that shows a spec
+        return f"RewardSpec({self.kind!r}, {_without_credentials(self.source)!r})"
+
     @property
     def is_model(self) -> bool:
         """Whether it is a reward model (which a reward rank loads, and the memory plan counts)."""

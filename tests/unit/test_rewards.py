@@ -470,5 +470,6 @@ def test_a_reward_spec_is_parsed_once_into_its_kind(tmp_path: Path, monkeypatch:
     assert parse_reward("https://user:pw@host/score") == RewardSpec("http", "https://user:pw@host/score")
     assert parse_reward("rm") == RewardSpec("model", str((tmp_path / "rm").resolve()))  # resolved: one name per model
     assert parse_reward("rlhf.data.bundled:positive_word_reward").kind == "function"
+    assert "pw" not in repr(parse_reward("https://user:pw@host/score"))
     with pytest.raises(RewardError, match="directory ./missing does not exist"):
         parse_reward("./missing")
