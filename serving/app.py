@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import configtree
+from cluster.errors import UserError
 from serving.backends import backend, on_gpu
 from serving.config import ServeConfig
 
@@ -36,7 +37,7 @@ API_KEYS_ENV = "RLHF_API_KEYS"
 """Comma-separated API keys read when the application is built (in addition to the config's)."""
 
 
-class ServeError(ValueError):
+class ServeError(UserError, ValueError):
     """A serve configuration that cannot be deployed; the message names the key."""
 
 

@@ -2,7 +2,7 @@
 
 RLHF samples its rollouts from the same Ray Serve + vLLM replicas that serve the model
 (:mod:`serving.app`) and, after each policy update, loads the new weights into them.
-:func:`deploy` starts (or finds) the replicas for a run and :func:`release` undoes that;
+:func:`deploy` starts (or finds) the replicas for a run, and the :class:`RolloutDeployment` it returns undoes that;
 :class:`RolloutClient` is the building block that uses them:
 
 * :meth:`RolloutClient.generate` samples ``n`` completions per prompt and returns, per
@@ -79,7 +79,9 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from cluster.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ RESUME_GRACE_S = 10.0
 """Time allowed for ``resume`` after a sync that ran out of time, so no replica stays paused."""
 
 
-class RolloutError(RuntimeError):
+class RolloutError(UserError, RuntimeError):
     """A rollout or a weight sync that failed or timed out; the message names the deployment or replicas."""
 
 
@@ -576,16 +578,45 @@ def _reason(exc: BaseException) -> str:
     return lines[-1] if isinstance(exc, ray.exceptions.RayTaskError) else f"{type(exc).__name__}: {lines[-1]}"
 
 
-def deploy(config: Any, app_name: str, timeout_s: float = 600.0, weight_transfer: bool = False) -> str:
-    """Make sure ``app_name`` runs the LLMServer replicas of ``config`` (a ``ServeConfig``); say how.
+@dataclass(frozen=True)
+class RolloutDeployment:
+    """A rollout application as :func:`deploy` left it running; :meth:`release` undoes what it did.
 
-    Returns ``"reused"`` when an application of that name was running already (it is used
-    as it is: the caller syncs its weights before generating), ``"deployed"`` when it was
-    deployed on the running Serve instance, and ``"started"`` when Serve itself was started
-    for it (without HTTP proxies: rollouts go through the deployment handle). Pass the
-    answer to :func:`release` at the end. Only the model deployment is deployed, without
-    the OpenAI ingress or an HTTP route. ``weight_transfer`` starts the engines with
-    vLLM's weight-transfer backend (:mod:`serving.weight_transfer`). Raises
+    ``how`` is ``"reused"`` (an application of that name was running already: it is used as it is,
+    the caller syncs its weights before generating), ``"deployed"`` (on the running Serve instance)
+    or ``"started"`` (Serve itself was started for it, without HTTP proxies: rollouts go through the
+    deployment handle). ``transfer_backend`` is the weight-transfer backend of the device the
+    replicas run on (``nccl`` on GPUs, ``gloo`` on CPUs), decided once here.
+    """
+
+    app_name: str
+    how: Literal["reused", "deployed", "started"]
+    transfer_backend: str
+
+    def release(self, wait: bool = True) -> None:
+        """Delete the application if :func:`deploy` deployed it (``"reused"``: nothing).
+
+        When :func:`deploy` started Serve for it, Serve is shut down too, unless other applications
+        (another run's) run on it now. ``wait=False`` (a run that failed or is being stopped) only
+        has the deletion accepted by Serve's controller, which carries it out on its own: a stopped
+        driver may be killed a few seconds later.
+        """
+        from ray import serve
+
+        if self.how == "reused":
+            return
+        serve.delete(self.app_name, _blocking=wait)
+        others = serve.status().applications  # also makes sure the controller has the deletion before we go on
+        if wait and self.how == "started" and not set(others) - {self.app_name}:
+            serve.shutdown()
+
+
+def deploy(config: Any, app_name: str, timeout_s: float = 600.0, weight_transfer: bool = False) -> RolloutDeployment:
+    """Make sure ``app_name`` runs the LLMServer replicas of ``config`` (a ``ServeConfig``).
+
+    Only the model deployment is deployed, without the OpenAI ingress or an HTTP route.
+    ``weight_transfer`` starts the engines with vLLM's weight-transfer backend
+    (:mod:`serving.weight_transfer`). Call :meth:`RolloutDeployment.release` at the end. Raises
     :class:`RolloutError` when the application fails to deploy or is not running within
     ``timeout_s``.
     """
@@ -594,15 +625,17 @@ def deploy(config: Any, app_name: str, timeout_s: float = 600.0, weight_transfer
     from ray.serve.context import _get_global_client
 
     from serving.app import llm_config, validate
+    from serving.backends import backend, on_gpu
 
     validate(config)
-    how = "deployed"
+    gpu = on_gpu()
+    deployment = RolloutDeployment(app_name, "deployed", backend(gpu))
     if _get_global_client(raise_if_no_controller_running=False) is None:
         serve.start(proxy_location="Disabled")
-        how = "started"
+        deployment = RolloutDeployment(app_name, "started", backend(gpu))
     elif app_name in serve.status().applications:
-        return "reused"
-    llm = llm_config(config, weight_transfer=weight_transfer)
+        return RolloutDeployment(app_name, "reused", backend(gpu))
+    llm = llm_config(config, gpu=gpu, weight_transfer=weight_transfer)
     # the sampled tokens' log-probs in the distribution they were sampled from (temperature applied), which is what
     # the trainer's log-probs are compared with and corrected towards
     llm.engine_kwargs["logprobs_mode"] = "processed_logprobs"
@@ -615,7 +648,7 @@ def deploy(config: Any, app_name: str, timeout_s: float = 600.0, weight_transfer
         while time.monotonic() < deadline:
             status = serve.status().applications.get(app_name)
             if status is not None and status.status == "RUNNING":
-                return how
+                return deployment
             if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
                 message = (status.message or "").strip().splitlines()
                 raise RolloutError(
@@ -627,23 +660,5 @@ def deploy(config: Any, app_name: str, timeout_s: float = 600.0, weight_transfer
             f"(last status: {getattr(status, 'status', 'not deployed')})"
         )
     except BaseException:  # a failure, or a stop (SIGTERM, Ctrl-C) while the replicas start: nothing is left behind
-        release(app_name, how, wait=False)
+        deployment.release(wait=False)
         raise
-
-
-def release(app_name: str, how: str, wait: bool = True) -> None:
-    """Undo what :func:`deploy` did: delete the application if it deployed it (``"reused"``: nothing).
-
-    When :func:`deploy` started Serve for it, Serve is shut down too, unless other applications
-    (another run's) run on it now. ``wait=False`` (a run that failed or is being stopped) only
-    has the deletion accepted by Serve's controller, which carries it out on its own: a stopped
-    driver may be killed a few seconds later.
-    """
-    from ray import serve
-
-    if how not in ("started", "deployed"):
-        return
-    serve.delete(app_name, _blocking=wait)
-    others = serve.status().applications  # also makes sure the controller has the deletion before we go on
-    if wait and how == "started" and not set(others) - {app_name}:
-        serve.shutdown()

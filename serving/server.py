@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import configtree
-from serving.app import api_keys, build_app, is_loopback, model_name, require_keys, validate
+from serving.app import ServeError, api_keys, build_app, is_loopback, model_name, require_keys, validate
 from serving.config import ServeConfig
 
 APP_NAME = "rlhf"
@@ -37,7 +37,7 @@ def _display_host(host: str) -> str:
 
 
 def wait_until_ready(url: str, keys: tuple[str, ...], timeout_s: float) -> None:
-    """Poll ``/v1/models`` until it answers 200; TimeoutError after ``timeout_s``."""
+    """Poll ``/v1/models`` until it answers 200; :class:`ServeError` after ``timeout_s``."""
     import httpx
 
     headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
@@ -52,7 +52,7 @@ def wait_until_ready(url: str, keys: tuple[str, ...], timeout_s: float) -> None:
         except httpx.HTTPError as exc:
             last = type(exc).__name__
         time.sleep(1)
-    raise TimeoutError(f"the endpoint at {url} did not become ready in {timeout_s:.0f} s (last: {last})")
+    raise ServeError(f"the endpoint at {url} did not become ready in {timeout_s:.0f} s (last: {last})")
 
 
 def stop() -> None:

@@ -76,7 +76,9 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], generat
 
 def _eos(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos token; plain-text responses end with it")
+        from rlhf.models.loading import ModelLoadError
+
+        raise ModelLoadError(f"tokenizer {tokenizer.name_or_path!r} has no eos token; plain-text responses end with it")
     return tokenizer.eos_token_id
 
 

@@ -13,8 +13,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
+from cluster.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A bad row or a dataset that cannot be read.
 
     Attributes:
@@ -69,7 +71,7 @@ class DataError(ValueError):
         )
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError, ValueError):
     """The tokenizer's chat template cannot be used to mask a conversation (missing or not prefix-consistent).
 
     Not a bad row: it concerns every conversational row, so skip mode never skips it.

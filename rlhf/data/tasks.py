@@ -30,14 +30,13 @@ import functools
 from typing import Any
 from urllib.parse import parse_qsl
 
+from rlhf import seeds
 from rlhf.data.errors import DataError, Source
 
 PREFIX = "reasoning_gym:"
 TRAIN_SPLIT = "train"
 DEFAULTS = {"size": 1000, "seed": 0, "eval_size": 200}
 ROW_KINDS = ("prompt", "sft", "preference")
-HELD_OUT_SEED_OFFSET = 1_000_003
-"""What the held-out split's seed adds to ``seed``: far from the seeds of neighbouring training runs."""
 
 
 def is_task(path: str) -> bool:
@@ -115,7 +114,7 @@ def load_task_rows(path: str, split: str) -> tuple[list[dict[str, Any]], Source]
         entries = train
     else:
         seen = {entry["question"] for entry in train}
-        fresh = _entries(path, name, options, eval_size * 2, seed + HELD_OUT_SEED_OFFSET)
+        fresh = _entries(path, name, options, eval_size * 2, seeds.held_out(seed))
         entries = [entry for entry in fresh if entry["question"] not in seen][:eval_size]
         if not entries:
             raise DataError("no held-out rows", detail="every generated question is also a training one", source=path)

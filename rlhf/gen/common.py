@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.errors import UserError
 from rlhf.data.errors import DataError, Source
 from rlhf.data.formats import Text
 from rlhf.gen.config import DataSource, FilterConfig, JudgeConfig, SamplingConfig, TemplateConfig
 
 
-class OutputExistsError(ValueError):
+class OutputExistsError(UserError, ValueError):
     """The output directory already holds a dataset: nothing is overwritten."""
 
 

@@ -346,13 +346,3 @@ class IterativeDPOConfig:
             raise ValueError("rounds and prompts_per_round must be at least 1")
         if self.sampling.n < 2:
             raise ValueError(f"sampling.n must be at least 2 to make pairs, got {self.sampling.n}")
-
-
-GEN_JOBS: dict[str, type] = {
-    "generate": GenerateConfig,
-    "synth": SynthConfig,
-    "best-of-n": BestOfNConfig,
-    "iterative-dpo": IterativeDPOConfig,
-    "eval": EvalConfig,
-}
-"""The data-generation and evaluation commands and their config trees."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.configtree import ConfigError
+from rlhf import seeds
 from rlhf.gen.config import IterativeDPOConfig
 
 
@@ -39,7 +40,7 @@ def check_config(config: IterativeDPOConfig) -> None:
 
 def draw(num_prompts: int, per_round: int, round_index: int, seed: int) -> list[int]:
     """The prompt indices of a round: a fresh seeded draw without replacement (all prompts when fewer)."""
-    rng = random.Random(seed * 1_000_003 + round_index)
+    rng = random.Random(seeds.position(seed, round_index))
     return rng.sample(range(num_prompts), min(per_round, num_prompts))
 
 

@@ -112,7 +112,7 @@ class RewardJudge:
             call_timeout_s=config.timeout_s,
         )
         try:
-            self.describe = self.group.call("build", config.reward)[0]
+            self.describe = self.group.call(RewardWorker.build, config.reward)[0]
         except BaseException:
             self.group.kill()
             raise
@@ -126,12 +126,15 @@ class RewardJudge:
     def score(self, prompts: Sequence[Text], responses: Sequence[str]) -> list[float | None]:
         """One score per (prompt, response), the batch split over the scoring actors."""
         from rlhf.rl.experience import split_rows
+        from rlhf.rl.workers import RewardWorker
 
         if not responses:
             return []
         slices = split_rows(len(responses), self.group.world_size)
         shards = [(list(prompts[s]), list(responses[s])) for s in slices]
-        results = self.group.call_sharded("score", shards, self.config.timeout_s, timeout_s=self.config.timeout_s + 30)
+        results = self.group.call_sharded(
+            RewardWorker.score, shards, self.config.timeout_s, timeout_s=self.config.timeout_s + 30
+        )
         return [score for shard in results for score in shard]
 
     def compare(self, prompts: Sequence[Text], first: Sequence[str], second: Sequence[str]) -> list[float | None]:

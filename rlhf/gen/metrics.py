@@ -23,6 +23,8 @@ from statistics import NormalDist, fmean, stdev
 from jsonschema.exceptions import SchemaError, best_match
 from jsonschema.validators import validator_for
 
+from cluster.configtree import ConfigError
+
 _PUNCTUATION = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -68,13 +70,13 @@ def token_f1(prediction: str, references: str | Sequence[str]) -> float:
 
 
 def compile_answer_pattern(pattern: str, key: str) -> re.Pattern:
-    """Compile an answer-extraction regex with at most one capturing group; ValueError naming `key` otherwise."""
+    """Compile an answer-extraction regex with at most one capturing group; ConfigError naming `key` otherwise."""
     try:
         compiled = re.compile(pattern)
     except re.error as err:
-        raise ValueError(f"{key}: {pattern!r} is not a valid regular expression: {err}") from err
+        raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression: {err}") from err
     if compiled.groups > 1:
-        raise ValueError(f"{key}: {pattern!r} has {compiled.groups} groups; use one group around the answer")
+        raise ConfigError(f"{key}: {pattern!r} has {compiled.groups} groups; use one group around the answer")
     return compiled
 
 
@@ -95,11 +97,11 @@ def extract_answer(text: str, pattern: str | None = None) -> str:
 
 
 def check_schema(schema: dict, key: str) -> None:
-    """Raise ValueError naming `key` if `schema` is not a valid JSON schema (of the draft it declares)."""
+    """Raise ConfigError naming `key` if `schema` is not a valid JSON schema (of the draft it declares)."""
     try:
         validator_for(schema).check_schema(schema)
     except SchemaError as err:
-        raise ValueError(f"{key}: invalid JSON schema: {err.message}") from err
+        raise ConfigError(f"{key}: invalid JSON schema: {err.message}") from err
 
 
 def format_problem(text: str, *, regex: str | None = None, schema: dict | None = None) -> str | None:
@@ -116,7 +118,7 @@ def format_problem(text: str, *, regex: str | None = None, schema: dict | None =
         try:
             matched = re.fullmatch(regex, stripped, re.DOTALL)
         except re.error as err:
-            raise ValueError(f"regex: {regex!r} is not a valid regular expression: {err}") from err
+            raise ConfigError(f"regex: {regex!r} is not a valid regular expression: {err}") from err
         if matched is None:
             return "does not match the pattern"
     if schema is not None:

@@ -18,11 +18,14 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.data.errors import DataError
 from rlhf.data.formats import Text
 from rlhf.gen.config import SamplingConfig
+
+if TYPE_CHECKING:
+    from serving.rollout import RolloutDeployment
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class Sampler:
         self.app_name = run_app_name(sampling.app_name, f"rlhf-{role}")
         self.tokenizer: Any = None
         self._client: Any = None
-        self._deployment: str | None = None
+        self._deployment: RolloutDeployment | None = None
 
     def __enter__(self) -> Sampler:
         from rlhf.models.config import ModelConfig
@@ -79,7 +82,7 @@ class Sampler:
         self._deployment = rollout.deploy(config, self.app_name, timeout_s=s.timeout_s)
         try:
             self._client = rollout.RolloutClient(MODEL_NAME, app_name=self.app_name)
-            if self._deployment == "reused":
+            if self._deployment.how == "reused":
                 if not Path(path).is_dir():
                     raise rollout.RolloutError(
                         f"Serve application {self.app_name!r} is running already and {self.model} is not a local "
@@ -92,12 +95,11 @@ class Sampler:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        from serving import rollout
 
         if self._deployment is not None:
             deployment, self._deployment = self._deployment, None
             # after an error or a stop (SIGTERM, Ctrl-C) the deletion is only requested: the driver may be killed soon
-            rollout.release(self.app_name, deployment, wait=not exc_info or exc_info[0] is None)
+            deployment.release(wait=not exc_info or exc_info[0] is None)
 
     def can_load(self, model: str) -> bool:
         """Whether ``model`` is a local directory of the same architecture and shapes as the served one.

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.configtree import ConfigError
+from rlhf import seeds
 from rlhf.data.errors import DataError, Source
 from rlhf.data.formats import Message, Text
 from rlhf.gen.config import TemplateConfig
@@ -117,7 +118,7 @@ class PromptBuilder:
     def _draw(self, index: int) -> list[tuple[str, str]]:
         if self.config.style != "few_shot":
             return []
-        rng = random.Random(self.config.seed * 1_000_003 + index)
+        rng = random.Random(seeds.position(self.config.seed, index))
         return rng.sample(self.examples, min(self.config.num_examples, len(self.examples)))
 
     def _with_system(self, messages: list[Message]) -> list[Message]:

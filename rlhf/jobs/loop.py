@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
+from cluster.configtree import ConfigError
 from rlhf.jobs.storage import RunStorage, export_to, redact
 
 
@@ -239,7 +240,7 @@ def total_steps(config: Any, num_examples: int) -> int:
     )
     per_epoch = steps_per_epoch(num_examples // workers, mbs, gas)
     if per_epoch == 0:
-        raise ValueError(
+        raise ConfigError(
             f"{num_examples} training examples over {workers} workers cannot fill one step of "
             f"engine.micro_batch_size {mbs} x engine.gradient_accumulation_steps {gas}"
         )

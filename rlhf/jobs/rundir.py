@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from cluster.errors import UserError
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".run.lock"
@@ -156,7 +158,7 @@ def scrub(value: Any) -> Any:
 # ---- one run per directory ---------------------------------------------------------------
 
 
-class RunDirectoryInUse(RuntimeError):
+class RunDirectoryInUse(UserError, RuntimeError):
     """Another run holds the directory's lock; the message names it."""
 
 

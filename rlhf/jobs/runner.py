@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from cluster import configtree
+from cluster.errors import UserError
 from rlhf.jobs.rundir import RunDirectoryInUse, lock_run_directory, scrub, unlock_run_directory, write_atomic
 from rlhf.jobs.storage import RunStorage, redact
 
 log = logging.getLogger(__name__)
 
 
-class JobError(RuntimeError):
+class JobError(UserError, RuntimeError):
     """A job that could not start or did not finish; the message says why."""
 
 

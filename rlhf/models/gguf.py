@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DONE = ".converted"
@@ -48,7 +50,7 @@ PACKAGED: dict[str, Packaged] = {
 """Short model names and the packaged GGUF file each stands for."""
 
 
-class GGUFError(ValueError):
+class GGUFError(UserError, ValueError):
     """A GGUF source that cannot be used; the message says what to do."""
 
 

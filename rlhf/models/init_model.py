@@ -78,13 +78,14 @@ def init_model(output_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) ->
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+    from cluster.configtree import ConfigError
     from rlhf.data.bundled import corpus
 
     if spec.hidden_size % spec.num_heads:
-        raise ValueError(f"hidden_size {spec.hidden_size} is not divisible by num_heads {spec.num_heads}")
+        raise ConfigError(f"hidden_size {spec.hidden_size} is not divisible by num_heads {spec.num_heads}")
     head_dim = spec.hidden_size // spec.num_heads
     if head_dim not in (32, 64, 80, 96, 112, 128, 256):
-        raise ValueError(f"head size {head_dim} is not one vLLM supports; use e.g. hidden 128 with 2 heads")
+        raise ConfigError(f"head size {head_dim} is not one vLLM supports; use e.g. hidden 128 with 2 heads")
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cluster.errors import UserError
 from rlhf.models.config import LoraConfig, ModelConfig
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 TINY = "tiny"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """A model or tokenizer that cannot be loaded; the message names what and why."""
 
 

@@ -81,6 +81,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from cluster.errors import UserError
 from rlhf.data.formats import Text
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ _DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
 _FUNCTION_SPEC = re.compile(rf"({_DOTTED}):({_DOTTED})")
 
 
-class RewardError(ValueError):
+class RewardError(UserError, ValueError):
     """A reward source that cannot be built or that failed to score; the message says which and why."""
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cluster.groups import RankWorker
+from rlhf import seeds
 from rlhf.algos.objective import PolicyObjective
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ class PolicyWorker(_TrainableWorker):
         from rlhf.jobs.worker import seed_everything
         from rlhf.models.loading import load_causal_lm, load_tokenizer
 
-        seed_everything(seed + self.rank)
+        seed_everything(seeds.worker(seed, "policy", self.rank))
         self.model_config = model
         self.tokenizer = load_tokenizer(model)
         self.engine = TrainingEngine(_without_dropout(load_causal_lm(model), disable_dropout), engine, total_steps)
@@ -226,7 +227,7 @@ class ValueWorker(_TrainableWorker):
         from rlhf.jobs.worker import seed_everything
         from rlhf.models.loading import load_scalar_model, load_tokenizer
 
-        seed_everything(seed + 1000 + self.rank)
+        seed_everything(seeds.worker(seed, "value", self.rank))
         self.model_config = model
         self.tokenizer = load_tokenizer(model)
         self.engine = TrainingEngine(_without_dropout(load_scalar_model(model), disable_dropout), engine, total_steps)

@@ -17,8 +17,9 @@ def main(model_dir: str) -> None:
     from ray.cluster_utils import Cluster
 
     from cluster import configtree
+    from cluster.groups import RankWorker
     from rlhf.config import PPOConfig
-    from rlhf.jobs.ppo import build_roles
+    from rlhf.rl.roles import build_roles
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     workers = [cluster.add_node(num_cpus=2) for _ in range(3)]
@@ -43,7 +44,10 @@ def main(model_dir: str) -> None:
             roles = build_roles(config)
             try:
                 # build_roles returned: each group's process group (and the policy's DeepSpeed engine) spans its nodes
-                result[strategy] = {"policy": roles.policy.call("node_id"), "reward": roles.reward.call("node_id")}
+                result[strategy] = {
+                    "policy": roles.policy.group.call(RankWorker.node_id),
+                    "reward": roles.reward.group.call(RankWorker.node_id),
+                }
             finally:
                 roles.kill()
     finally:

@@ -122,7 +122,7 @@ def test_two_ranks_all_reduce_in_their_own_process_group(probes: ActorGroup) -> 
     groups = probes.call(ProbeWorker.process_group, timeout_s=60)
     assert [(g["rank"], g["world_size"], g["backend"]) for g in groups] == [(0, 2, "gloo"), (1, 2, "gloo")]
     assert len(set(probes.pids)) == 2
-    assert probes.call("pid", timeout_s=60) == probes.pids
+    assert probes.call(ProbeWorker.pid, timeout_s=60) == probes.pids
 
 
 def test_zero3_policy_group_with_two_ranks_trains(ray_cluster, tiny_model_dir: Path) -> None:
@@ -237,8 +237,10 @@ def test_placement_that_cannot_be_granted_fails_in_time(ray_cluster) -> None:
 
 
 def test_calls_are_checked_before_anything_runs(probes: ActorGroup) -> None:
-    with pytest.raises(AttributeError, match="no public method 'train_step'"):
-        probes.call("train_step", timeout_s=60)
+    with pytest.raises(TypeError, match=r"call a worker method by reference \(ProbeWorker.train_step\), not by name"):
+        probes.call("train_step", timeout_s=60)  # type: ignore[arg-type]
+    with pytest.raises(AttributeError, match="'TinyPolicyWorker.build' is not a public method of ProbeWorker"):
+        probes.call(TinyPolicyWorker.build, timeout_s=60)
     with pytest.raises(ValueError, match="3 shards for 2 ranks"):
         probes.call_sharded(ProbeWorker.all_reduce, [1.0, 2.0, 3.0], timeout_s=60)
     placement = Placement.create(num_bundles=1, cpus_per_bundle=1, timeout_s=60)

@@ -36,11 +36,11 @@ def serve_port(ray_cluster) -> int:
 def smollm2_app(serve_port: int, smollm2_dir: Path):
     """A replica of SmolLM2 with the weight-transfer backend, as rlhf ppo deploys one; yields its application name."""
     from serving.config import ServeConfig
-    from serving.rollout import deploy, release
+    from serving.rollout import deploy
 
     config = ServeConfig(
         model=str(smollm2_dir), model_name="policy", max_model_len=MAX_MODEL_LEN, max_tokens_limit=MAX_MODEL_LEN
     )
-    how = deploy(config, APP_NAME, timeout_s=600, weight_transfer=True)
+    deployment = deploy(config, APP_NAME, timeout_s=600, weight_transfer=True)
     yield APP_NAME
-    release(APP_NAME, how)
+    deployment.release()

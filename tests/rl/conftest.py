@@ -53,6 +53,6 @@ def rollout_app(ray_cluster, sft_policy: Path):
         model=str(sft_policy), model_name="policy", max_model_len=MAX_MODEL_LEN, max_tokens_limit=MAX_MODEL_LEN
     )
     # with vLLM's weight-transfer backend, as rlhf ppo deploys it, so the runs can push weights into it
-    assert deploy(config, APP_NAME, timeout_s=600, weight_transfer=True) in ("started", "deployed")
+    assert deploy(config, APP_NAME, timeout_s=600, weight_transfer=True).how in ("started", "deployed")
     yield APP_NAME
     serve.shutdown()

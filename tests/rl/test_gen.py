@@ -15,9 +15,8 @@ import pytest
 
 from cluster import configtree
 from rlhf.data.bundled import positive_word_reward
-from rlhf.gen.config import GEN_JOBS
 from rlhf.gen.metrics import extract_answer, pairwise_outcome, token_f1
-from rlhf.jobs.registry import EXAMPLES_DIR
+from rlhf.jobs.registry import EXAMPLES_DIR, JOBS
 
 from .conftest import APP_NAME, MAX_MODEL_LEN
 
@@ -25,8 +24,7 @@ SAMPLING = [f"sampling.app_name={APP_NAME}", f"sampling.max_model_len={MAX_MODEL
 
 
 def load(job: str, *overrides: str):
-    example = EXAMPLES_DIR / f"{job.replace('-', '_')}.yaml"
-    return configtree.load(GEN_JOBS[job], example, [*SAMPLING, *overrides])
+    return configtree.load(JOBS[job].config, JOBS[job].example, [*SAMPLING, *overrides])
 
 
 def rows(path: str | Path) -> list[dict]:
@@ -34,11 +32,7 @@ def rows(path: str | Path) -> list[dict]:
 
 
 def run(job: str, *overrides: str) -> dict:
-    import importlib
-
-    from rlhf.cli import GEN_MODULES
-
-    return importlib.import_module(f"rlhf.gen.{GEN_MODULES[job]}").run(load(job, *overrides))
+    return JOBS[job].run(load(job, *overrides))
 
 
 @pytest.fixture(scope="module")

@@ -151,18 +151,18 @@ def test_a_weight_transfer_from_the_policy_actor_reaches_every_replica_and_befor
         return max(abs(a - b) for a, b in zip(served, trained, strict=True))
 
     with ActorGroup("policy", PolicyWorker, num_actors=1, call_timeout_s=300) as policy:
-        policy.call("build", ModelConfig(name_or_path=final), EngineConfig(zero_stage=0), 1, 0)
+        policy.call(PolicyWorker.build, ModelConfig(name_or_path=final), EngineConfig(zero_stage=0), 1, 0)
         replicas = client.replicas()
         client.sync_weights(sft_policy)  # "before": the replicas hold other weights
         before = [worst_gap(replica) for replica in replicas]
         sync = ReplicaWeightSync(client.replica_set(timeout_s=120))
-        policy.call("open_weight_transfer", sync, "gloo", 120.0)
+        policy.call(PolicyWorker.open_weight_transfer, sync, "gloo", 120.0)
         started = time.monotonic()
-        policy.call("send_weights")
+        policy.call(PolicyWorker.send_weights)
         seconds = time.monotonic() - started
         after = [worst_gap(replica) for replica in replicas]
         client.sync_weights(sft_policy)
-        policy.call("send_weights")  # a second round over the same group
+        policy.call(PolicyWorker.send_weights)  # a second round over the same group
         again = [worst_gap(replica) for replica in replicas]
     print(f"\ntransfer: before {before}, after {after}, again {again} (tolerance {LOGPROB_TOL}); {seconds:.2f} s")
     assert all(gap > LOGPROB_TOL for gap in before)

@@ -49,7 +49,7 @@ def test_the_output_layer_of_a_tied_model_follows_every_transfer(ray_cluster, ti
     from rlhf.models.config import ModelConfig
     from rlhf.rl.workers import PolicyWorker
     from serving.config import ServeConfig
-    from serving.rollout import RolloutClient, deploy, release
+    from serving.rollout import RolloutClient, deploy
     from serving.weight_transfer import ReplicaWeightSync
 
     base, changed = tied_models
@@ -57,7 +57,7 @@ def test_the_output_layer_of_a_tied_model_follows_every_transfer(ray_cluster, ti
     assert max(abs(a - b) for a, b in zip(expected["base"], expected["changed"], strict=True)) > 10 * LOGPROB_TOL
 
     config = ServeConfig(model=str(base), model_name="policy", max_model_len=256, max_tokens_limit=256)
-    how = deploy(config, APP, timeout_s=600, weight_transfer=True)
+    deployment = deploy(config, APP, timeout_s=600, weight_transfer=True)
     try:
         client = RolloutClient("policy", app_name=APP)
 
@@ -70,20 +70,20 @@ def test_the_output_layer_of_a_tied_model_follows_every_transfer(ray_cluster, ti
         gaps["files"] = worst_gap("changed")
         gaps["stale files"] = worst_gap("base")
         with ActorGroup("policy", PolicyWorker, num_actors=1, call_timeout_s=300) as policy:
-            policy.call("build", ModelConfig(name_or_path=str(changed)), EngineConfig(zero_stage=0), 1, 0)
+            policy.call(PolicyWorker.build, ModelConfig(name_or_path=str(changed)), EngineConfig(zero_stage=0), 1, 0)
             sync = ReplicaWeightSync(client.replica_set(timeout_s=120))
-            policy.call("open_weight_transfer", sync, "gloo", 120.0)
+            policy.call(PolicyWorker.open_weight_transfer, sync, "gloo", 120.0)
             for round_ in range(2):  # every transfer, not only the first
                 client.sync_weights(base)  # from disk: the replicas hold the base weights again
                 gaps[f"base {round_}"] = worst_gap("base")
                 started = time.monotonic()
-                policy.call("send_weights")
+                policy.call(PolicyWorker.send_weights)
                 gaps[f"sent {round_}"] = worst_gap("changed")
                 gaps[f"stale {round_}"] = worst_gap("base")
             seconds = time.monotonic() - started
     finally:
-        release(APP, how)
-        if how == "started":
+        deployment.release()
+        if deployment.how == "started":
             serve.shutdown()
     print(f"\ntied model, replica vs trainer max |log-prob diff| per stage: {gaps}; a transfer {seconds:.2f} s")
     assert all(gaps[key] < LOGPROB_TOL for key in gaps if not key.startswith("stale"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.cli import ALL_JOBS
+from rlhf.jobs.registry import JOBS
 
 RLHF = shutil.which("rlhf") or str(Path(sys.executable).parent / "rlhf")
 
@@ -18,13 +18,13 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([RLHF, *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("job", sorted(ALL_JOBS))
+@pytest.mark.parametrize("job", sorted(JOBS))
 def test_job_help_lists_every_key(job: str) -> None:
     from cluster import configtree
 
     result = _run(job, "--help")
     assert result.returncode == 0, result.stderr
-    for key, *_ in configtree.describe(ALL_JOBS[job]):
+    for key, *_ in configtree.describe(JOBS[job].config):
         assert key in result.stdout, f"rlhf {job} --help does not list {key}"
 
 
@@ -86,3 +86,44 @@ def test_ppo_with_a_reward_function_that_does_not_exist_fails_before_anything_st
     last = result.stderr.strip().splitlines()[-1]
     assert "no_such_reward" in last and "positive_word_reward" in last, last  # names the nearest function
     assert "Started a local Ray instance" not in result.stderr
+
+
+def _a_bug(config: object) -> dict:
+    raise ValueError("an index our own code got wrong")
+
+
+def _bad_input(config: object) -> dict:
+    from rlhf.data.errors import DataError
+
+    raise DataError("empty response", source="data.jsonl", row=3)
+
+
+def test_only_the_projects_user_errors_become_one_line_errors(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Before: the CLI turned every ValueError (and TimeoutError) into ``error: ...`` and exit 2, so a bug of the
+    project's own lost its traceback. Now only errors marked :class:`cluster.errors.UserError` do."""
+    from dataclasses import replace
+
+    from rlhf.cli import main
+
+    monkeypatch.setitem(JOBS, "sft", replace(JOBS["sft"], runner=f"{__name__}:_bad_input"))
+    assert main(["sft"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "data.jsonl" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setitem(JOBS, "sft", replace(JOBS["sft"], runner=f"{__name__}:_a_bug"))
+    with pytest.raises(ValueError, match="an index our own code got wrong"):
+        main(["sft"])
+
+
+def test_plan_names_its_job_instead_of_guessing_it_from_the_configs_keys() -> None:
+    """Before: ``rlhf plan --config FILE`` guessed the job from the file's top-level keys (an sft config that set
+    ``loss`` was planned as rm)."""
+    from rlhf.cli import build_parser
+
+    args = build_parser().parse_args(["plan", "rm", "--config", "x.yaml", "--nodes", "1", "--gpus-per-node", "1",
+                                      "--gpu-memory", "80GB"])  # fmt: skip
+    assert args.job == "rm"
+    with pytest.raises(SystemExit):  # the job is required, and serve or generate cannot be planned
+        build_parser().parse_args(["plan", "serve", "--config", "x.yaml", "--nodes", "1", "--gpus-per-node", "1",
+                                   "--gpu-memory", "80GB"])  # fmt: skip

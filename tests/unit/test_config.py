@@ -8,9 +8,8 @@ import pytest
 
 from cluster import configtree
 from cluster.configtree import ConfigError
-from rlhf.cli import ALL_JOBS
 from rlhf.config import DPOConfig, SFTConfig
-from rlhf.jobs.registry import EXAMPLES_DIR
+from rlhf.jobs.registry import EXAMPLES_DIR, JOBS
 
 
 def test_defaults_and_overrides_are_typed(tmp_path: Path) -> None:
@@ -83,19 +82,19 @@ def test_round_trip_through_plain_data() -> None:
     assert configtree.from_dict(SFTConfig, configtree.to_dict(config)) == config
 
 
-@pytest.mark.parametrize("job", sorted(ALL_JOBS))
+@pytest.mark.parametrize("job", sorted(JOBS))
 def test_help_lists_every_key_with_type_default_and_description(job: str) -> None:
-    text = configtree.help_text(ALL_JOBS[job])
-    keys = list(configtree.describe(ALL_JOBS[job]))
+    text = configtree.help_text(JOBS[job].config)
+    keys = list(configtree.describe(JOBS[job].config))
     assert keys
     for key, type_name, _default, doc in keys:
         assert f"{key} ({type_name}, default: " in text
         assert doc, f"{job}: config key {key} has no description"
 
 
-@pytest.mark.parametrize("job", sorted(ALL_JOBS))
+@pytest.mark.parametrize("job", sorted(JOBS))
 def test_example_config_per_job_loads(job: str) -> None:
     path = EXAMPLES_DIR / f"{job.replace('-', '_')}.yaml"
     assert path.is_file(), f"no example config for {job}"
-    config = configtree.load(ALL_JOBS[job], path)
-    assert isinstance(config, ALL_JOBS[job])
+    config = configtree.load(JOBS[job].config, path)
+    assert isinstance(config, JOBS[job].config)

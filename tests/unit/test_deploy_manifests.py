@@ -30,15 +30,14 @@ def test_the_cluster_launcher_yaml_satisfies_rays_schema() -> None:
 def test_the_rayjob_entrypoint_is_an_rlhf_command_whose_config_loads() -> None:
     from cluster import configtree
     from rlhf.cli import build_parser
-    from rlhf.config import JOBS
-    from rlhf.jobs.registry import EXAMPLES_DIR
+    from rlhf.jobs.registry import EXAMPLES_DIR, JOBS
 
     spec = yaml.safe_load((DEPLOY / "rayjob.yaml").read_text())["spec"]
     words = shlex.split(spec["entrypoint"])
     assert words[:3] == ["python", "-m", "rlhf.cli"]
     args = build_parser().parse_args(words[3:])
     config_file = EXAMPLES_DIR / Path(args.config).name  # the entrypoint runs from the project root
-    config = configtree.load(JOBS[args.job], config_file, args.overrides)
+    config = configtree.load(JOBS[args.job].config, config_file, args.overrides)
     assert config.cluster.num_workers == 8 and config.cluster.gpus_per_worker == 1
 
 

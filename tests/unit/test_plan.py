@@ -109,7 +109,7 @@ def test_7b_ppo_with_colocated_roles_fits_one_node_of_h200s() -> None:
 
 def test_the_cli_prints_the_plan_and_exits_2_when_it_does_not_fit() -> None:
     def plan(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "rlhf.cli", "plan", "--config", str(EXAMPLES_DIR / "ppo.yaml"), *args]
+        command = [sys.executable, "-m", "rlhf.cli", "plan", "ppo", "--config", str(EXAMPLES_DIR / "ppo.yaml"), *args]
         return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
     fits = plan("--nodes", "1", "--gpus-per-node", "4", "--gpu-memory", "80GB")

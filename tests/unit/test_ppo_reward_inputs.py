@@ -15,7 +15,7 @@ import pytest
 
 from rlhf.data.config import DataConfig
 from rlhf.data.encode import build_examples
-from rlhf.jobs.ppo import reward_inputs
+from rlhf.rl.stages import reward_inputs
 from serving.rollout import Sample
 
 
@@ -67,9 +67,9 @@ def test_the_reward_check_before_a_run_scores_a_prompt_of_the_data(tiny_model_di
     data held, so a reward function written for a chat dataset's messages failed it and the run could not start."""
     from cluster import configtree
     from rlhf.config import PPOConfig
-    from rlhf.jobs.ppo import prepare
     from rlhf.jobs.registry import EXAMPLES_DIR
     from rlhf.jobs.rundir import unlock_run_directory
+    from rlhf.rl.preflight import prepare
 
     overrides = [
         f"policy.name_or_path={tiny_model_dir}",

@@ -14,8 +14,10 @@ from cluster import configtree
 from rlhf.config import PPOConfig, reward_terms
 from rlhf.data.config import DataConfig
 from rlhf.data.encode import build_examples
-from rlhf.jobs.ppo import check_reward, gather_scores, reward_inputs
+from rlhf.rl.preflight import check_reward
 from rlhf.rl.rewards import RewardError, WeightedReward, make_reward, make_weighted
+from rlhf.rl.roles import gather_scores
+from rlhf.rl.stages import reward_inputs
 from serving.rollout import Sample
 
 PROMPTS = ["What is 2 + 3?", "What is 7 - 4?", "What is 6 * 2?"]

@@ -10,7 +10,6 @@ import torch
 from rlhf.algos import gae, grpo_advantages, kl_estimate, reinforce_plus_plus_returns, rloo_advantages, whiten
 from rlhf.algos.estimators import EstimatorSettings
 from rlhf.engine import EngineConfig
-from rlhf.jobs.ppo import colocation_sets, engine_for, prompts_for_step
 from rlhf.rl.experience import (
     Experience,
     KLShaping,
@@ -22,6 +21,8 @@ from rlhf.rl.experience import (
     split_rows,
     truncated_importance_weights,
 )
+from rlhf.rl.prompts import prompts_for_step
+from rlhf.rl.roles import colocation_sets, engine_for
 
 PAD = 0
 
@@ -210,9 +211,9 @@ def test_importance_weight_stats_count_response_tokens_only() -> None:
 def test_a_step_whose_rows_the_ranks_cannot_share_is_refused_naming_the_keys() -> None:
     from cluster import configtree
     from rlhf.config import PPOConfig
-    from rlhf.jobs.ppo import check_config
     from rlhf.jobs.registry import EXAMPLES_DIR
     from rlhf.jobs.runner import JobError
+    from rlhf.rl.preflight import check_config
 
     overrides = ["rollout.prompts_per_step=3", "rollout.group_size=2", "roles.policy_workers=4"]
     config = configtree.load(PPOConfig, EXAMPLES_DIR / "ppo.yaml", overrides)

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from cluster import configtree
-from rlhf.cli import ALL_JOBS, _runner
+from rlhf.jobs.registry import JOBS
 from rlhf.jobs.runner import JobError, prepare_output_dir, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,7 +140,8 @@ def test_a_ppo_re_run_resumes_from_the_last_complete_checkpoint_past_a_torn_one(
     tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A state.json cut short (the driver killed while writing it) made every re-run fail with a JSONDecodeError."""
-    from rlhf.jobs.ppo import latest_checkpoint, prepare
+    from rlhf.rl.checkpoint import latest_checkpoint
+    from rlhf.rl.preflight import prepare
 
     _checkpoints(tmp_path, {2: _state(2), 4: _state(4), 6: _state(6)[:17]})
     with caplog.at_level(logging.WARNING):
@@ -153,7 +154,7 @@ def test_a_ppo_re_run_resumes_from_the_last_complete_checkpoint_past_a_torn_one(
 
 def test_a_partial_final_dir_does_not_make_a_ppo_re_run_refuse(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A final/ cut short by a crash during the export made every re-run refuse ("holds a finished run")."""
-    from rlhf.jobs.ppo import prepare
+    from rlhf.rl.preflight import prepare
 
     _checkpoints(tmp_path, {4: _state(4), 6: _state(6)})
     (tmp_path / "final").mkdir()
@@ -241,9 +242,9 @@ def test_every_job_refuses_a_directory_another_run_holds_before_it_uses_the_clus
         overrides.append(f"model.name_or_path={tiny_model_dir}")
     else:
         overrides.append(f"model={tiny_model_dir}")
-    config = configtree.load(ALL_JOBS[job], None, overrides)
+    config = configtree.load(JOBS[job].config, None, overrides)
     with held_by_another_run(tmp_path) as first, pytest.raises(JobError, match=f"pid {first.pid} on host"):
-        _runner(job)(config)
+        JOBS[job].run(config)
 
 
 def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(
