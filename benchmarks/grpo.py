@@ -48,8 +48,8 @@ def run_rlhf(model_dir: str, steps: int, output_dir: str, overrides: tuple[str, 
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from cluster import configtree
-    from rlhf.config import PPOConfig
     from rlhf.jobs.ppo import run
+    from rlhf.rl.config import PPOConfig
 
     batch = GROUP_SIZE * PROMPTS_PER_STEP
     config = configtree.load(

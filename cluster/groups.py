@@ -8,6 +8,10 @@
     losses = policy.call(PolicyWorker.train_step, timeout_s=300)            # one result per rank
     logprobs = reference.call_sharded(ReferenceWorker.logprobs, shards, timeout_s=60)
 
+The bundles are a :class:`~cluster.placement.Placement`, the workers subclass
+:class:`~cluster.rank_worker.RankWorker`, and a failed call raises a
+:class:`~cluster.group_errors.GroupError`.
+
 Each actor is a process of its own, so each has its own default ``torch.distributed``
 group: rank 0's node address and a free port are found first, then every rank sets
 ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and calls
@@ -15,7 +19,7 @@ group: rank 0's node address and a free port are found first, then every rank se
 :class:`~rlhf.engine.TrainingEngine` built inside the actor therefore works unchanged.
 Groups on the same node do not interfere: their rendezvous ports differ, and DeepSpeed's
 shared-memory all-reduce (keyed by address and port) is only enabled when ``LOCAL_SIZE``
-is set, which this module does not do.
+is set, which neither this module nor :mod:`cluster.rank_worker` does.
 
 No call can hang: every call has a deadline, and a timeout, a dead actor or an exception
 raised in a method becomes a :class:`GroupError` naming the role, the rank(s), the method
@@ -27,180 +31,22 @@ a new one, e.g. from the last checkpoint.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from cluster.errors import UserError
+from cluster.group_errors import GroupError, _death_reason, _innermost, _rebuilt, _root_cause
+from cluster.placement import Placement
+from cluster.rank_worker import RankWorker
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
-    from ray.util.placement_group import PlacementGroup
 
 DEFAULT_CALL_TIMEOUT_S = 600.0
 # After one rank fails, how long the other ranks' outcomes are awaited so that the root
 # cause (a dead rank) is reported rather than a peer's "connection closed" in a collective.
 FAILURE_GRACE_S = 2.0
-
-FailureKind = Literal["timeout", "died", "error", "placement", "broken"]
-
-
-class GroupError(UserError, RuntimeError):
-    """A call on an actor group failed: timeout, dead actor, or an exception in the method.
-
-    ``role``, ``method``, ``ranks`` and ``kind`` say what failed; ``cause`` is the root
-    cause in one line (for an exception: its type and the first line of its message), and
-    ``exception`` the exception the method raised on the failed rank, when Ray could rebuild it,
-    so that a caller can tell an error of its own domain from a broken actor by its type.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        role: str,
-        method: str,
-        ranks: list[int],
-        kind: FailureKind,
-        cause: str = "",
-        exception: BaseException | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.role = role
-        self.method = method
-        self.ranks = ranks
-        self.kind = kind
-        self.cause = cause
-        self.exception = exception
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # picklable (e.g. raised inside a Ray task), which needs all constructor arguments
-        return (type(self), (str(self), self.role, self.method, self.ranks, self.kind, self.cause, self.exception))
-
-
-class RankWorker:
-    """Base class of the role workers: one rank of its group's ``torch.distributed`` process group.
-
-    Subclasses add the role's methods (build the engine, compute log-probs, train a step)
-    and keep them thin: the math lives in ``rlhf.algos``. The process group exists only
-    after :meth:`setup_distributed`, which :class:`ActorGroup` calls right after creating
-    the actors, so build models and engines in a method, not in ``__init__``.
-    """
-
-    rank: int = 0
-    world_size: int = 1
-
-    def node_ip_and_free_port(self) -> tuple[str, int]:
-        """This node's IP address and a TCP port free on it (for rank 0's rendezvous)."""
-        import ray
-
-        from cluster.connect import free_port
-
-        return ray.util.get_node_ip_address(), free_port("")
-
-    def setup_distributed(
-        self,
-        master_addr: str,
-        master_port: int,
-        rank: int,
-        world_size: int,
-        timeout_s: float,
-        local_rank: int = 0,
-        local_world_size: int = 1,
-    ) -> None:
-        """Join the group's default process group as ``rank`` of ``world_size`` (all ranks call it together).
-
-        ``local_rank`` is this rank's index among the group's ranks on its node. An actor
-        given GPUs by Ray sees only those (``CUDA_VISIBLE_DEVICES``), so its device is 0.
-        """
-        import ray
-
-        from cluster.process_group import init_process_group
-
-        gpu_ids = ray.get_gpu_ids()
-        if gpu_ids:
-            # Ray restricts CUDA_VISIBLE_DEVICES to this actor's GPUs unless told not to
-            noset = os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES")
-            device_rank = int(gpu_ids[0]) if noset else 0
-        else:
-            device_rank = local_rank
-        os.environ.update(
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
-            RANK=str(rank),
-            WORLD_SIZE=str(world_size),
-            LOCAL_RANK=str(device_rank),
-            LOCAL_WORLD_SIZE=str(local_world_size),
-        )
-        init_process_group(timeout_s)
-        self.rank, self.world_size = rank, world_size
-
-    def pid(self) -> int:
-        """This actor's process id."""
-        return os.getpid()
-
-    def node_id(self) -> str:
-        """The Ray node this actor runs on (several nodes may share one IP address)."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
-
-@dataclass
-class Placement:
-    """A Ray placement group whose bundles one or several actor groups share.
-
-    Create one with :meth:`create`, or wrap an existing ``PlacementGroup``. Groups given a
-    placement do not remove it; whoever created it calls :meth:`remove`.
-    """
-
-    group: PlacementGroup
-
-    @classmethod
-    def create(
-        cls,
-        num_bundles: int,
-        cpus_per_bundle: float = 1.0,
-        gpus_per_bundle: float = 0.0,
-        strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK",
-        timeout_s: float = 60.0,
-    ) -> Placement:
-        """Reserve ``num_bundles`` bundles of ``{"CPU": cpus, "GPU": gpus}``; GroupError if not granted in time."""
-        import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
-
-        if num_bundles < 1:
-            raise ValueError(f"num_bundles must be at least 1, got {num_bundles}")
-        bundle: dict[str, float] = {"CPU": cpus_per_bundle}
-        if gpus_per_bundle:
-            bundle["GPU"] = gpus_per_bundle
-        group = placement_group([dict(bundle) for _ in range(num_bundles)], strategy=strategy)
-        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
-        if not ready:
-            remove_placement_group(group)
-            message = (
-                f"placement of {num_bundles} x {bundle} ({strategy}) not granted within {timeout_s:g} s; "
-                f"the cluster has {ray.available_resources()} available"
-            )
-            raise GroupError(message, role="placement", method="create", ranks=[], kind="placement")
-        return cls(group)
-
-    @property
-    def bundles(self) -> list[dict[str, float]]:
-        """The resources of each bundle."""
-        return self.group.bundle_specs
-
-    @property
-    def num_bundles(self) -> int:
-        """How many bundles the placement group holds."""
-        return len(self.group.bundle_specs)
-
-    def remove(self) -> None:
-        """Release the bundles (actors still placed on them are killed by Ray)."""
-        from ray.util.placement_group import remove_placement_group
-
-        remove_placement_group(self.group)
 
 
 @dataclass
@@ -510,61 +356,3 @@ class ActorGroup:
 
     def __exit__(self, *exc_info: object) -> None:
         self.kill()
-
-
-def _first_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else ""
-
-
-def _exception_line(traceback_text: str) -> str:
-    """The ``Type: message`` line that ends a formatted traceback (its first line when the message has several)."""
-    lines = traceback_text.splitlines()
-    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
-    for line in lines[frames[-1] + 1 :] if frames else []:
-        if line.strip() and not line[0].isspace():
-            return line.strip()
-    return _first_line(lines[-1]) if lines else ""
-
-
-def _innermost(error: BaseException) -> BaseException:
-    """The exception a remote call raised, unwrapped from Ray's ``RayTaskError`` where Ray rebuilt it."""
-    from ray.exceptions import RayTaskError
-
-    while isinstance(error, RayTaskError) and isinstance(error.cause, BaseException) and error.cause is not error:
-        error = error.cause
-    return error
-
-
-def _rebuilt(error: BaseException) -> BaseException | None:
-    """``error`` itself unless it is Ray's wrapper of an exception that could not be rebuilt."""
-    from ray.exceptions import RayTaskError
-
-    return None if isinstance(error, RayTaskError) else error
-
-
-def _root_cause(error: BaseException) -> str:
-    """``Type: first line of the message`` of an exception from :func:`_innermost`."""
-    from ray.exceptions import RayTaskError
-
-    if isinstance(error, RayTaskError):  # the cause could not be rebuilt: its traceback names it
-        return _exception_line(str(error)) or type(error).__name__
-    message = _first_line(str(error))
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__
-
-
-def _death_reason(error: BaseException) -> str:
-    """One line on why an actor died: its constructor's exception, or Ray's account of the process's end."""
-    from ray.exceptions import ActorDiedError, RayActorError
-
-    text = str(error)
-    if isinstance(error, RayActorError) and error.actor_init_failed:
-        return f"its constructor raised {_exception_line(text) or 'an exception'}"
-    details = [
-        line.strip()
-        for line in text.splitlines()
-        if line.strip() and not line.startswith("\t") and line.strip() != ActorDiedError.BASE_ERROR_MSG
-    ]
-    reason = details[0] if details else (_first_line(text) or type(error).__name__)
-    # Ray appends a paragraph of generic advice (OOM killer, ray stop, segfaults)
-    return reason.split(" Some common causes include")[0]

@@ -1,7 +1,7 @@
 """The default ``torch.distributed`` process group of a process: the one place that creates it.
 
 A Ray Train worker already has one (Ray Train sets it up); a role actor joins its group's
-(:meth:`cluster.groups.RankWorker.setup_distributed`); a plain process gets a group of one rank.
+(:meth:`cluster.rank_worker.RankWorker.setup_distributed`); a plain process gets a group of one rank.
 """
 
 from __future__ import annotations

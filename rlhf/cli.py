@@ -147,6 +147,13 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     address_help = (
         "the cluster's Jobs API (default: RAY_API_SERVER_ADDRESS, an http RAY_ADDRESS, or http://127.0.0.1:8265)"
     )
+    _add_submit_parser(sub, address_help)
+    _add_plan_parser(sub)
+    _add_jobs_parser(sub, address_help)
+
+
+def _add_submit_parser(sub: argparse._SubParsersAction, address_help: str) -> None:
+    """Add the ``submit`` subcommand: an rlhf command line run as a Ray job."""
     submit = sub.add_parser(
         "submit",
         help="run an rlhf command on a Ray cluster as a Ray job",
@@ -180,6 +187,9 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
         "rlhf_command", nargs=argparse.REMAINDER, help="-- then the rlhf command, e.g. -- sft --config FILE"
     )
 
+
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    """Add the ``plan`` subcommand: the per-GPU memory estimate of a job."""
     plan = sub.add_parser(
         "plan",
         help="per-GPU memory of every role of a job, before launching it",
@@ -197,6 +207,9 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--headroom", type=float, default=0.9, help="share of a GPU's memory to plan for (default 0.9)")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
+
+def _add_jobs_parser(sub: argparse._SubParsersAction, address_help: str) -> None:
+    """Add the ``jobs`` subcommand and its actions: list, status, logs and stop of Ray jobs."""
     jobs = sub.add_parser(
         "jobs",
         help="list, inspect, read the logs of, or stop Ray jobs",

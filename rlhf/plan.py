@@ -34,7 +34,9 @@ of its memory.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cluster.errors import UserError
@@ -257,24 +259,47 @@ def plan_job(
             )
         return shapes[model.name_or_path]
 
-    sequence = config.data.max_length
     if job != "ppo":
-        cluster = config.cluster
-        gpus = cluster.gpus_per_worker or 1
-        model = config.model
-        role = trained_role(job, shape(model), model, config.engine, cluster.num_workers, gpus, sequence)
-        if job == "dpo" and config.preference.reference == "live":
-            reference = frozen_role(
-                "reference", shape(model), cluster.num_workers, gpus, config.engine.micro_batch_size, sequence
-            )
-            role.parts["live reference weights"] = reference.parts["weights"]
-        return _check(
-            [role], [[job]], math.ceil(cluster.num_workers * gpus), nodes, gpus_per_node, gpu_memory, headroom
-        )
+        return _training_plan(config, job, shape, nodes, gpus_per_node, gpu_memory, headroom)
+    return _ppo_plan(config, shape, nodes, gpus_per_node, gpu_memory, headroom)
 
-    from rlhf.config import reward_models
+
+def _training_plan(
+    config: Any,
+    job: str,
+    shape: Callable[[Any], ModelShape],
+    nodes: int,
+    gpus_per_node: int,
+    gpu_memory: float,
+    headroom: float,
+) -> Plan:
+    """The plan of a training job (``sft``, ``rm``, ``dpo``): its one trained role on the job's workers."""
+    sequence = config.data.max_length
+    cluster = config.cluster
+    gpus = cluster.gpus_per_worker or 1
+    model = config.model
+    role = trained_role(job, shape(model), model, config.engine, cluster.num_workers, gpus, sequence)
+    if job == "dpo" and config.preference.reference == "live":
+        reference = frozen_role(
+            "reference", shape(model), cluster.num_workers, gpus, config.engine.micro_batch_size, sequence
+        )
+        role.parts["live reference weights"] = reference.parts["weights"]
+    return _check([role], [[job]], math.ceil(cluster.num_workers * gpus), nodes, gpus_per_node, gpu_memory, headroom)
+
+
+def _ppo_plan(
+    config: Any,
+    shape: Callable[[Any], ModelShape],
+    nodes: int,
+    gpus_per_node: int,
+    gpu_memory: float,
+    headroom: float,
+) -> Plan:
+    """The plan of a PPO job: its roles on their colocated GPU sets, and the rollout replicas on GPUs of their own."""
+    from rlhf.rl.config import reward_models
     from rlhf.rl.roles import colocation_sets, value_model_config
 
+    sequence = config.data.max_length
     r = config.roles
     gpus = r.gpus_per_worker or 1
     policy_shape = shape(config.policy)
@@ -288,29 +313,41 @@ def plan_job(
         roles.append(trained_role("value", shape(value), value, config.value_engine, r.value_workers, gpus, sequence))
     models = reward_models(config)  # every reward rank holds every reward model of the terms
     if models:
-        from rlhf.models.config import ModelConfig
-
-        parts: dict[str, float] = {}
-        for name, directory in models:
-            memory = frozen_role("reward", shape(ModelConfig(name_or_path=str(directory))), 1, gpus, 16, sequence)
-            for part, size in memory.parts.items():
-                # one CUDA context per rank, whatever the number of models; the rest per model
-                parts[part if len(models) == 1 or part == "CUDA context" else f"{part} ({name})"] = size
-        roles.append(RoleMemory("reward", r.reward_workers, gpus, parts))
+        roles.append(_reward_role(models, shape, r.reward_workers, gpus, sequence))
     names = [role.role for role in roles]
     sets = colocation_sets(r.colocate, names)
     counts = {role.role: role.ranks for role in roles}
     gpus_needed = math.ceil(sum(max(counts[m] for m in members) for members in sets) * gpus)
     # the rollout replicas: their own GPUs, vLLM fills them to its memory utilisation
     replica_gpus = config.rollout.num_replicas
-    replica = RoleMemory("rollout replica", config.rollout.num_replicas, 1.0, {})
+    roles.append(_rollout_replica(config.rollout.num_replicas, policy_shape, gpu_memory))
+    sets.append(["rollout replica"])
+    return _check(roles, sets, gpus_needed + replica_gpus, nodes, gpus_per_node, gpu_memory, headroom)
+
+
+def _reward_role(
+    models: list[tuple[str, Path]], shape: Callable[[Any], ModelShape], ranks: int, gpus: float, sequence: int
+) -> RoleMemory:
+    """Estimate of the reward role: every reward model on every rank, with one CUDA context per rank."""
+    from rlhf.models.config import ModelConfig
+
+    parts: dict[str, float] = {}
+    for name, directory in models:
+        memory = frozen_role("reward", shape(ModelConfig(name_or_path=str(directory))), 1, gpus, 16, sequence)
+        for part, size in memory.parts.items():
+            # one CUDA context per rank, whatever the number of models; the rest per model
+            parts[part if len(models) == 1 or part == "CUDA context" else f"{part} ({name})"] = size
+    return RoleMemory("reward", ranks, gpus, parts)
+
+
+def _rollout_replica(replicas: int, policy_shape: ModelShape, gpu_memory: float) -> RoleMemory:
+    """Estimate of a vLLM rollout replica: the policy's bf16 weights, then the KV cache vLLM fills its GPU with."""
+    replica = RoleMemory("rollout replica", replicas, 1.0, {})
     replica.parts["weights"] = 2.0 * policy_shape.parameters
     replica.parts["KV cache (the rest vLLM takes)"] = max(
         0.0, VLLM_GPU_MEMORY_UTILIZATION * gpu_memory - replica.parts["weights"]
     )
-    roles.append(replica)
-    sets.append(["rollout replica"])
-    return _check(roles, sets, gpus_needed + replica_gpus, nodes, gpus_per_node, gpu_memory, headroom)
+    return replica
 
 
 def report(plan: Plan) -> str:

@@ -153,17 +153,7 @@ def check_body(path: str, raw: bytes, limits: Limits) -> tuple[str, str | None] 
     if limits.models and model is not None and model not in limits.models:
         return f"model {_short(model)} does not exist; this endpoint serves {', '.join(limits.models)}", "model"
     chat = path.endswith("/chat/completions")
-    bounds = {
-        "max_tokens": (1, limits.max_tokens),
-        "max_completion_tokens": (1, limits.max_tokens),
-        "n": (1, limits.max_n),
-        "best_of": (1, limits.max_n),
-        "top_logprobs": (0, limits.max_logprobs),
-        "prompt_logprobs": (0, limits.max_logprobs),
-    }
-    if not chat:  # a chat request's logprobs is a boolean
-        bounds["logprobs"] = (0, limits.max_logprobs)
-    for field, (low, high) in bounds.items():
+    for field, (low, high) in _integer_bounds(limits, chat).items():
         if refused := _integer(body, field, low, high):
             return refused
     if refused := _integer(body, "min_tokens", 0, requested_max_tokens(body, limits)):
@@ -179,18 +169,41 @@ def check_body(path: str, raw: bytes, limits: Limits) -> tuple[str, str | None] 
     if body.get("structured_outputs") is not None and not isinstance(body["structured_outputs"], dict):
         return "structured_outputs must be an object", "structured_outputs"
     if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return "messages must be a non-empty list", "messages"
-        for index, message in enumerate(messages):  # vLLM reads message["role"] unchecked: a KeyError, a 500
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                return f"messages[{index}] must be an object with a string role", "messages"
-    else:
-        prompt = body.get("prompt")
-        if prompt in (None, "", []):
-            return "prompt must be a non-empty string or list", "prompt"
-        if (count := _prompt_count(prompt)) > limits.max_prompts:
-            return f"prompt may hold at most {limits.max_prompts} prompts on this endpoint, got {count}", "prompt"
+        return _check_messages(body.get("messages"))
+    return _check_prompt(body.get("prompt"), limits)
+
+
+def _integer_bounds(limits: Limits, chat: bool) -> dict[str, tuple[int, int]]:
+    """The (low, high) bounds of the integer fields of a generation request (``logprobs`` for completions only)."""
+    bounds = {
+        "max_tokens": (1, limits.max_tokens),
+        "max_completion_tokens": (1, limits.max_tokens),
+        "n": (1, limits.max_n),
+        "best_of": (1, limits.max_n),
+        "top_logprobs": (0, limits.max_logprobs),
+        "prompt_logprobs": (0, limits.max_logprobs),
+    }
+    if not chat:  # a chat request's logprobs is a boolean
+        bounds["logprobs"] = (0, limits.max_logprobs)
+    return bounds
+
+
+def _check_messages(messages: Any) -> tuple[str, str] | None:
+    """Why a chat request's ``messages`` is refused (not a non-empty list of objects with a role), or None."""
+    if not isinstance(messages, list) or not messages:
+        return "messages must be a non-empty list", "messages"
+    for index, message in enumerate(messages):  # vLLM reads message["role"] unchecked: a KeyError, a 500
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return f"messages[{index}] must be an object with a string role", "messages"
+    return None
+
+
+def _check_prompt(prompt: Any, limits: Limits) -> tuple[str, str] | None:
+    """Why a completion request's ``prompt`` is refused (empty, or more prompts than the limit), or None."""
+    if prompt in (None, "", []):
+        return "prompt must be a non-empty string or list", "prompt"
+    if (count := _prompt_count(prompt)) > limits.max_prompts:
+        return f"prompt may hold at most {limits.max_prompts} prompts on this endpoint, got {count}", "prompt"
     return None
 
 

@@ -2,8 +2,9 @@
 
 RLHF samples its rollouts from the same Ray Serve + vLLM replicas that serve the model
 (:mod:`serving.app`) and, after each policy update, loads the new weights into them.
-:func:`deploy` starts (or finds) the replicas for a run, and the :class:`RolloutDeployment` it returns undoes that;
-:class:`RolloutClient` is the building block that uses them:
+The replicas are started (or found) by :func:`serving.deploy.deploy`, and the
+:class:`~serving.deploy.RolloutDeployment` it returns undoes that; :class:`RolloutClient`
+is the building block that uses them:
 
 * :meth:`RolloutClient.generate` samples ``n`` completions per prompt and returns, per
   sample, the prompt and response token ids, vLLM's log-prob of every sampled token and
@@ -11,7 +12,7 @@ RLHF samples its rollouts from the same Ray Serve + vLLM replicas that serve the
 * :meth:`RolloutClient.sync_weights` makes every replica reload the weights saved in a
   directory (safetensors in the layout ``save_pretrained`` writes) and drop its prefix
   cache before it returns. :mod:`serving.weight_transfer` sends a trainer's weights from
-  its memory instead, driving the replicas through a :class:`ReplicaSet`.
+  its memory instead, driving the replicas through a :class:`~serving.replicas.ReplicaSet`.
 
 **Generation** goes through the ``LLMServer`` deployment's handle
 (``serve.get_deployment_handle``, the call the OpenAI ingress itself makes, with
@@ -25,20 +26,18 @@ up to ``max_concurrency`` requests are in flight at once. vLLM's own completion 
 ``return_token_ids`` and ``logprobs=0`` return the token ids and the sampled tokens'
 log-probs.
 
-The log-probs are those of the distribution the tokens were sampled from: :func:`deploy`
-starts the engines with ``logprobs_mode="processed_logprobs"`` (the log-softmax of the
-logits after temperature, top-k and top-p), so at temperature ``T`` they are what a
-trainer computes from its own logits divided by ``T`` (with ``top_p=1``). vLLM's default,
-``raw_logprobs``, would give the temperature-1 distribution whatever the sampling
-temperature. Prompt log-probs (:meth:`RolloutClient.sequence_logprobs`) are raw in both
-modes: the model's own distribution at temperature 1.
+The log-probs are those of the distribution the tokens were sampled from:
+:func:`~serving.deploy.deploy` starts the engines with ``logprobs_mode="processed_logprobs"``
+(the log-softmax of the logits after temperature, top-k and top-p), so at temperature
+``T`` they are what a trainer computes from its own logits divided by ``T`` (with
+``top_p=1``). vLLM's default, ``raw_logprobs``, would give the temperature-1 distribution
+whatever the sampling temperature. Prompt log-probs (:meth:`RolloutClient.sequence_logprobs`)
+are raw in both modes: the model's own distribution at temperature 1.
 
-**The weight sync** must reach every replica, while a handle call reaches one.
-``ray.llm``'s internal ``broadcast`` helper reaches all of them but waits without a
-timeout and cannot say which replica failed; ``DeploymentHandle.broadcast`` (alpha) has
-a timeout but returns anonymous results. So :meth:`RolloutClient.sync_weights` lists the
-RUNNING replicas from the Serve controller and calls each replica's actor directly (the
-way ``broadcast`` does), waiting for all of them with what is left of one deadline:
+**The weight sync** must reach every replica, while a handle call reaches one, so
+:meth:`RolloutClient.sync_weights` lists the RUNNING replicas from the Serve controller and
+calls each of them through a :class:`~serving.replicas.ReplicaSet` (each replica's actor
+directly, with what is left of one deadline):
 
 1. every replica checks, on its own node, that the directory holds safetensors (a
    missing path would otherwise be taken for a hub id, and a failed reload leaves the
@@ -61,11 +60,11 @@ replacement, or autoscaling) loads the deployment's original model: compare
 :meth:`RolloutClient.replicas` with the list :meth:`~RolloutClient.sync_weights`
 returned, and sync again when it changed.
 
-Ray internals used here and nowhere else (``tests/serving/test_rollout.py::
+Ray internals used here (``tests/serving/test_rollout.py::
 test_ray_internals_this_module_relies_on`` fails loudly when a Ray release moves them):
-the Serve controller's instance details (``ray.serve.context._get_global_client``),
-``ray.serve._private.common.RequestMetadata`` and the replica actor's ``handle_request``
-and ``handle_request_streaming`` entry points.
+the Serve controller's instance details (``ray.serve.context._get_global_client``, also
+used by :mod:`serving.deploy`) and ``ray.serve.llm``'s ``CompletionRequest``; the calls to
+a replica's actor are :mod:`serving.replicas`'.
 """
 
 from __future__ import annotations
@@ -73,30 +72,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pickle
 import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from cluster.errors import UserError
+from serving.deploy import _llm_deployment
+from serving.replicas import RPC_GRACE_S, Replica, ReplicaSet, RolloutError, _actor, _call_replica, _cancel, _reason
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "rlhf"
 """The application name ``rlhf serve`` deploys (:data:`serving.server.APP_NAME`)."""
-
-RPC_GRACE_S = 30.0
-"""Added to vLLM's timeout of a ``collective_rpc`` beyond the caller's deadline (see :meth:`ReplicaSet.rpc_each`)."""
-
-RESUME_GRACE_S = 10.0
-"""Time allowed for ``resume`` after a sync that ran out of time, so no replica stays paused."""
-
-
-class RolloutError(UserError, RuntimeError):
-    """A rollout or a weight sync that failed or timed out; the message names the deployment or replicas."""
 
 
 @dataclass(frozen=True)
@@ -114,19 +102,6 @@ class Sample:
     finish_reason: str
     """``"stop"`` (EOS, a stop token or string), ``"length"`` (``max_tokens`` reached) or ``"abort"``."""
     text: str
-
-
-@dataclass(frozen=True)
-class Replica:
-    """One running replica of the LLMServer deployment."""
-
-    replica_id: str
-    actor_name: str
-    pid: int | None = None
-    node_ip: str | None = None
-
-    def __str__(self) -> str:
-        return f"replica {self.replica_id} (pid {self.pid} on {self.node_ip})"
 
 
 class RolloutClient:
@@ -376,122 +351,6 @@ class RolloutClient:
         return ReplicaSet(self.app_name, self._where, tuple(replicas), timeout_s)
 
 
-@dataclass(frozen=True)
-class ReplicaSet:
-    """Calls to every one of a fixed set of replicas at once, each set of calls with one deadline.
-
-    Picklable, so the trainer's rank 0 can drive the replicas itself during a weight
-    transfer (:class:`ReplicaWeightSync`). A replica that fails or does not answer in time
-    is named in the :class:`RolloutError`; pending calls are cancelled.
-    """
-
-    app_name: str
-    where: str
-    replicas: tuple[Replica, ...]
-    timeout_s: float
-
-    def deadline(self, timeout_s: float | None = None) -> float:
-        """The monotonic time ``timeout_s`` (default: the set's timeout) from now."""
-        return time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-
-    def call_each(
-        self, method: str, kwargs: dict, deadline: float | None = None, timeout_s: float | None = None
-    ) -> dict[Replica, Any]:
-        """``LLMServer.<method>(**kwargs)`` on every replica at once; their results by replica."""
-        return self.on_each(
-            lambda replica: _call_replica(replica, self.app_name, method, kwargs=kwargs), method, deadline, timeout_s
-        )
-
-    def rpc_each(self, method: str, kwargs_per_replica: list[dict] | dict | None = None) -> None:
-        """vLLM's ``collective_rpc(method, kwargs)`` on every worker of every replica, within the timeout.
-
-        ``kwargs_per_replica`` is one dict for all or a list with one per replica.
-        """
-        deadline = self.deadline()
-        per = (
-            kwargs_per_replica
-            if isinstance(kwargs_per_replica, list)
-            else [kwargs_per_replica or {}] * len(self.replicas)
-        )
-        calls = dict(zip(self.replicas, per, strict=True))
-
-        def send(replica: Replica) -> Any:
-            # vLLM's own timeout comes after ours and after the workers' (which they are given as the same
-            # timeout): if it fired while a worker was still busy, the worker's late answer would be taken for
-            # the answer to the engine's next call
-            timeout = max(1.0, deadline - time.monotonic()) + RPC_GRACE_S
-            rpc = {"method": method, "kwargs": calls[replica], "timeout": timeout}
-            return _call_replica(replica, self.app_name, "collective_rpc", kwargs=rpc)
-
-        self.on_each(send, method, deadline, self.timeout_s)
-
-    def resume(self, deadline: float) -> None:
-        """Resume every replica (given a few seconds even when the deadline has passed)."""
-        deadline = max(deadline, time.monotonic() + RESUME_GRACE_S)
-        self.call_each("resume", {}, deadline, deadline - time.monotonic())
-
-    def resume_quietly(self, deadline: float | None = None) -> None:
-        """:meth:`resume` after a failure: logs what goes wrong instead of hiding the first error."""
-        try:
-            self.resume(self.deadline(0.0) if deadline is None else deadline)
-        except RolloutError as exc:
-            log.error("%s", exc)
-
-    def on_each(
-        self,
-        send: Callable[[Replica], Any],
-        what: str,
-        deadline: float | None = None,
-        timeout_s: float | None = None,
-    ) -> dict[Replica, Any]:
-        """Send one call to every replica and wait for all answers until ``deadline``; name the failures."""
-        import ray
-
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        deadline = self.deadline(timeout_s) if deadline is None else deadline
-        calls: dict[Any, Replica] = {}
-        failures = []
-        for replica in self.replicas:
-            try:
-                calls[send(replica)] = replica
-            except ValueError as exc:  # ray.get_actor: the replica's actor is gone
-                failures.append(f"{replica}: {exc}")
-        ready, pending = [], []
-        if calls:
-            remaining = max(0.0, deadline - time.monotonic())
-            ready, pending = ray.wait(list(calls), num_returns=len(calls), timeout=remaining)
-        for ref in pending:
-            ray.cancel(ref)
-            failures.append(f"{calls[ref]}: no answer within the {timeout_s:.1f} s timeout")
-        results = {}
-        for ref in ready:
-            try:
-                results[calls[ref]] = ray.get(ref)
-            except Exception as exc:
-                failures.append(f"{calls[ref]}: {_reason(exc)}")
-        if failures:
-            raise RolloutError(
-                f"{what} failed on {len(failures)} of {len(self.replicas)} replicas of {self.where}: "
-                + "; ".join(failures)
-            )
-        return results
-
-
-def _llm_deployment(app_name: str, model: str) -> str:
-    """The name of the deployment serving ``model`` in ``app_name`` (``LLMServer:<model id>``)."""
-    from ray import serve
-
-    applications = serve.status().applications
-    if app_name not in applications:
-        raise RolloutError(f"no Serve application {app_name!r} is running (running: {sorted(applications)})")
-    names = list(applications[app_name].deployments)
-    suffix = ":" + model.replace("/", "--").replace(".", "_")  # how ray.serve.llm names the deployment
-    matches = [name for name in names if name.endswith(suffix)]
-    if len(matches) != 1:
-        raise RolloutError(f"application {app_name!r} has no single deployment for model {model!r} (has {names})")
-    return matches[0]
-
-
 def _prompt(prompt: Sequence[int] | str, index: int) -> list[int] | str:
     if isinstance(prompt, str):
         if not prompt:
@@ -524,141 +383,3 @@ def _weights_problem(_actor: Any, directory: str) -> str | None:
     if not any(path.glob("*.safetensors")):
         return f"{directory} holds no *.safetensors files"
     return None
-
-
-def _actor(replica: Replica) -> Any:
-    import ray
-
-    return ray.get_actor(replica.actor_name, namespace="serve")
-
-
-def _call_replica(
-    replica: Replica, app_name: str, method: str, args: tuple = (), kwargs: dict | None = None, stream: bool = False
-) -> Any:
-    """Call ``LLMServer.<method>(*args, **kwargs)`` on this replica, bypassing the router (as ``broadcast`` does).
-
-    Returns an ObjectRef, or for ``stream=True`` (methods that return a generator) an
-    ObjectRefGenerator.
-    """
-    from ray.serve._private.common import RequestMetadata
-
-    request_id = f"rollout-{uuid.uuid4()}"
-    metadata = RequestMetadata(
-        request_id=request_id,
-        internal_request_id=request_id,
-        call_method=method,
-        app_name=app_name,
-        is_streaming=stream,
-    )
-    actor = _actor(replica)
-    entry = actor.handle_request_streaming.options(num_returns="streaming") if stream else actor.handle_request
-    return entry.remote(pickle.dumps(metadata), *args, **(kwargs or {}))
-
-
-def _cancel(responses: Any) -> None:
-    """Cancel a handle response generator or an ObjectRefGenerator, best effort."""
-    import ray
-
-    try:
-        if hasattr(responses, "cancel"):
-            responses.cancel()
-        else:
-            ray.cancel(responses)
-    except Exception as exc:  # cancelling is a courtesy to the replica; the caller's error is what matters
-        log.debug("could not cancel a request: %s", exc)
-
-
-def _reason(exc: BaseException) -> str:
-    """One line saying why: a RayTaskError's text ends with the replica's own ``Type: message``."""
-    import ray
-
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return lines[-1] if isinstance(exc, ray.exceptions.RayTaskError) else f"{type(exc).__name__}: {lines[-1]}"
-
-
-@dataclass(frozen=True)
-class RolloutDeployment:
-    """A rollout application as :func:`deploy` left it running; :meth:`release` undoes what it did.
-
-    ``how`` is ``"reused"`` (an application of that name was running already: it is used as it is,
-    the caller syncs its weights before generating), ``"deployed"`` (on the running Serve instance)
-    or ``"started"`` (Serve itself was started for it, without HTTP proxies: rollouts go through the
-    deployment handle). ``transfer_backend`` is the weight-transfer backend of the device the
-    replicas run on (``nccl`` on GPUs, ``gloo`` on CPUs), decided once here.
-    """
-
-    app_name: str
-    how: Literal["reused", "deployed", "started"]
-    transfer_backend: str
-
-    def release(self, wait: bool = True) -> None:
-        """Delete the application if :func:`deploy` deployed it (``"reused"``: nothing).
-
-        When :func:`deploy` started Serve for it, Serve is shut down too, unless other applications
-        (another run's) run on it now. ``wait=False`` (a run that failed or is being stopped) only
-        has the deletion accepted by Serve's controller, which carries it out on its own: a stopped
-        driver may be killed a few seconds later.
-        """
-        from ray import serve
-
-        if self.how == "reused":
-            return
-        serve.delete(self.app_name, _blocking=wait)
-        others = serve.status().applications  # also makes sure the controller has the deletion before we go on
-        if wait and self.how == "started" and not set(others) - {self.app_name}:
-            serve.shutdown()
-
-
-def deploy(config: Any, app_name: str, timeout_s: float = 600.0, weight_transfer: bool = False) -> RolloutDeployment:
-    """Make sure ``app_name`` runs the LLMServer replicas of ``config`` (a ``ServeConfig``).
-
-    Only the model deployment is deployed, without the OpenAI ingress or an HTTP route.
-    ``weight_transfer`` starts the engines with vLLM's weight-transfer backend
-    (:mod:`serving.weight_transfer`). Call :meth:`RolloutDeployment.release` at the end. Raises
-    :class:`RolloutError` when the application fails to deploy or is not running within
-    ``timeout_s``.
-    """
-    from ray import serve
-    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
-    from ray.serve.context import _get_global_client
-
-    from serving.app import llm_config, validate
-    from serving.backends import backend, on_gpu
-
-    validate(config)
-    gpu = on_gpu()
-    deployment = RolloutDeployment(app_name, "deployed", backend(gpu))
-    if _get_global_client(raise_if_no_controller_running=False) is None:
-        serve.start(proxy_location="Disabled")
-        deployment = RolloutDeployment(app_name, "started", backend(gpu))
-    elif app_name in serve.status().applications:
-        return RolloutDeployment(app_name, "reused", backend(gpu))
-    llm = llm_config(config, gpu=gpu, weight_transfer=weight_transfer)
-    # the sampled tokens' log-probs in the distribution they were sampled from (temperature applied), which is what
-    # the trainer's log-probs are compared with and corrected towards
-    llm.engine_kwargs["logprobs_mode"] = "processed_logprobs"
-    # a step sends hundreds of requests: no access-log line per request
-    llm.deployment_config["logging_config"] = {"enable_access_log": False}
-    try:
-        serve.run(build_llm_deployment(llm), name=app_name, route_prefix=None, blocking=False)
-        deadline = time.monotonic() + timeout_s
-        status = None
-        while time.monotonic() < deadline:
-            status = serve.status().applications.get(app_name)
-            if status is not None and status.status == "RUNNING":
-                return deployment
-            if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                message = (status.message or "").strip().splitlines()
-                raise RolloutError(
-                    f"rollout application {app_name!r} failed to deploy: {message[-1] if message else '?'}"
-                )
-            time.sleep(1.0)
-        raise RolloutError(
-            f"rollout application {app_name!r} was not running within {timeout_s:.0f} s "
-            f"(last status: {getattr(status, 'status', 'not deployed')})"
-        )
-    except BaseException:  # a failure, or a stop (SIGTERM, Ctrl-C) while the replicas start: nothing is left behind
-        deployment.release(wait=False)
-        raise

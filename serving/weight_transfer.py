@@ -4,7 +4,7 @@ The file path (:meth:`serving.rollout.RolloutClient.sync_weights`) writes safete
 makes each replica reload them. This path sends the tensors instead, with vLLM's
 weight-transfer API: on GPUs over NCCL (vLLM's ``"nccl"`` backend), on CPUs over gloo
 (:mod:`serving.gloo_transfer`, registered as ``"gloo"``). The replicas must be deployed
-with the backend in their engine arguments (``serving.rollout.deploy(...,
+with the backend in their engine arguments (``serving.deploy.deploy(...,
 weight_transfer=True)``); the trainer's rank 0 then opens one process group with every
 worker of every replica and, after each update, broadcasts the weights into it.
 
@@ -29,7 +29,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from serving.rollout import ReplicaSet, RolloutError
+from serving.replicas import ReplicaSet, RolloutError
 
 log = logging.getLogger(__name__)
 

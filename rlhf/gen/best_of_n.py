@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from rlhf.gen.config import BestOfNConfig
@@ -37,12 +38,10 @@ def run(config: BestOfNConfig) -> dict[str, Any]:
     from cluster.connect import connect
     from rlhf.gen.common import (
         Dropped,
-        answer,
         build_prompts,
         deduplicate,
         prepare_output,
         prompt_text,
-        provenance,
         read_rows,
         release_output,
         sample_and_judge,
@@ -62,41 +61,68 @@ def run(config: BestOfNConfig) -> dict[str, Any]:
         chosen = select(prompts, samples, scores, config, dropped)
         texts = [prompt_text(prompts[p]) + "\n" + samples[p][j] for p, j, _ in chosen]
         chosen = [chosen[i] for i in deduplicate(texts, config.filter, dropped)]
-        scored = [x for per_prompt in scores for x in per_prompt if x is not None]
-        out = [
-            {
-                "prompt": prompts[p],
-                "completion": answer(prompts[p], samples[p][j]),
-                "provenance": provenance(
-                    "best-of-n",
-                    model=config.model,
-                    source={"path": config.data.path, "split": config.data.split, "row": p},
-                    judge=describe,
-                    score=score,
-                    rank=sorted((x for x in scores[p] if x is not None), reverse=True).index(score) + 1,
-                    scores=scores[p],
-                    n=config.sampling.n,
-                    sample=j,
-                    seed=config.sampling.seed,
-                ),
-            }
-            for p, j, score in chosen
-        ]
-        summary: dict[str, Any] = {
-            "output": str(output_dir / "data.jsonl"),
-            "prompts": len(prompts),
-            "rows": len(out),
-            "mean_score_all": sum(scored) / max(len(scored), 1),
-            "mean_score_kept": sum(score for _, _, score in chosen) / max(len(chosen), 1),
-            "dropped": dict(dropped.reasons),
-            "seconds": round(time.perf_counter() - started, 2),
-        }
+        out = _dataset_rows(config, prompts, samples, scores, chosen, describe)
+        summary = _summary(output_dir, prompts, scores, chosen, out, dropped, started)
         data = write_dataset(output_dir, out, {**summary, "config": configtree.to_dict(config)})
         if config.finetune:
             summary["sft"] = finetune(config, str(data), output_dir / "sft")
     finally:
         release_output(output_dir)
     return summary
+
+
+def _dataset_rows(
+    config: BestOfNConfig,
+    prompts: list[Any],
+    samples: list[list[str]],
+    scores: list[list[float | None]],
+    chosen: list[tuple[int, int, float]],
+    describe: str,
+) -> list[dict[str, Any]]:
+    """The SFT rows of the kept responses: prompt, completion and provenance (judge, score, rank, seed)."""
+    from rlhf.gen.common import answer, provenance
+
+    return [
+        {
+            "prompt": prompts[p],
+            "completion": answer(prompts[p], samples[p][j]),
+            "provenance": provenance(
+                "best-of-n",
+                model=config.model,
+                source={"path": config.data.path, "split": config.data.split, "row": p},
+                judge=describe,
+                score=score,
+                rank=sorted((x for x in scores[p] if x is not None), reverse=True).index(score) + 1,
+                scores=scores[p],
+                n=config.sampling.n,
+                sample=j,
+                seed=config.sampling.seed,
+            ),
+        }
+        for p, j, score in chosen
+    ]
+
+
+def _summary(
+    output_dir: Path,
+    prompts: list[Any],
+    scores: list[list[float | None]],
+    chosen: list[tuple[int, int, float]],
+    out: list[dict[str, Any]],
+    dropped: Any,
+    started: float,
+) -> dict[str, Any]:
+    """The run's summary: prompts, rows kept, mean score of all and of the kept, drops, seconds since ``started``."""
+    scored = [x for per_prompt in scores for x in per_prompt if x is not None]
+    return {
+        "output": str(output_dir / "data.jsonl"),
+        "prompts": len(prompts),
+        "rows": len(out),
+        "mean_score_all": sum(scored) / max(len(scored), 1),
+        "mean_score_kept": sum(score for _, _, score in chosen) / max(len(chosen), 1),
+        "dropped": dict(dropped.reasons),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 def finetune(config: BestOfNConfig, data: str, output_dir: Any) -> dict[str, Any]:

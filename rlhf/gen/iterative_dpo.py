@@ -47,7 +47,7 @@ def draw(num_prompts: int, per_round: int, round_index: int, seed: int) -> list[
 def run(config: IterativeDPOConfig) -> dict[str, Any]:
     """Run the rounds; return a summary with the judged win rate against the start after each."""
     from cluster.connect import connect
-    from rlhf.gen.common import Dropped, build_prompts, prepare_output, read_rows, release_output
+    from rlhf.gen.common import build_prompts, prepare_output, read_rows, release_output
     from rlhf.gen.judges import check_judge, open_judge
     from rlhf.gen.metrics import pairwise_outcome, win_rate
     from rlhf.gen.sampler import Sampler
@@ -74,18 +74,8 @@ def run(config: IterativeDPOConfig) -> dict[str, Any]:
             start_answers = _answers(sampler, eval_ids, "start policy answers")
             for round_index in range(1, config.rounds + 1):
                 round_dir = output_dir / f"round-{round_index}"
-                picks = draw(len(prompts), config.prompts_per_round, round_index, config.sampling.seed)
-                dropped = Dropped()
-                data = _judged_pairs(
-                    config,
-                    sampler,
-                    judge,
-                    policy,
-                    [prompts[i] for i in picks],
-                    [prompt_ids[i] for i in picks],
-                    picks,
-                    round_dir,
-                    dropped,
+                data, dropped = _round_pairs(
+                    config, sampler, judge, policy, prompts, prompt_ids, round_index, round_dir
                 )
                 result = dpo(_dpo_config(config, policy, data, round_dir / "dpo"))
                 policy = result["final_model"]
@@ -93,32 +83,79 @@ def run(config: IterativeDPOConfig) -> dict[str, Any]:
                 answers = _answers(sampler, eval_ids, f"round {round_index} answers")
                 margins = judge.compare(eval_prompts, answers, start_answers)
                 outcomes = [pairwise_outcome(m, 0.0) for m in margins if m is not None]
-                rate, low, high = win_rate(outcomes) if outcomes else (float("nan"),) * 3
-                history.append(
-                    {
-                        "round": round_index,
-                        "pairs": len(data.read_text().splitlines()),
-                        "dropped": dict(dropped.reasons),
-                        "policy": policy,
-                        "win_rate": rate,
-                        "win_rate_low": low,
-                        "win_rate_high": high,
-                        "judged": len(outcomes),
-                        "unjudged": len(margins) - len(outcomes),
-                        "dpo_loss_first": result.get("first_loss"),
-                        "dpo_loss_last": result.get("last_loss"),
-                    }
-                )
-                print(
-                    f"round {round_index}: {history[-1]['pairs']} pairs, win rate vs start {rate:.3f} [{low:.3f}, {high:.3f}]",
-                    flush=True,
-                )
+                interval = win_rate(outcomes) if outcomes else (float("nan"),) * 3
+                history.append(_round_record(round_index, data, dropped, policy, margins, outcomes, interval, result))
+                print(_round_line(history[-1]), flush=True)
         summary = {"output_dir": str(output_dir), "final_model": policy, "rounds": history, "judge": judge.describe}
         write_json(output_dir / "summary.json", summary, indent=2)
         _plot(history, output_dir / "win_rate.png")
     finally:
         release_output(output_dir)
     return summary
+
+
+def _round_pairs(
+    config: IterativeDPOConfig,
+    sampler: Any,
+    judge: Any,
+    policy: str,
+    prompts: list[Any],
+    prompt_ids: list[list[int]],
+    round_index: int,
+    round_dir: Path,
+) -> tuple[Path, Any]:
+    """Draw a round's prompts and write their judged pairs; the dataset's path and the drops."""
+    from rlhf.gen.common import Dropped
+
+    picks = draw(len(prompts), config.prompts_per_round, round_index, config.sampling.seed)
+    dropped = Dropped()
+    data = _judged_pairs(
+        config,
+        sampler,
+        judge,
+        policy,
+        [prompts[i] for i in picks],
+        [prompt_ids[i] for i in picks],
+        picks,
+        round_dir,
+        dropped,
+    )
+    return data, dropped
+
+
+def _round_record(
+    round_index: int,
+    data: Path,
+    dropped: Any,
+    policy: str,
+    margins: list[float | None],
+    outcomes: list[float],
+    interval: tuple[float, float, float],
+    result: dict[str, Any],
+) -> dict[str, Any]:
+    """A round's entry of the summary: its pairs and drops, the new policy, its win rate vs start, the DPO losses."""
+    rate, low, high = interval
+    return {
+        "round": round_index,
+        "pairs": len(data.read_text().splitlines()),
+        "dropped": dict(dropped.reasons),
+        "policy": policy,
+        "win_rate": rate,
+        "win_rate_low": low,
+        "win_rate_high": high,
+        "judged": len(outcomes),
+        "unjudged": len(margins) - len(outcomes),
+        "dpo_loss_first": result.get("first_loss"),
+        "dpo_loss_last": result.get("last_loss"),
+    }
+
+
+def _round_line(record: dict[str, Any]) -> str:
+    """The progress line of a round's entry: its pairs and its win rate vs start with the interval."""
+    return (
+        f"round {record['round']}: {record['pairs']} pairs, win rate vs start {record['win_rate']:.3f} "
+        f"[{record['win_rate_low']:.3f}, {record['win_rate_high']:.3f}]"
+    )
 
 
 def _answers(sampler: Any, prompt_ids: list[list[int]], description: str) -> list[str]:

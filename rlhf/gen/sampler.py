@@ -25,7 +25,7 @@ from rlhf.data.formats import Text
 from rlhf.gen.config import SamplingConfig
 
 if TYPE_CHECKING:
-    from serving.rollout import RolloutDeployment
+    from serving.deploy import RolloutDeployment
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,10 @@ class Sampler:
     def __enter__(self) -> Sampler:
         from rlhf.models.config import ModelConfig
         from rlhf.models.loading import load_tokenizer, resolve
-        from serving import rollout
         from serving.config import ServeConfig
+        from serving.deploy import deploy
+        from serving.replicas import RolloutError
+        from serving.rollout import RolloutClient
 
         s = self.sampling
         path = resolve(self.model)
@@ -79,12 +81,12 @@ class Sampler:
             max_model_len=s.max_model_len,
             max_tokens_limit=s.max_model_len,
         )
-        self._deployment = rollout.deploy(config, self.app_name, timeout_s=s.timeout_s)
+        self._deployment = deploy(config, self.app_name, timeout_s=s.timeout_s)
         try:
-            self._client = rollout.RolloutClient(MODEL_NAME, app_name=self.app_name)
+            self._client = RolloutClient(MODEL_NAME, app_name=self.app_name)
             if self._deployment.how == "reused":
                 if not Path(path).is_dir():
-                    raise rollout.RolloutError(
+                    raise RolloutError(
                         f"Serve application {self.app_name!r} is running already and {self.model} is not a local "
                         "directory whose weights could be loaded into it: set sampling.app_name to a free name"
                     )

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlhf import seeds
-from rlhf.config import PPOConfig
 from rlhf.jobs.runner import JobError
 from rlhf.rl.checkpoint import checkpoint, latest_checkpoint, restore
+from rlhf.rl.config import PPOConfig
 from rlhf.rl.preflight import Prepared, prepare
 from rlhf.rl.prompts import prompts_for_step
 from rlhf.rl.replicas import POLICY_MODEL_NAME, deploy_rollouts, sync_weights
@@ -144,7 +144,7 @@ class Run:
 
     def train(self) -> None:
         """The steps up to ``train.max_steps``; a role group that died or hung is rebuilt from the last checkpoint."""
-        from cluster.groups import GroupError
+        from cluster.group_errors import GroupError
 
         while self.step < self.config.train.max_steps:
             try:
@@ -221,7 +221,7 @@ def run(config: PPOConfig) -> dict[str, Any]:
     waiting, since ``rlhf jobs stop`` kills a driver 3 s after its SIGTERM.
     """
     from cluster.connect import connect
-    from cluster.groups import GroupError
+    from cluster.group_errors import GroupError
     from rlhf.jobs.progress import RunLog
     from rlhf.jobs.rundir import run_app_name, unlock_run_directory
     from serving.rollout import RolloutClient

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import DPOConfig, PPOConfig, RMConfig, SFTConfig
+from rlhf.config import DPOConfig, RMConfig, SFTConfig
 from rlhf.gen.config import BestOfNConfig, EvalConfig, GenerateConfig, IterativeDPOConfig, SynthConfig
+from rlhf.rl.config import PPOConfig
 from serving.config import ServeConfig
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "configs"

@@ -105,11 +105,7 @@ def run_training(
                 checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
             ),
         )
-        metrics_path = output_dir / "metrics.jsonl"
-        if storage.latest_checkpoint_step(name) is None:  # a fresh run; a resumed one appends
-            metrics_path.unlink(missing_ok=True)
-        elif storage.remote:
-            storage.download(metrics_path, "metrics.jsonl")
+        _prepare_metrics(storage, output_dir, name)
         try:
             with ProgressMonitor(sink, output_dir, total_steps, name) as monitor:
                 try:
@@ -117,13 +113,27 @@ def run_training(
                 except Exception as exc:
                     raise JobError(f"{name} failed: {_root_cause(exc)}") from exc
         finally:
-            if storage.remote:
-                for artefact in ("config.yaml", "metrics.jsonl", "curves.png", "tensorboard"):
-                    if (output_dir / artefact).exists():
-                        storage.upload(output_dir / artefact, artefact)
+            _upload_artefacts(storage, output_dir)
     finally:
         release_output_dir(storage)
     return monitor.records
+
+
+def _prepare_metrics(storage: RunStorage, output_dir: Path, name: str) -> None:
+    """Delete a fresh run's old ``metrics.jsonl``, or download the remote one a resumed run appends to."""
+    metrics_path = output_dir / "metrics.jsonl"
+    if storage.latest_checkpoint_step(name) is None:  # a fresh run; a resumed one appends
+        metrics_path.unlink(missing_ok=True)
+    elif storage.remote:
+        storage.download(metrics_path, "metrics.jsonl")
+
+
+def _upload_artefacts(storage: RunStorage, output_dir: Path) -> None:
+    """Upload the run's config, metrics, curves and TensorBoard logs from ``output_dir`` when the storage is remote."""
+    if storage.remote:
+        for artefact in ("config.yaml", "metrics.jsonl", "curves.png", "tensorboard"):
+            if (output_dir / artefact).exists():
+                storage.upload(output_dir / artefact, artefact)
 
 
 def check_resume(config: Any, name: str, total_steps: int) -> int | None:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import PPOConfig
 from rlhf.jobs.runner import JobError
+from rlhf.rl.config import PPOConfig
 
 
 def check_config(config: PPOConfig) -> None:
@@ -42,7 +42,7 @@ def check_reward(config: PPOConfig, row: dict) -> str:
     """Build each reward source once in the driver and score one pair of ``row`` (a training prompt as the data
     holds it, a string or messages, with its other columns, as the reward will get them), so a wrong path, a down
     endpoint or a column the function needs and the data lacks fails now. Returns the reward's description."""
-    from rlhf.config import reward_terms
+    from rlhf.rl.config import reward_terms
     from rlhf.rl.rewards import RewardError, make_reward, parse_reward, reward_model_config
 
     key = "rewards" if config.rewards else "reward"

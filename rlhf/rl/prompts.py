@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from rlhf import seeds
 
 if TYPE_CHECKING:
-    from rlhf.config import PPOConfig
+    from rlhf.rl.config import PPOConfig
 
 EVAL_PROMPTS = 64
 """The most held-out prompts an evaluation samples (one response each)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from rlhf.config import PPOConfig
+    from rlhf.rl.config import PPOConfig
     from rlhf.rl.roles import Roles
 
 POLICY_MODEL_NAME = "policy"
@@ -15,10 +15,10 @@ POLICY_MODEL_NAME = "policy"
 
 def deploy_rollouts(config: PPOConfig, app_name: str) -> Any:
     """Deploy (or, with a name the user gave, find) the policy's rollout replicas as the Serve application
-    ``app_name``; the :class:`serving.rollout.RolloutDeployment` to release at the end."""
+    ``app_name``; the :class:`serving.deploy.RolloutDeployment` to release at the end."""
     from rlhf.models.loading import resolve
     from serving.config import ServeConfig
-    from serving.rollout import deploy
+    from serving.deploy import deploy
 
     r = config.rollout
     serve_config = ServeConfig(
@@ -43,8 +43,8 @@ def sync_weights(roles: Roles, rollout: Any, deployment: Any, weights_dir: Path,
     on first use and again when the replicas change); ``files`` writes them to ``weights_dir``
     for every replica to reload.
     """
-    from cluster.groups import GroupError
-    from serving.rollout import RolloutError
+    from cluster.group_errors import GroupError
+    from serving.replicas import RolloutError
     from serving.weight_transfer import ReplicaWeightSync
 
     r = config.rollout

@@ -22,10 +22,11 @@ from rlhf.rl.experience import Experience, split_rows
 from rlhf.rl.workers import PolicyWorker, ReferenceWorker, RewardWorker, ValueWorker
 
 if TYPE_CHECKING:
-    from cluster.groups import ActorGroup, PendingCall, Placement
+    from cluster.groups import ActorGroup, PendingCall
+    from cluster.placement import Placement
     from rlhf.algos.objective import PolicyObjective
-    from rlhf.config import PPOConfig, Role
     from rlhf.models.config import EngineConfig, ModelConfig
+    from rlhf.rl.config import PPOConfig, Role
 
 REWARD_GRACE_S = 30.0
 """How much longer than ``reward_timeout_s`` the driver waits for the reward ranks (which enforce that deadline
@@ -184,7 +185,7 @@ class PendingScores:
     def result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The scores of all ranks in order; a reward that did not answer in time is a
         :class:`~rlhf.rl.rewards.RewardTimeoutError` naming it (its ranks are killed with the run's groups)."""
-        from cluster.groups import GroupError
+        from cluster.group_errors import GroupError
         from rlhf.rl.rewards import RewardTimeoutError
 
         try:
@@ -282,8 +283,8 @@ def colocation_sets(colocate: str, roles: list[str]) -> list[list[str]]:
 
 def value_model_config(config: PPOConfig) -> ModelConfig:
     """The value model: ``config.value``, else the reward model when the reward is one, else the policy."""
-    from rlhf.config import reward_models
     from rlhf.models.config import ModelConfig
+    from rlhf.rl.config import reward_models
 
     if config.value is not None:
         return config.value
@@ -309,7 +310,8 @@ WORKERS = {"policy": PolicyWorker, "reference": ReferenceWorker, "value": ValueW
 
 def _place(config: PPOConfig, placements: list[Placement]) -> dict[Role, ActorGroup]:
     """Reserve each colocation set's placement (appended to ``placements``) and start its groups' actors."""
-    from cluster.groups import ActorGroup, Placement
+    from cluster.groups import ActorGroup
+    from cluster.placement import Placement
 
     r, counts = config.roles, role_counts(config)
     groups: dict[Role, ActorGroup] = {}
@@ -340,8 +342,8 @@ def _place(config: PPOConfig, placements: list[Placement]) -> dict[Role, ActorGr
 
 def build_roles(config: PPOConfig) -> Roles:
     """Place and start the role groups, then load their models (all groups at once)."""
-    from rlhf.config import reward_terms
     from rlhf.jobs.rundir import scrub
+    from rlhf.rl.config import reward_terms
 
     r, algorithm = config.roles, config.algorithm
     placements: list[Placement] = []

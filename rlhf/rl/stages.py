@@ -20,7 +20,7 @@ from rlhf.rl.batching import UpdateSchedule
 from rlhf.rl.experience import Experience
 
 if TYPE_CHECKING:
-    from rlhf.config import PPOConfig
+    from rlhf.rl.config import PPOConfig
     from rlhf.rl.roles import PendingScores, Roles
 
 

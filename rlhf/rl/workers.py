@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cluster.groups import RankWorker
+from cluster.rank_worker import RankWorker
 from rlhf import seeds
 from rlhf.algos.objective import PolicyObjective
 

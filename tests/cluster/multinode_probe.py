@@ -17,8 +17,8 @@ def main(model_dir: str) -> None:
     from ray.cluster_utils import Cluster
 
     from cluster import configtree
-    from cluster.groups import RankWorker
-    from rlhf.config import PPOConfig
+    from cluster.rank_worker import RankWorker
+    from rlhf.rl.config import PPOConfig
     from rlhf.rl.roles import build_roles
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.groups import ActorGroup, GroupError, Placement, RankWorker
+from cluster.group_errors import GroupError
+from cluster.groups import ActorGroup
+from cluster.placement import Placement
+from cluster.rank_worker import RankWorker
 
 # a call's deadline is exact; what the slack covers is the driver noticing it on a busy machine
 SLACK_S = 3.0

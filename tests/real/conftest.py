@@ -1,7 +1,7 @@
 """The real tier: SmolLM2-135M-Instruct (converted once from its packaged GGUF file) on a real vLLM replica.
 
 One rollout application of the real model serves the package's tests; it is deployed as ``rlhf ppo``
-deploys its replicas (serving.rollout.deploy, the engine defaults of this device). Serve runs with its
+deploys its replicas (serving.deploy.deploy, the engine defaults of this device). Serve runs with its
 HTTP proxy on a free port of 127.0.0.1, so the endpoint tests can add an OpenAI application next to it.
 """
 
@@ -36,7 +36,7 @@ def serve_port(ray_cluster) -> int:
 def smollm2_app(serve_port: int, smollm2_dir: Path):
     """A replica of SmolLM2 with the weight-transfer backend, as rlhf ppo deploys one; yields its application name."""
     from serving.config import ServeConfig
-    from serving.rollout import deploy
+    from serving.deploy import deploy
 
     config = ServeConfig(
         model=str(smollm2_dir), model_name="policy", max_model_len=MAX_MODEL_LEN, max_tokens_limit=MAX_MODEL_LEN

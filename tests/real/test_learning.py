@@ -28,8 +28,8 @@ TASK = (
 
 
 def test_grpo_raises_held_out_accuracy_on_an_arithmetic_task(smollm2_app: str, tmp_path: Path) -> None:
-    from rlhf.config import PPOConfig
     from rlhf.jobs import ppo
+    from rlhf.rl.config import PPOConfig
 
     overrides = [f"train.output_dir={tmp_path}", f"rollout.app_name={smollm2_app}", f"train.max_steps={GRPO_STEPS}"]
     config = configtree.load(PPOConfig, EXAMPLES_DIR / "grpo_arithmetic.yaml", overrides)
@@ -83,8 +83,8 @@ def test_a_lora_policy_of_a_tied_model_reaches_the_replicas_after_every_step(
     """
     from transformers import AutoTokenizer
 
-    from rlhf.config import PPOConfig
     from rlhf.jobs import ppo
+    from rlhf.rl.config import PPOConfig
     from serving.rollout import RolloutClient
     from tests.rl.test_ppo import transformers_logprobs
 

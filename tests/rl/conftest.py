@@ -47,7 +47,7 @@ def rollout_app(ray_cluster, sft_policy: Path):
     from ray import serve
 
     from serving.config import ServeConfig
-    from serving.rollout import deploy
+    from serving.deploy import deploy
 
     config = ServeConfig(
         model=str(sft_policy), model_name="policy", max_model_len=MAX_MODEL_LEN, max_tokens_limit=MAX_MODEL_LEN

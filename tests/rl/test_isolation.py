@@ -34,8 +34,8 @@ JOB_STOP_WAIT_S = 3  # Ray's job supervisor: SIGKILL this long after the SIGTERM
 
 def ppo_config(policy: Path, output_dir: Path, *overrides: str):
     from cluster import configtree
-    from rlhf.config import PPOConfig
     from rlhf.jobs.registry import EXAMPLES_DIR
+    from rlhf.rl.config import PPOConfig
 
     base = [f"policy.name_or_path={policy}", f"train.output_dir={output_dir}", "roles.call_timeout_s=300", *TINY]
     return configtree.load(PPOConfig, EXAMPLES_DIR / "ppo.yaml", [*base, *overrides])

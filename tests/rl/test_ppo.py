@@ -37,8 +37,8 @@ EXPECTED_METRICS = {
 
 def ppo_config(policy: Path, output_dir: Path, *overrides: str):
     from cluster import configtree
-    from rlhf.config import PPOConfig
     from rlhf.jobs.registry import EXAMPLES_DIR
+    from rlhf.rl.config import PPOConfig
 
     base = [
         f"policy.name_or_path={policy}",
@@ -427,7 +427,8 @@ def test_a_replica_that_does_not_answer_fails_the_run_within_the_sync_timeout(
     import ray
 
     from rlhf.jobs.ppo import run
-    from serving.rollout import RolloutClient, RolloutError
+    from serving.replicas import RolloutError
+    from serving.rollout import RolloutClient
 
     client = RolloutClient("policy", app_name=APP_NAME)
     (replica,) = client.replicas()

@@ -49,7 +49,8 @@ def test_the_output_layer_of_a_tied_model_follows_every_transfer(ray_cluster, ti
     from rlhf.models.config import ModelConfig
     from rlhf.rl.workers import PolicyWorker
     from serving.config import ServeConfig
-    from serving.rollout import RolloutClient, deploy
+    from serving.deploy import deploy
+    from serving.rollout import RolloutClient
     from serving.weight_transfer import ReplicaWeightSync
 
     base, changed = tied_models

@@ -33,7 +33,7 @@ LONG_PROMPTS = [[(7 * i + k) % 470 + 2 for i in range(150)] for k in range(2)]
 
 
 def test_ray_internals_this_module_relies_on() -> None:
-    """serving/rollout.py uses these internal pieces of Ray Serve and ray.serve.llm; fail loudly if they move."""
+    """serving/rollout.py, replicas.py and deploy.py use these Ray Serve internals; fail loudly if they move."""
     import dataclasses
 
     from ray.serve._private.common import RequestMetadata
@@ -149,7 +149,7 @@ def test_string_prompts_are_tokenized_by_the_server(client, endpoint: Endpoint) 
 
 
 def test_a_refused_request_raises_the_servers_reason(client) -> None:
-    from serving.rollout import RolloutError
+    from serving.replicas import RolloutError
 
     with pytest.raises(RolloutError, match="LLMServer:tiny .* refused the request: n must be 1 when using greedy"):
         client.generate([[5, 6, 7]], n=2, temperature=0.0, timeout_s=60)
@@ -196,7 +196,7 @@ def test_sync_weights_reaches_every_replica(client, endpoint: Endpoint, original
 def test_sync_from_a_missing_directory_fails_fast_naming_every_replica(
     client, original, tmp_path: Path, endpoint: Endpoint
 ) -> None:
-    from serving.rollout import RolloutError
+    from serving.replicas import RolloutError
 
     replicas = running_replicas(client)
     empty = tmp_path / "empty"
@@ -223,7 +223,7 @@ def _stall(_actor, seconds: float) -> None:
 def test_a_replica_that_does_not_answer_fails_within_the_timeout_naming_it(client, endpoint: Endpoint) -> None:
     import ray
 
-    from serving.rollout import RolloutError
+    from serving.replicas import RolloutError
 
     stalled, healthy = running_replicas(client)
     stall = ray.get_actor(stalled.actor_name, namespace="serve").__ray_call__.remote(_stall, 6)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlhf.algos.estimators import ESTIMATORS, EstimatorName, EstimatorSettings, StepRewards, estimator
-from rlhf.config import PPOAlgorithmConfig, PPOConfig
+from rlhf.rl.config import PPOAlgorithmConfig, PPOConfig
 
 
 def test_the_table_holds_exactly_the_estimators_the_config_accepts() -> None:
@@ -41,7 +41,7 @@ def test_every_estimator_gives_masked_advantages_of_the_batch_shape() -> None:
 
 def test_a_run_derives_its_roles_and_group_check_from_the_row() -> None:
     def config(name: str, kl: float) -> PPOConfig:
-        from rlhf.config import KLConfig
+        from rlhf.rl.config import KLConfig
 
         return PPOConfig(algorithm=PPOAlgorithmConfig(estimator=name), kl=KLConfig(coefficient=kl))
 

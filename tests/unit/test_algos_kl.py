@@ -81,7 +81,7 @@ def test_k1_is_refused_as_a_loss_term() -> None:
     nothing, silently. The pure loss and the config both refuse it, naming the keys."""
     from cluster import configtree
     from rlhf.algos.kl import kl_penalty_loss
-    from rlhf.config import PPOConfig
+    from rlhf.rl.config import PPOConfig
 
     with pytest.raises(ValueError, match="k1"):
         kl_penalty_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), "k1")

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from cluster import configtree
-from rlhf.config import PPOConfig, SFTConfig
+from rlhf.config import SFTConfig
 from rlhf.jobs.registry import EXAMPLES_DIR
 from rlhf.plan import GB, ModelShape, model_state_bytes, plan_job, shape_of
+from rlhf.rl.config import PPOConfig
 
 # Llama-2-7B and Llama-2-70B as their configs describe them (parameters as counted by transformers)
 LLAMA_7B = ModelShape(parameters=6_738_415_616, hidden_size=4096, num_layers=32, num_heads=32, vocab_size=32000)

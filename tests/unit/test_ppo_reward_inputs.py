@@ -66,9 +66,9 @@ def test_the_reward_check_before_a_run_scores_a_prompt_of_the_data(tiny_model_di
     """Before: the check that builds the reward before a run scored the string "Describe the cat." whatever the
     data held, so a reward function written for a chat dataset's messages failed it and the run could not start."""
     from cluster import configtree
-    from rlhf.config import PPOConfig
     from rlhf.jobs.registry import EXAMPLES_DIR
     from rlhf.jobs.rundir import unlock_run_directory
+    from rlhf.rl.config import PPOConfig
     from rlhf.rl.preflight import prepare
 
     overrides = [

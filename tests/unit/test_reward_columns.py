@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from cluster import configtree
-from rlhf.config import PPOConfig, reward_terms
 from rlhf.data.config import DataConfig
 from rlhf.data.encode import build_examples
+from rlhf.rl.config import PPOConfig, reward_terms
 from rlhf.rl.preflight import check_reward
 from rlhf.rl.rewards import RewardError, WeightedReward, make_reward, make_weighted
 from rlhf.rl.roles import gather_scores

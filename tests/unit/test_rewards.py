@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.config import PPOConfig
+from rlhf.rl.config import PPOConfig
 from rlhf.rl.rewards import (
     FunctionReward,
     HTTPReward,

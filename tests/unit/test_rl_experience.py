@@ -210,9 +210,9 @@ def test_importance_weight_stats_count_response_tokens_only() -> None:
 
 def test_a_step_whose_rows_the_ranks_cannot_share_is_refused_naming_the_keys() -> None:
     from cluster import configtree
-    from rlhf.config import PPOConfig
     from rlhf.jobs.registry import EXAMPLES_DIR
     from rlhf.jobs.runner import JobError
+    from rlhf.rl.config import PPOConfig
     from rlhf.rl.preflight import check_config
 
     overrides = ["rollout.prompts_per_step=3", "rollout.group_size=2", "roles.policy_workers=4"]

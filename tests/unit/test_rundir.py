@@ -129,8 +129,8 @@ def _state(step: int) -> str:
 
 
 def _ppo_config(tiny_model_dir: Path, output_dir: Path, *overrides: str):
-    from rlhf.config import PPOConfig
     from rlhf.jobs.registry import EXAMPLES_DIR
+    from rlhf.rl.config import PPOConfig
 
     base = [f"policy.name_or_path={tiny_model_dir}", f"train.output_dir={output_dir}", "train.max_steps=6"]
     return configtree.load(PPOConfig, EXAMPLES_DIR / "ppo.yaml", [*base, *overrides])
@@ -294,8 +294,8 @@ def test_scrub_masks_credentials_and_keeps_the_rest(url: str, expected: str) -> 
 
 def test_config_yaml_keeps_no_credential_of_a_storage_uri_or_reward_url(tmp_path: Path) -> None:
     """config.yaml was the config tree as given: the bucket's key and secret and the reward URL's password."""
-    from rlhf.config import PPOConfig
     from rlhf.jobs.registry import EXAMPLES_DIR
+    from rlhf.rl.config import PPOConfig
 
     config = configtree.load(PPOConfig, EXAMPLES_DIR / "ppo.yaml", [])
     config = replace(config, reward=REWARD_URL, train=replace(config.train, output_dir=STORAGE_URI))
@@ -338,10 +338,10 @@ def test_the_lock_file_names_the_command_without_its_credentials(
 def test_runs_that_name_no_application_each_get_their_own() -> None:
     """Every run defaulted to the same application name ("rlhf-rollout", "rlhf-generate", "<that>-judge"), so
     a second run reused, re-weighted and at its end deleted the first run's replicas."""
-    from rlhf.config import PPOConfig
     from rlhf.gen.config import SamplingConfig
     from rlhf.gen.sampler import Sampler
     from rlhf.jobs.rundir import run_app_name
+    from rlhf.rl.config import PPOConfig
 
     assert PPOConfig().rollout.app_name == "" and SamplingConfig().app_name == ""
     rollout = {run_app_name(PPOConfig().rollout.app_name, "rlhf-rollout") for _ in range(20)}

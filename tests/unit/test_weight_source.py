@@ -48,7 +48,7 @@ def test_a_lora_policy_is_sent_as_its_merged_model_under_the_base_names(tied_dir
 
 def test_ppo_refuses_a_quantized_policy_and_a_lora_policy_under_zero3() -> None:
     from cluster import configtree
-    from rlhf.config import PPOConfig
+    from rlhf.rl.config import PPOConfig
 
     with pytest.raises(configtree.ConfigError, match="policy.quantization"):
         configtree.load(PPOConfig, None, ["policy.quantization=4bit", "policy.lora.enabled=true"])

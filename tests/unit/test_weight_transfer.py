@@ -14,7 +14,7 @@ import pytest
 
 from serving.backends import backend
 from serving.config import ServeConfig
-from serving.rollout import Replica, ReplicaSet, RolloutError
+from serving.replicas import Replica, ReplicaSet, RolloutError
 from serving.weight_transfer import ReplicaWeightSync, open_trainer
 
 
