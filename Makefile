@@ -52,9 +52,11 @@ test: install
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/pytest tests/unit
 
+# mypy checks the packages named in pyproject.toml's [tool.mypy] (strict on rlhf/algos, rlhf/rl, cluster, serving)
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff check --fix .

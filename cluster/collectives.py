@@ -28,7 +28,8 @@ def backend(group: Any = None) -> str | None:
     """The backend of ``group`` (a ``ProcessGroup``, also one not registered with ``torch.distributed``, such
     as vLLM's stateless groups), or of the default group; ``None`` when no default group exists."""
     if group is not None:
-        return group.name()
+        name: str = group.name()
+        return name
     return dist.get_backend() if dist.is_initialized() else None
 
 
@@ -85,7 +86,10 @@ def broadcast(tensor: torch.Tensor, group: Any = None) -> None:
     default: the default group); a wrong device raises before the backend sees it, a stuck peer after the
     group's timeout."""
     group = group if group is not None else dist.group.WORLD
-    check_device(tensor, backend(group), "broadcast")
+    name = backend(group)
+    if name is None:
+        raise RuntimeError("broadcast: no process group was given and no default group exists")
+    check_device(tensor, name, "broadcast")
     options = dist.BroadcastOptions()
     options.rootRank = 0
     options.rootTensor = 0

@@ -18,11 +18,14 @@ import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
 
 from cluster.errors import UserError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class ConfigError(UserError, ValueError):
@@ -67,7 +70,7 @@ def _convert(value: Any, tp: Any, key: str, root: type) -> Any:
         raise ConfigError(f"config key '{key}': null is not allowed (expected {type_name(tp)})")
     tp = inner
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key '{key}': expected a section (mapping), got {value!r}")
         return _build(tp, value, key + ".", root)
@@ -112,7 +115,7 @@ def _convert(value: Any, tp: Any, key: str, root: type) -> Any:
     raise ConfigError(f"config key '{key}': expected {type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def _field_default(f: dataclasses.Field) -> Any:
+def _field_default(f: dataclasses.Field[Any]) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
@@ -134,7 +137,7 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str, root: type, base:
         if name not in data:
             continue
         tp = _is_optional(hints[name])[1]
-        if dataclasses.is_dataclass(tp) and isinstance(data[name], Mapping):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(data[name], Mapping):
             default = getattr(base, name) if base is not None else _field_default(fields[name])
             section_base = default if dataclasses.is_dataclass(default) else None
             values[name] = _build(tp, data[name], prefix + name + ".", root, section_base)
@@ -175,7 +178,8 @@ def to_dict(config: Any) -> dict[str, Any]:
             return {k: plain(v) for k, v in value.items()}
         return value
 
-    return plain(config)
+    tree: dict[str, Any] = plain(config)
+    return tree
 
 
 def _set_dotted(data: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
@@ -201,7 +205,7 @@ def _set_dotted(data: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
                 except yaml.YAMLError as exc:
                     raise ConfigError(f"override '{dotted}={raw}': the value is not valid YAML ({exc})") from None
             return
-        if not dataclasses.is_dataclass(tp):
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
             raise ConfigError(f"override '{dotted}': '{path}{part}' is a value, not a section")
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
@@ -242,7 +246,7 @@ def describe(cls: type, prefix: str = "", base: Any = None) -> Iterator[tuple[st
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         default = getattr(base, f.name) if base is not None else _field_default(f)
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             yield from describe(tp, prefix + f.name + ".", default if dataclasses.is_dataclass(default) else None)
             continue
         yield (

@@ -16,7 +16,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
     with socket.socket() as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]  # typeshed types the address as Any
+        return port
 
 
 def connect(config: ClusterConfig) -> str:

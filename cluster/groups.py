@@ -34,7 +34,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from cluster.group_errors import GroupError, _death_reason, _innermost, _rebuilt, _root_cause
 from cluster.placement import Placement
@@ -188,7 +188,7 @@ class ActorGroup:
         self.bundle_indices = self._bundle_indices(num_cpus_per_actor, num_gpus_per_actor)
         self.pids: list[int | None] = [None] * self.world_size
         self.node_ips: list[str | None] = [None] * self.world_size
-        self.actors: list[ActorHandle] = []
+        self.actors: list[ActorHandle[RankWorker]] = []
         remote_cls = ray.remote(worker_cls)
         try:
             for bundle in self.bundle_indices:
@@ -201,7 +201,9 @@ class ActorGroup:
                     runtime_env=runtime_env,
                     scheduling_strategy=strategy,
                 )
-                self.actors.append(options.remote(*init_args, **(init_kwargs or {})))
+                # Ray types .remote() as "handle or the class itself" so that method calls type-check
+                actor = cast("ActorHandle[RankWorker]", options.remote(*init_args, **(init_kwargs or {})))
+                self.actors.append(actor)
             self._setup(setup_timeout_s, deadline, collective_timeout_s)
         except BaseException:
             self.kill()
@@ -222,7 +224,7 @@ class ActorGroup:
 
     def _setup(self, timeout_s: float, deadline: float, collective_timeout_s: float) -> None:
         """Find rank 0's address, then have every rank join the process group, all before ``deadline``."""
-        no_args = [((), {})] * self.world_size
+        no_args: list[tuple[tuple[Any, ...], dict[str, Any]]] = [((), {})] * self.world_size
         addresses_call = self._submit("node_ip_and_free_port", no_args, timeout_s, deadline)
         pids_call = self._submit("pid", no_args, timeout_s, deadline)
         try:
@@ -318,7 +320,7 @@ class ActorGroup:
         per_rank = [((shard, *args), kwargs) for shard in shards]
         return self._submit(name, per_rank, self.call_timeout_s if timeout_s is None else timeout_s)
 
-    def call(self, method: Callable[..., Any], *args: Any, timeout_s: float | None = None, **kwargs: Any) -> list:
+    def call(self, method: Callable[..., Any], *args: Any, timeout_s: float | None = None, **kwargs: Any) -> list[Any]:
         """Run ``method(*args, **kwargs)`` on every rank; results in rank order, or :class:`GroupError`.
 
         ``method`` is the worker class's method, by reference (``PolicyWorker.train_step``).
@@ -334,7 +336,7 @@ class ActorGroup:
         *args: Any,
         timeout_s: float | None = None,
         **kwargs: Any,
-    ) -> list:
+    ) -> list[Any]:
         """Run ``method(shards[rank], *args, **kwargs)`` on every rank; results in rank order."""
         return self.submit_sharded(method, shards, *args, timeout_s=timeout_s, **kwargs).result()
 

@@ -28,11 +28,26 @@ from __future__ import annotations
 import os
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 from cluster.errors import UserError
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
+
+R = TypeVar("R")
+
+
+class JobStatus(TypedDict):
+    """A job's status, as :func:`status` reads it."""
+
+    id: str
+    status: str
+    message: str
+    entrypoint: str
+
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +84,7 @@ def auth_token() -> str | None:
         return None
 
 
-def client(given_address: str | None) -> Any:
+def client(given_address: str | None) -> JobSubmissionClient:
     """A ``JobSubmissionClient`` for the cluster, or :class:`JobsError` naming the address when it does not answer."""
     from ray.job_submission import JobSubmissionClient
 
@@ -143,7 +158,7 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[-1] if text else type(exc).__name__
 
 
-def _call(given_address: str | None, what: str, job_id: str | None, fn: Any) -> Any:
+def _call(given_address: str | None, what: str, job_id: str | None, fn: Callable[[JobSubmissionClient], R]) -> R:
     jobs = client(given_address)
     try:
         return fn(jobs)
@@ -168,7 +183,7 @@ def list_jobs(given_address: str | None = None) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: row["start_time"] or 0, reverse=True)
 
 
-def status(job_id: str, given_address: str | None = None) -> dict[str, Any]:
+def status(job_id: str, given_address: str | None = None) -> JobStatus:
     """A job's status and message."""
     info = _call(given_address, "reading", job_id, lambda jobs: jobs.get_job_info(job_id))
     return {

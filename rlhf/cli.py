@@ -231,7 +231,7 @@ def _add_jobs_parser(sub: argparse._SubParsersAction, address_help: str) -> None
 def _plan(args: argparse.Namespace) -> int:
     from rlhf.plan import parse_memory, plan_job, report
 
-    config = configtree.load(JOBS[args.job].config, args.config, args.overrides)
+    config: Any = configtree.load(JOBS[args.job].config, args.config, args.overrides)  # the job's own class
     plan = plan_job(config, args.job, args.nodes, args.gpus_per_node, parse_memory(args.gpu_memory), args.headroom)
     print(f"rlhf {args.job} on {args.nodes} x {args.gpus_per_node} GPUs of {args.gpu_memory}\n")
     print(report(plan))
@@ -289,7 +289,7 @@ def _run_job(args: argparse.Namespace) -> None:
 
     overrides = [*args.overrides, *(_serve_overrides(args) if args.job == "serve" else [])]
     job = JOBS[args.job]
-    config = configtree.load(job.config, args.config, overrides)
+    config: Any = configtree.load(job.config, args.config, overrides)  # the job's own config class
     if args.print_config:
         from rlhf.jobs.rundir import MASK, scrub
 

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from cluster import configtree
 from rlhf.console import logs_to_file, say
+
+if TYPE_CHECKING:
+    from transformers import BatchEncoding
 
 EXAMPLE_PROMPT = "Describe the cat."
 PPO_STEPS = 30
@@ -43,12 +46,17 @@ def sample(model_dir: str | Path, prompt: str = EXAMPLE_PROMPT, max_new_tokens: 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     if chat:
         messages = [{"role": "user", "content": prompt}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        # with return_dict=True a BatchEncoding; transformers types every form the template can return at once
+        ids = cast(
+            "BatchEncoding",
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True),
+        )
     else:
         ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    return cast(str, text).strip()  # one sequence decodes to one string
 
 
 def _config(job: str, overrides: list[str], example: str = "") -> Any:

@@ -113,7 +113,10 @@ def save_rng_state(path: Path) -> None:
     import numpy as np
     import torch
 
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    legacy = np.random.get_state()  # a dict only when the global generator is not MT19937
+    if not isinstance(legacy, tuple):
+        raise RuntimeError(f"numpy's global generator has no legacy state to save: {legacy.get('bit_generator')}")
+    name, keys, position, has_gauss, cached_gaussian = legacy
     state = {
         "python": random.getstate(),
         "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
@@ -178,7 +181,8 @@ class TrainingEngine:
         self.config = config
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for param in model.parameters():
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
@@ -189,7 +193,7 @@ class TrainingEngine:
             # has no trainable 1-d parameters), and the scheduler then fails on its first step
             [group for group in groups if group["params"]],
             lr=config.learning_rate,
-            betas=tuple(config.adam_betas),
+            betas=(config.adam_betas[0], config.adam_betas[1]),  # two values (EngineConfig checks)
             eps=config.adam_eps,
             # one fused kernel instead of a per-parameter loop (CPU and CUDA, float parameters)
             fused=bool(trainable)

@@ -223,7 +223,7 @@ def _check(
         if total > budget:
             names = "+".join(members)
             worst = max((by_role[m] for m in members if m in by_role), key=lambda r: r.total)
-            biggest = max(worst.parts, key=worst.parts.get)
+            biggest = max(worst.parts.items(), key=lambda part: part[1])[0]
             problems.append(
                 f"{names}: {total / GB:.1f} GB per GPU exceeds {budget / GB:.1f} GB ({headroom:.0%} of "
                 f"{gpu_memory / GB:.0f} GB); the largest part is {worst.role}'s {biggest} "

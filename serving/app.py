@@ -141,7 +141,8 @@ def llm_config(config: ServeConfig, gpu: bool | None = None, weight_transfer: bo
     return LLMConfig(
         model_loading_config={"model_id": model_name(config), "model_source": str(source)},
         engine_kwargs=engine,
-        accelerator_config=None if gpu else {"kind": "cpu"},
+        # pydantic validates the dict into Ray's CPU accelerator config (whose class is not public API)
+        accelerator_config=None if gpu else {"kind": "cpu"},  # type: ignore[arg-type]
         deployment_config={"max_ongoing_requests": 64, "health_check_period_s": 2, **scaling},
         runtime_env={"env_vars": env} if env else None,
         log_engine_metrics=False,
@@ -250,7 +251,7 @@ def build_app(config: ServeConfig, gpu: bool | None = None) -> Any:
     base = llm.model_id
     _, ingress_cls = ingress(config, base)
     options = Ingress.get_deployment_options([llm])
-    return serve.deployment(ingress_cls, **options).bind(
+    return serve.deployment(**options)(ingress_cls).bind(
         llm_deployments={base: build_llm_deployment(llm)},
         model_cards={base: to_model_metadata(base, llm)},
         adapters=dict.fromkeys(config.adapters, base),

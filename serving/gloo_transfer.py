@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar, cast
 
 import torch
 from vllm.distributed.weight_transfer.base import (
@@ -39,6 +39,11 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferInitInfo,
     WeightTransferUpdateInfo,
 )
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+T = TypeVar("T")
 
 ALIGN = 16
 """Byte alignment of every tensor inside a bucket (the widest dtype's element size, with room)."""
@@ -98,7 +103,7 @@ def unpack(flat: torch.Tensor, metas: list[ParamMeta]) -> list[tuple[str, torch.
 
 def open_group(
     address: str, port: int, rank: int, world_size: int, timeout_s: float, listen: socket.socket | None = None
-) -> Any:
+) -> ProcessGroup:
     """A gloo process group of its own (the default one is untouched); rank 0 hosts the rendezvous.
 
     Raises :class:`TimeoutError` when the other ranks have not all joined within ``timeout_s``.
@@ -107,12 +112,12 @@ def open_group(
 
     from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
-    extra = {"listen_socket": listen} if listen is not None else {}
     started = time.monotonic()
     try:
-        return stateless_init_torch_distributed_process_group(
-            address, port, rank, world_size, "gloo", timeout=timedelta(seconds=timeout_s), **extra
+        group = stateless_init_torch_distributed_process_group(
+            address, port, rank, world_size, "gloo", listen_socket=listen, timeout=timedelta(seconds=timeout_s)
         )
+        return cast("ProcessGroup", group)  # without return_store, the group alone
     except Exception as exc:  # the store's own error can be a closed socket's, not its timeout's
         where = f"the weight-transfer group at {address}:{port} (rank {rank} of {world_size})"
         if time.monotonic() - started >= 0.9 * timeout_s:
@@ -135,7 +140,7 @@ def _metas(names: list[str], dtype_names: list[str], shapes: list[list[int]]) ->
     ]
 
 
-def _split(items: list, counts: list[int]) -> Iterator[list]:
+def _split(items: list[T], counts: list[int]) -> Iterator[list[T]]:
     start = 0
     for count in counts:
         yield items[start : start + count]
@@ -178,7 +183,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.group: Any = None
+        self.group: ProcessGroup | None = None
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         """Join the trainer's group (replacing any group of an earlier trainer)."""
@@ -211,11 +216,14 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             raise RuntimeError("gloo weight transfer is not initialized: call init_weight_transfer_engine first")
         metas = _metas(update_info.names, update_info.dtype_names, update_info.shapes)
         dtype = self.model_config.dtype  # the engine's own: each tensor is converted once, here
+        if not isinstance(dtype, torch.dtype):
+            raise RuntimeError(f"gloo weight transfer: the engine's dtype is unresolved ({dtype!r})")
         try:
             for bucket in _split(metas, update_info.buckets):
                 flat = torch.empty(packed_size(bucket), dtype=torch.uint8)
                 broadcast(self.group, flat)
-                self.model.load_weights(
+                # torch types a Module's attributes as Tensor | Module; vLLM's models define load_weights
+                self.model.load_weights(  # type: ignore[operator]
                     [
                         (name, tensor.to(self.device, dtype if tensor.is_floating_point() else tensor.dtype))
                         for name, tensor in unpack(flat, bucket)
@@ -257,7 +265,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
     ) -> None:
         super().__init__(client=client, source=source, is_sender=is_sender)
         self.bucket_bytes = bucket_bytes
-        self.group: Any = None
+        self.group: ProcessGroup | None = None
 
     @classmethod
     def trainer_init(

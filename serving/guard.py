@@ -30,6 +30,7 @@ import hmac
 import json
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
 
@@ -91,9 +93,10 @@ def check_key(header: str | None, keys: tuple[str, ...]) -> str | None:
     return "invalid API key"
 
 
-def route_path(scope: dict[str, Any]) -> str:
+def route_path(scope: Mapping[str, Any]) -> str:
     """The request's path after the route prefix (``root_path``), as the application's router matches it."""
-    path, prefix = scope["path"], scope.get("root_path", "")
+    path: str = scope["path"]
+    prefix: str = scope.get("root_path", "")
     if prefix and path.startswith(prefix) and path[len(prefix) : len(prefix) + 1] in ("", "/"):
         return path[len(prefix) :] or "/"
     return path
@@ -104,7 +107,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _integer(body: dict, field: str, low: int, high: int) -> tuple[str, str] | None:
+def _integer(body: dict[str, Any], field: str, low: int, high: int) -> tuple[str, str] | None:
     """Why ``body[field]`` is refused (not an integer in low..high), or None (also when absent or null)."""
     value = body.get(field)
     if value is None:
@@ -123,11 +126,12 @@ def _prompt_count(prompt: Any) -> int:
     return 1
 
 
-def requested_max_tokens(body: dict, limits: Limits) -> int:
+def requested_max_tokens(body: dict[str, Any], limits: Limits) -> int:
     """The ``max_tokens`` a checked request will run with: its own, else the endpoint's default."""
     for field in ("max_completion_tokens", "max_tokens"):  # vLLM's order of precedence
         if body.get(field) is not None:
-            return body[field]
+            requested: int = body[field]  # check_body has refused a body where it is not an integer
+            return requested
     return min(limits.default_max_tokens, limits.max_tokens)
 
 
@@ -218,7 +222,7 @@ def fill_max_tokens(raw: bytes, limits: Limits) -> bytes:
     return json.dumps({**body, "max_tokens": requested_max_tokens(body, limits)}).encode()
 
 
-async def read_body(receive: Any, limit: int) -> bytes | None:
+async def read_body(receive: Receive, limit: int) -> bytes | None:
     """The request body, read from the ASGI ``receive`` up to ``limit`` bytes; None as soon as it exceeds that."""
     chunks: list[bytes] = []
     size = 0
@@ -235,13 +239,13 @@ async def read_body(receive: Any, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
-def hide_server_errors(send: Any) -> Any:
+def hide_server_errors(send: Send) -> Send:
     """An ASGI ``send`` that replaces the body of a 5xx response with a generic error naming an id, and logs the
     original body under that id (it may hold a traceback, process ids and node addresses)."""
     held: dict[str, Any] = {}
     chunks: list[bytes] = []
 
-    async def send_hiding(message: dict) -> None:
+    async def send_hiding(message: Message) -> None:
         if message["type"] == "http.response.start" and message["status"] >= 500:
             held["start"] = message
             return
@@ -273,11 +277,11 @@ def hide_server_errors(send: Any) -> Any:
     return send_hiding
 
 
-def _replay(raw: bytes, receive: Any) -> Any:
+def _replay(raw: bytes, receive: Receive) -> Receive:
     """An ASGI ``receive`` that gives ``raw`` as the whole body, then what ``receive`` gives (a disconnect)."""
-    pending = [{"type": "http.request", "body": raw, "more_body": False}]
+    pending: list[Message] = [{"type": "http.request", "body": raw, "more_body": False}]
 
-    async def receive_again() -> dict:
+    async def receive_again() -> Message:
         return pending.pop() if pending else await receive()
 
     return receive_again
@@ -286,12 +290,12 @@ def _replay(raw: bytes, receive: Any) -> Any:
 class Guard:
     """ASGI middleware: the API key on every request, the body size cap, the limits of generation requests."""
 
-    def __init__(self, app: Any, keys: tuple[str, ...], limits: Limits) -> None:
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], limits: Limits) -> None:
         self.app = app
         self.keys = keys
         self.limits = limits
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Refuse or pass on one request (lifespan events pass through)."""
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
@@ -308,7 +312,7 @@ class Guard:
             return await refusal(scope, receive, send)
         await self.app(scope, _replay(raw, receive), send)
 
-    async def _screen(self, scope: dict, receive: Any, headers: Headers) -> tuple[JSONResponse | None, bytes]:
+    async def _screen(self, scope: Scope, receive: Receive, headers: Headers) -> tuple[JSONResponse | None, bytes]:
         """(a refusal, or None and the body to pass on) for one HTTP request."""
         cap = self.limits.max_request_bytes
         too_large = error(413, f"request body exceeds {cap} bytes", code="too_large")

@@ -10,7 +10,7 @@ internals: see :mod:`serving.app`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest,
@@ -22,11 +22,19 @@ from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion
 from starlette.requests import Request
 from starlette.responses import Response
 
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
 
 class Ingress(OpenAiIngress):
     """The OpenAI ingress of one base model and its named adapters."""
 
-    def __init__(self, llm_deployments: dict, model_cards: dict, adapters: dict[str, str]) -> None:
+    def __init__(
+        self,
+        llm_deployments: dict[str, DeploymentHandle[Any]],
+        model_cards: dict[str, ModelCard],
+        adapters: dict[str, str],
+    ) -> None:
         super().__init__(llm_deployments, model_cards)
         self._adapters = adapters  # adapter name -> base model id
 

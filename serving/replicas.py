@@ -24,9 +24,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.errors import UserError
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +76,14 @@ class ReplicaSet:
         return time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
 
     def call_each(
-        self, method: str, kwargs: dict, deadline: float | None = None, timeout_s: float | None = None
+        self, method: str, kwargs: dict[str, Any], deadline: float | None = None, timeout_s: float | None = None
     ) -> dict[Replica, Any]:
         """``LLMServer.<method>(**kwargs)`` on every replica at once; their results by replica."""
         return self.on_each(
             lambda replica: _call_replica(replica, self.app_name, method, kwargs=kwargs), method, deadline, timeout_s
         )
 
-    def rpc_each(self, method: str, kwargs_per_replica: list[dict] | dict | None = None) -> None:
+    def rpc_each(self, method: str, kwargs_per_replica: list[dict[str, Any]] | dict[str, Any] | None = None) -> None:
         """vLLM's ``collective_rpc(method, kwargs)`` on every worker of every replica, within the timeout.
 
         ``kwargs_per_replica`` is one dict for all or a list with one per replica.
@@ -134,7 +137,8 @@ class ReplicaSet:
                 calls[send(replica)] = replica
             except ValueError as exc:  # ray.get_actor: the replica's actor is gone
                 failures.append(f"{replica}: {exc}")
-        ready, pending = [], []
+        ready: list[ObjectRef[Any]] = []
+        pending: list[ObjectRef[Any]] = []
         if calls:
             remaining = max(0.0, deadline - time.monotonic())
             ready, pending = ray.wait(list(calls), num_returns=len(calls), timeout=remaining)
@@ -162,7 +166,12 @@ def _actor(replica: Replica) -> Any:
 
 
 def _call_replica(
-    replica: Replica, app_name: str, method: str, args: tuple = (), kwargs: dict | None = None, stream: bool = False
+    replica: Replica,
+    app_name: str,
+    method: str,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    stream: bool = False,
 ) -> Any:
     """Call ``LLMServer.<method>(*args, **kwargs)`` on this replica, bypassing the router (as ``broadcast`` does).
 

@@ -76,10 +76,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from serving.deploy import _llm_deployment
 from serving.replicas import RPC_GRACE_S, Replica, ReplicaSet, RolloutError, _actor, _call_replica, _cancel, _reason
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentResponseGenerator
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +137,7 @@ class RolloutClient:
 
     def generate(
         self,
-        prompts: Sequence[Sequence[int]] | Sequence[str],
+        prompts: Sequence[Sequence[int] | str],
         n: int = 1,
         max_tokens: int = 16,
         temperature: float = 1.0,
@@ -155,7 +158,7 @@ class RolloutClient:
 
     async def agenerate(
         self,
-        prompts: Sequence[Sequence[int]] | Sequence[str],
+        prompts: Sequence[Sequence[int] | str],
         n: int = 1,
         max_tokens: int = 16,
         temperature: float = 1.0,
@@ -208,7 +211,9 @@ class RolloutClient:
 
         return CompletionRequest(model=self.model, prompt=prompt, return_token_ids=True, stream=False, **fields)
 
-    async def _complete_all(self, requests: list[Any], timeout_s: float, replica: Replica | None, what: str) -> list:
+    async def _complete_all(
+        self, requests: list[Any], timeout_s: float, replica: Replica | None, what: str
+    ) -> list[Any]:
         """The responses to ``requests`` in order; the first failure, or a timeout, cancels the rest."""
         gate = asyncio.Semaphore(self.max_concurrency)
 
@@ -224,9 +229,9 @@ class RolloutClient:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
-        failed = [task for task in done if not task.cancelled() and task.exception() is not None]
+        failed = [error for task in done if not task.cancelled() and (error := task.exception()) is not None]
         if failed:
-            raise failed[0].exception()
+            raise failed[0]
         if pending:
             waiting = [i for i, task in enumerate(tasks) if task in pending]
             where = str(replica) if replica else self._where
@@ -244,7 +249,8 @@ class RolloutClient:
         responses = None
         try:
             if replica is None:
-                responses = self._handle.completions.remote(request)
+                # the handle streams (options(stream=True)), which Ray's types cannot tell
+                responses = cast("DeploymentResponseGenerator[Any]", self._handle.completions.remote(request))
             else:
                 responses = _call_replica(replica, self.app_name, "completions", (request,), stream=True)
             response = await responses.__anext__()
@@ -296,7 +302,10 @@ class RolloutClient:
         """The deployment's RUNNING replicas, as the Serve controller sees them now."""
         from ray.serve.context import _get_global_client
 
-        details = _get_global_client().get_serve_details()
+        client = _get_global_client()
+        if client is None:
+            raise RolloutError(f"{self._where}: Serve is not running in this Ray cluster")
+        details = client.get_serve_details()
         try:
             replicas = details["applications"][self.app_name]["deployments"][self.deployment]["replicas"]
         except KeyError:
@@ -329,7 +338,7 @@ class RolloutClient:
             raise RolloutError(f"cannot sync weights from {weights}: " + "; ".join(unreadable))
         try:
             replicas.call_each("pause", {"mode": "wait", "clear_cache": True}, deadline, timeout_s)
-            reload = {"method": "reload_weights", "kwargs": {"weights_path": weights}}
+            reload: dict[str, Any] = {"method": "reload_weights", "kwargs": {"weights_path": weights}}
             reload["timeout"] = max(1.0, deadline - time.monotonic()) + RPC_GRACE_S
             replicas.call_each("collective_rpc", reload, deadline, timeout_s)
             # a tied output layer is not reloaded with its embeddings (serving.vllm_worker)
@@ -362,7 +371,7 @@ def _prompt(prompt: Sequence[int] | str, index: int) -> list[int] | str:
     return token_ids
 
 
-def _prompt_logprobs(sequence: list[int], entries: list | None) -> list[float]:
+def _prompt_logprobs(sequence: list[int], entries: list[Any] | None) -> list[float]:
     """``log p(sequence[t+1] | ...)`` for each t, from vLLM's per-position ``{token_id: Logprob}`` entries."""
     if not entries or len(entries) != len(sequence):
         raise RolloutError(f"expected {len(sequence)} prompt log-prob entries, got {len(entries or [])}")

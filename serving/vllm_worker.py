@@ -14,7 +14,10 @@ shared weight directly; the call then changes nothing.)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 
 def refresh_tied_output_layers(model: Any) -> int:
@@ -33,6 +36,9 @@ def refresh_tied_output_layers(model: Any) -> int:
 
 class WorkerExtension:
     """Methods added to every vLLM worker of the replicas, called through ``collective_rpc`` by name."""
+
+    if TYPE_CHECKING:
+        model_runner: GPUModelRunner  # set by the vLLM worker this class is mixed into
 
     def refresh_tied_weights(self) -> int:
         """:func:`refresh_tied_output_layers` on this worker's model."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from rlhf.data.collate import IGNORE_INDEX, pack_examples
 from rlhf.data.errors import BadRowReport, ChatTemplateError, DataError, Source
@@ -71,7 +71,8 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], generat
         raise ChatTemplateError(
             f"tokenizer {tokenizer.name_or_path!r} has no chat template; conversational rows need one"
         )
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return cast(str, text)  # untokenized: the rendered string (transformers types every form it can return)
 
 
 def _eos(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -31,7 +31,7 @@ Every problem in a row raises :class:`~rlhf.data.errors.DataError` naming source
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -232,7 +232,7 @@ def _implicit_preference(row: Mapping[str, Any]) -> PreferenceExample:
     chosen, rejected = _field(row, "chosen"), _field(row, "rejected")
     if isinstance(chosen, str) and isinstance(rejected, str):
         prompt = _shared_text_prefix(chosen, rejected)
-        split = {"prompt": prompt, "chosen": chosen[len(prompt) :], "rejected": rejected[len(prompt) :]}
+        split: dict[str, Any] = {"prompt": prompt, "chosen": chosen[len(prompt) :], "rejected": rejected[len(prompt) :]}
         return PreferenceExample(
             prompt,
             _response(split, "chosen", conversational=False),
@@ -288,7 +288,7 @@ def _prompt_only(row: Mapping[str, Any]) -> PromptExample:
     return PromptExample(prompt)
 
 
-_NORMALISERS = {
+_NORMALISERS: dict[str, Callable[[Mapping[str, Any]], Example]] = {
     "prompt_completion": _prompt_completion,
     "messages": _messages,
     "alpaca": _alpaca,

@@ -186,7 +186,7 @@ def acceptable_samples(
             problem = "not scored"
         if problem:
             dropped.add(f"sample {problem}")
-        else:
+        elif score is not None:  # always: an unscored sample without a problem is "not scored" above
             acceptable.append((score, index))
     return acceptable
 

@@ -68,6 +68,13 @@ def check_config(config: EvalConfig) -> dict | None:
     return load_schema(config)
 
 
+def _given(reference: str | None) -> str:
+    """The row's reference, for a metric that compares with it (the run fills one in whenever a metric does)."""
+    if reference is None:
+        raise ValueError("exact_match, token_f1 and self_consistency compare with a reference: the row has none")
+    return reference
+
+
 def row_scores(
     samples: list[str], reference: str | None, config: EvalConfig, schema: dict | None, row: dict | None = None
 ) -> dict[str, float]:
@@ -77,14 +84,14 @@ def row_scores(
     first = m.extract_answer(samples[0], config.answer_pattern)
     scores: dict[str, float] = {}
     if "exact_match" in config.metrics:
-        scores["exact_match"] = m.exact_match(first, reference)
+        scores["exact_match"] = m.exact_match(first, _given(reference))
     if "token_f1" in config.metrics:
-        scores["token_f1"] = m.token_f1(first, reference)
+        scores["token_f1"] = m.token_f1(first, _given(reference))
     if "format" in config.metrics:
         scores["format"] = float(m.format_problem(samples[0], regex=config.format_regex, schema=schema) is None)
     if "self_consistency" in config.metrics:
         majority, share = m.majority_vote([m.extract_answer(s, config.answer_pattern) for s in samples])
-        scores["self_consistency"] = m.exact_match(majority, reference)
+        scores["self_consistency"] = m.exact_match(majority, _given(reference))
         scores["self_consistency_agreement"] = share
     if "accuracy" in config.metrics and row is not None:
         from rlhf.data.tasks import task_score
@@ -108,7 +115,7 @@ def run(config: EvalConfig) -> dict[str, Any]:
     rows, source = read_rows(config.data)
     prompts = build_prompts(rows, source, config.template)
     needs_reference = {"exact_match", "token_f1", "self_consistency"} & set(config.metrics)
-    references = (
+    references: list[str | None] = (
         [fill(config.reference, row, "reference", source, i) for i, row in enumerate(rows)]
         if needs_reference
         else [None] * len(rows)

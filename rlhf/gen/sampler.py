@@ -145,12 +145,12 @@ class Sampler:
             except DataError as err:
                 raise (err.located(source, row) if source is not None else err) from None
             if len(ids) > budget:
-                err = DataError(
+                too_long = DataError(
                     "prompt too long",
                     detail=f"{len(ids)} tokens + sampling.max_new_tokens {self.sampling.max_new_tokens} > "
                     f"sampling.max_model_len {self.sampling.max_model_len}",
                 )
-                raise err.located(source, row) if source is not None else err
+                raise too_long.located(source, row) if source is not None else too_long
             encoded.append(ids)
         return encoded
 

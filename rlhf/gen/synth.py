@@ -145,7 +145,9 @@ def _self_instruct(
 def _evol_instruct(
     config: SynthConfig, seeds: list[str], sampler: Any, dropped: Dropped, log: list[dict]
 ) -> list[tuple[str, dict]]:
-    current = [(seed, {"method": "evol_instruct", "seed_row": i, "operations": []}) for i, seed in enumerate(seeds)]
+    current: list[tuple[str, dict[str, Any]]] = [
+        (seed, {"method": "evol_instruct", "seed_row": i, "operations": []}) for i, seed in enumerate(seeds)
+    ]
     for round_index in range(config.evol_rounds):
         operations = [config.evolutions[(i + round_index) % len(config.evolutions)] for i in range(len(current))]
         questions = [
@@ -169,7 +171,7 @@ def _respond(
     layout_chat = config.template.layout == "chat"
     prompts: list[Text] = [[{"role": "user", "content": text}] if layout_chat else text for text, _ in instructions]
     if config.template.system and layout_chat:
-        prompts = [[{"role": "system", "content": config.template.system}, *p] for p in prompts]  # type: ignore[misc]
+        prompts = [[{"role": "system", "content": config.template.system}, *p] for p in prompts]
     completions = sampler.generate(sampler.encode(prompts), n=1, description="responses") if prompts else []
     out = []
     for prompt, (_, origin), samples in zip(prompts, instructions, completions, strict=True):

@@ -12,13 +12,16 @@ Log-probs are sums over response tokens, or per-token means for IPO, SimPO and O
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rlhf.config import DPOConfig, PreferenceLossConfig
 from rlhf.jobs.kto import UnpairedObjective
 from rlhf.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from rlhf.data.formats import Kind
 
 NEEDS_REFERENCE = {"dpo", "ipo", "cdpo"}
 LENGTH_AVERAGED = {"ipo", "simpo", "orpo"}
@@ -27,7 +30,7 @@ LENGTH_AVERAGED = {"ipo", "simpo", "orpo"}
 class PreferenceObjective:
     """One of the DPO-family losses over the pairs of the global batch."""
 
-    data_kind = "preference"
+    data_kind: Kind = "preference"
 
     def __init__(
         self, model: ModelConfig, preference: PreferenceLossConfig, pad_token_id: int, packing: bool = False
@@ -64,7 +67,7 @@ class PreferenceObjective:
             batch["reference_logps"] = torch.tensor(chosen + rejected, dtype=torch.float32)
         return batch
 
-    def _logps(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Response log-probs [2B] (chosen rows first) under ``model``."""
         from rlhf.algos import packed_sequence_logprobs, sequence_logprobs
 

@@ -24,13 +24,16 @@ averaged, not differentiated and clamped at 0. Here:
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rlhf.config import PreferenceLossConfig
 from rlhf.data.collate import IGNORE_INDEX
 from rlhf.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from rlhf.data.formats import Kind
 
 
 def prompt_length(labels: Sequence[int]) -> int:
@@ -55,7 +58,7 @@ def kl_partners(prompts: Sequence[Hashable]) -> list[int]:
     next_different: list[int | None] = [None] * (2 * n)
     for i in range(2 * n - 2, -1, -1):
         next_different[i] = i + 1 if doubled[i + 1] != doubled[i] else next_different[i + 1]
-    return [(i + 1) % n if next_different[i] is None else next_different[i] % n for i in range(n)]
+    return [(i + 1) % n if (j := next_different[i]) is None else j % n for i in range(n)]
 
 
 def mismatched_example(
@@ -93,7 +96,7 @@ def with_mismatched_pairs(examples: Sequence[dict[str, Any]], max_length: int | 
 class UnpairedObjective:
     """KTO over the completions of the global batch, with the reference point from mismatched pairs."""
 
-    data_kind = "unpaired"
+    data_kind: Kind = "unpaired"
 
     def __init__(
         self, model: ModelConfig, preference: PreferenceLossConfig, pad_token_id: int, max_length: int | None = None

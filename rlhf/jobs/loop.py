@@ -14,21 +14,24 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from cluster.configtree import ConfigError
 from rlhf.jobs.storage import RunStorage, export_to, redact
 
+if TYPE_CHECKING:
+    from rlhf.data.formats import Kind
+
 
 class Objective(Protocol):
     """What a data-parallel job trains; the loop calls these in order."""
 
-    data_kind: str  # which examples rlhf.data.encode.build_examples makes: sft, preference, unpaired
+    data_kind: Kind  # which examples rlhf.data.encode.build_examples makes: sft, preference, unpaired
 
     def build_model(self) -> torch.nn.Module:
         """The trainable model, freshly loaded."""
@@ -86,7 +89,8 @@ def evaluate(engine: Any, objective: Objective, batches: list[dict[str, Any]]) -
     from rlhf.jobs.worker import to_device
 
     engine.eval()
-    total_loss, weighted, items = 0.0, {}, 0
+    total_loss, items = 0.0, 0
+    weighted: dict[str, float] = {}
     with torch.no_grad():
         for batch in batches:  # a denominator of 1 gives plain sums
             count = objective.count(batch)
@@ -97,9 +101,9 @@ def evaluate(engine: Any, objective: Objective, batches: list[dict[str, Any]]) -
                 weighted[name] = weighted.get(name, 0.0) + float(value) * count
     engine.train()
     names = sorted(weighted)
-    total_loss, items, *sums = all_reduce_sum(total_loss, items, *(weighted[n] for n in names))
-    result = {"eval_loss": total_loss / max(items, 1)}
-    result |= {f"eval_{name}": value / max(items, 1) for name, value in zip(names, sums, strict=True)}
+    total_loss, all_items, *sums = all_reduce_sum(total_loss, items, *(weighted[n] for n in names))
+    result = {"eval_loss": total_loss / max(all_items, 1)}
+    result |= {f"eval_{name}": value / max(all_items, 1) for name, value in zip(names, sums, strict=True)}
     return result | objective.derived_eval_metrics(result)
 
 
@@ -125,7 +129,7 @@ def run_worker(args: dict[str, Any], config_cls: type, make_objective: Callable[
     from cluster import configtree
     from rlhf.jobs.worker import Reporter, worker_info
 
-    config = configtree.from_dict(config_cls, args["config"])
+    config: Any = configtree.from_dict(config_cls, args["config"])  # the job's own config class
     reporter = Reporter(args["sink"], worker_info())
     reporter.announce()
     io = RankIO(log=reporter.log, flush=reporter.flush, restore=restore, save=save)
@@ -247,7 +251,7 @@ def total_steps(config: Any, num_examples: int) -> int:
     return max(1, int(per_epoch * config.train.num_epochs))
 
 
-def prepare_data(config: Any, tokenizer: Any, kind: str) -> tuple[list[dict], list[dict] | None]:
+def prepare_data(config: Any, tokenizer: Any, kind: Kind) -> tuple[list[dict], list[dict] | None]:
     """Tokenize train and eval examples on the driver (bad data fails here, before any worker starts)."""
     from rlhf.data.encode import build_examples
 
@@ -261,7 +265,7 @@ def prepare_data(config: Any, tokenizer: Any, kind: str) -> tuple[list[dict], li
     return train, evaluation
 
 
-def run_job(config: Any, name: str, kind: str, worker: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+def run_job(config: Any, name: str, kind: Kind, worker: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Driver of a data-parallel job: validate, tokenize once, run the workers, summarize."""
     import ray
 
@@ -311,7 +315,7 @@ def reference_pass(
     model: torch.nn.Module,
     examples: list[dict[str, Any]],
     collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
-    logps: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
+    logps: Callable[[dict[str, torch.Tensor]], Sequence[torch.Tensor]],
     size: int = 16,
 ) -> list[dict[str, Any]]:
     """``examples`` with ``reference_logps`` added: the pair ``logps(collate(chunk))`` of each, from ``model``

@@ -34,6 +34,7 @@ from rlhf import seeds
 from rlhf.jobs.runner import JobError
 from rlhf.rl.checkpoint import checkpoint, latest_checkpoint, restore
 from rlhf.rl.config import PPOConfig
+from rlhf.rl.experience import need
 from rlhf.rl.preflight import Prepared, prepare
 from rlhf.rl.prompts import prompts_for_step
 from rlhf.rl.replicas import POLICY_MODEL_NAME, deploy_rollouts, sync_weights
@@ -85,7 +86,7 @@ def rl_step(step: int, roles: Roles, run: Run) -> tuple[dict[str, float], StageT
         metrics |= train_policy(roles, experience, config, step, run.kl_coef)
     with timer("sync"):
         sync_weights(roles, run.client, run.deployment, run.weights_dir, config)
-    scores = experience.scores
+    scores = need(experience.scores, "scores")
     lengths = torch.tensor([len(s.token_ids) for s in samples], dtype=torch.float32)
     generated = float(lengths.sum())
     metrics |= {
@@ -146,7 +147,7 @@ class Run:
         """The steps up to ``train.max_steps``; a role group that died or hung is rebuilt from the last checkpoint."""
         from cluster.group_errors import GroupError
 
-        while self.step < self.config.train.max_steps:
+        while self.step < self.config.steps:
             try:
                 roles = self.roles
                 if roles is None:

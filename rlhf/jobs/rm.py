@@ -6,18 +6,21 @@ rejected sequences go through one forward pass as a [2B, T] batch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rlhf.config import RewardLossConfig, RMConfig
 from rlhf.models.config import ModelConfig
 
+if TYPE_CHECKING:
+    from rlhf.data.formats import Kind
+
 
 class RewardObjective:
     """-log sigma(r_chosen - r_rejected - margin) over the pairs of the global batch."""
 
-    data_kind = "preference"
+    data_kind: Kind = "preference"
 
     def __init__(self, model: ModelConfig, loss: RewardLossConfig, pad_token_id: int) -> None:
         self.model_config = model

@@ -165,7 +165,7 @@ def check_resume(config: Any, name: str, total_steps: int) -> int | None:
 def _root_cause(exc: BaseException) -> str:
     """The innermost error's type and first line, for a message without a library traceback."""
     seen = exc
-    while seen.__cause__ is not None or getattr(seen, "cause", None) is not None:
-        seen = seen.__cause__ or seen.cause
+    while (cause := seen.__cause__ or getattr(seen, "cause", None)) is not None:
+        seen = cause
     text = str(seen).strip().splitlines()
     return f"{type(seen).__name__}: {text[-1] if text else ''}"

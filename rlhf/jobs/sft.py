@@ -6,18 +6,21 @@ over the whole global batch; packed rows train padding-free.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rlhf.config import SFTConfig
 from rlhf.models.config import ModelConfig
 
+if TYPE_CHECKING:
+    from rlhf.data.formats import Kind
+
 
 class SFTObjective:
     """Masked next-token cross-entropy on causal-LM batches."""
 
-    data_kind = "sft"
+    data_kind: Kind = "sft"
 
     def __init__(self, model: ModelConfig, pad_token_id: int) -> None:
         self.model_config = model

@@ -17,7 +17,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -68,7 +70,7 @@ class RunStorage:
         root = Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache" / "rlhf"))
         return root / "runs" / digest
 
-    def _fs(self, location: str) -> tuple[object, str]:
+    def _fs(self, location: str) -> tuple[Any, str]:  # pyarrow ships no types
         import pyarrow.fs
 
         return pyarrow.fs.FileSystem.from_uri(location)
@@ -76,11 +78,11 @@ class RunStorage:
     def check_writable(self) -> None:
         """Create the location and write a probe there; OSError or ValueError when it cannot be written."""
         if not self.remote:
-            path = Path(self.location)
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".write-test-{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
+            local = Path(self.location)
+            local.mkdir(parents=True, exist_ok=True)
+            local_probe = local / f".write-test-{os.getpid()}"
+            local_probe.write_text("ok")
+            local_probe.unlink()
             return
         fs, path = self._fs(self.location)
         fs.create_dir(path, recursive=True)
@@ -158,7 +160,7 @@ class RunStorage:
         return max(steps) if steps else None
 
 
-def export_to(storage: RunStorage, export: object, *names: str) -> None:
+def export_to(storage: RunStorage, export: Callable[[Path], object], *names: str) -> None:
     """Run ``export(directory)`` into a local directory and place the result at ``names`` under ``storage``.
 
     Locally the export writes to a temporary directory beside the target that is renamed

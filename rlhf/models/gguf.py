@@ -122,8 +122,9 @@ def convert(gguf: Path, target: Path) -> None:
         except Exception as exc:
             raise GGUFError(f"cannot convert the GGUF file {gguf}: {type(exc).__name__}: {exc}") from None
         # the weights are plain tensors once loaded; what marks the model as quantized stops save_pretrained
-        model.hf_quantizer = None
-        model.is_quantized = False
+        # torch types a Module's attribute assignment as Tensor | Module only
+        model.hf_quantizer = None  # type: ignore[assignment]
+        model.is_quantized = False  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)

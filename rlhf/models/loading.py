@@ -11,14 +11,16 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from cluster.errors import UserError
 from rlhf.models.config import LoraConfig, ModelConfig
 
 if TYPE_CHECKING:
     import torch
+    from peft import PeftModel
     from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ def _quantization(config: ModelConfig, compute_dtype: torch.dtype) -> BitsAndByt
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def _load(auto_cls: type, config: ModelConfig, trainable: bool, **kwargs) -> PreTrainedModel:
+def _load(auto_cls: type[_BaseAutoModelClass], config: ModelConfig, trainable: bool, **kwargs: Any) -> PreTrainedModel:
     import torch
 
     name = resolve(config.name_or_path)
@@ -199,7 +201,8 @@ def apply_lora(model: PreTrainedModel, lora: LoraConfig, task_type: str = "CAUSA
         target_modules=targets,
         task_type=task_type,
     )
-    return get_peft_model(model, peft_config)
+    # a PeftModel forwards every other attribute to the PreTrainedModel it wraps, and is handed on as one
+    return cast("PreTrainedModel", get_peft_model(model, peft_config))
 
 
 def is_peft(model: object) -> bool:
@@ -237,7 +240,7 @@ def save_pretrained(
         if base_config is None:
             raise ValueError("merging LoRA adapters needs the base model's config (base_config)")
         merged = merge_adapter(
-            base_config, adapter_dir, scalar_head=model.peft_config["default"].task_type == "SEQ_CLS"
+            base_config, adapter_dir, scalar_head=cast("PeftModel", model).peft_config["default"].task_type == "SEQ_CLS"
         )
         merged.save_pretrained(output_dir, safe_serialization=True)
         tokenizer.save_pretrained(output_dir)

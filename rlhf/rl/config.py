@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cluster.config import ClusterConfig
 from rlhf.config import TrainConfig
@@ -271,6 +271,13 @@ class PPOConfig:
         return estimator(self.algorithm.estimator).critic
 
     @property
+    def steps(self) -> int:
+        """``train.max_steps``, which rlhf ppo needs (:mod:`rlhf.rl.preflight` refuses a config without it)."""
+        if self.train.max_steps is None:
+            raise ValueError("train.max_steps: rlhf ppo needs a number of steps")
+        return self.train.max_steps
+
+    @property
     def rows_per_step(self) -> int:
         """The sequences of one RL step: ``rollout.prompts_per_step`` x ``rollout.group_size``."""
         return self.rollout.prompts_per_step * self.rollout.group_size
@@ -305,7 +312,7 @@ def reward_models(config: PPOConfig) -> list[tuple[str, Path]]:
     return [(name, Path(spec.source)) for name, spec in specs if spec.is_model]
 
 
-def reward_terms(config: PPOConfig) -> list[dict]:
+def reward_terms(config: PPOConfig) -> list[dict[str, Any]]:
     """The reward of ``config`` as ``[{"name", "source", "weight"}, ...]``: its ``rewards``, else ``reward`` alone."""
     from rlhf.rl.rewards import term_name
 

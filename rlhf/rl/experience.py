@@ -21,12 +21,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
 from rlhf.algos import kl_estimate, masked_mean, masked_sum
 from rlhf.algos.estimators import EstimatorSettings, StepRewards, estimator
 from rlhf.algos.kl import KLEstimator
+
+
+def need(value: torch.Tensor | None, name: str) -> torch.Tensor:
+    """``value``, an :class:`Experience` field; a ValueError naming it when it is None (its stage has not run)."""
+    if value is None:
+        raise ValueError(f"the experience has no {name}: the stage that computes it has not run")
+    return value
+
 
 SEQUENCE_FIELDS = ("input_ids", "attention_mask")
 """The ``[B, T]`` fields of an :class:`Experience`; every other tensor field is ``[B, T-1]`` but ``scores``."""
@@ -78,7 +87,8 @@ class Experience:
     def keep(self, *names: str) -> Experience:
         """The sequences, the response mask and the fields ``names``; the others None (what a role needs)."""
         kept = {*SEQUENCE_FIELDS, "response_mask", *names}
-        return replace(self, **{f.name: None for f in fields(self) if f.name not in kept})
+        dropped: dict[str, Any] = {f.name: None for f in fields(self) if f.name not in kept}
+        return replace(self, **dropped)
 
     def rows(self, rows: slice | torch.Tensor) -> Experience:
         """The rows ``rows`` (a slice or an index tensor), trimmed to their longest row's width."""

@@ -38,7 +38,7 @@ def check_config(config: PPOConfig) -> None:
         )
 
 
-def check_reward(config: PPOConfig, row: dict) -> str:
+def check_reward(config: PPOConfig, row: dict[str, Any]) -> str:
     """Build each reward source once in the driver and score one pair of ``row`` (a training prompt as the data
     holds it, a string or messages, with its other columns, as the reward will get them), so a wrong path, a down
     endpoint or a column the function needs and the data lacks fails now. Returns the reward's description."""
@@ -75,8 +75,8 @@ class Prepared:
     output_dir: Path
     state: dict[str, Any]
     """The state to start from: a checkpoint's when resuming (``step``, ``kl_coef``, ``prompt_position``)."""
-    prompts: list[dict]
-    eval_prompts: list[dict]
+    prompts: list[dict[str, Any]]
+    eval_prompts: list[dict[str, Any]]
     pad_token_id: int
     reward: str
     """A description of the reward, for the run's first line."""

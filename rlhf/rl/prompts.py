@@ -14,13 +14,13 @@ EVAL_PROMPTS = 64
 """The most held-out prompts an evaluation samples (one response each)."""
 
 
-def load_prompts(config: PPOConfig, tokenizer: Any) -> tuple[list[dict], list[dict]]:
+def load_prompts(config: PPOConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Encoded training prompts and (when ``data.eval_split`` or ``data.eval_path`` is set) held-out prompts."""
     from rlhf.data.encode import build_examples
 
     data = config.data
     train = build_examples(data, tokenizer, "prompt")
-    evaluation: list[dict] = []
+    evaluation: list[dict[str, Any]] = []
     if data.eval_split or data.eval_path:
         evaluation = build_examples(data, tokenizer, "prompt", split=data.eval_split or data.split, path=data.eval_path)
     return train, evaluation[:EVAL_PROMPTS]

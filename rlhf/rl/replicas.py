@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rlhf.rl.config import PPOConfig
     from rlhf.rl.roles import Roles
+    from serving.deploy import RolloutDeployment
+    from serving.replicas import Replica
+    from serving.rollout import RolloutClient
 
 POLICY_MODEL_NAME = "policy"
 """The model name the replicas serve the policy under."""
 
 
-def deploy_rollouts(config: PPOConfig, app_name: str) -> Any:
+def deploy_rollouts(config: PPOConfig, app_name: str) -> RolloutDeployment:
     """Deploy (or, with a name the user gave, find) the policy's rollout replicas as the Serve application
     ``app_name``; the :class:`serving.deploy.RolloutDeployment` to release at the end."""
     from rlhf.models.loading import resolve
@@ -35,7 +38,9 @@ def deploy_rollouts(config: PPOConfig, app_name: str) -> Any:
     return deploy(serve_config, app_name, timeout_s=config.roles.call_timeout_s, weight_transfer=weight_transfer)
 
 
-def sync_weights(roles: Roles, rollout: Any, deployment: Any, weights_dir: Path, config: PPOConfig) -> list[Any]:
+def sync_weights(
+    roles: Roles, rollout: RolloutClient, deployment: RolloutDeployment, weights_dir: Path, config: PPOConfig
+) -> list[Replica]:
     """Bring every rollout replica to the policy's weights; return the replicas synced.
 
     ``rollout.weight_sync=transfer`` sends them from the policy's memory through vLLM's

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from cluster.groups import ActorGroup, PendingCall
     from cluster.placement import Placement
     from rlhf.algos.objective import PolicyObjective
-    from rlhf.models.config import EngineConfig, ModelConfig
+    from rlhf.engine import EngineConfig
+    from rlhf.models.config import ModelConfig
     from rlhf.rl.config import PPOConfig, Role
 
 REWARD_GRACE_S = 30.0
@@ -78,6 +79,7 @@ class _RoleGroup:
 class _TrainableGroup(_RoleGroup):
     """A role with an optimizer: checkpoints and an update over the PPO epochs' mini-batches."""
 
+    worker: ClassVar[type[PolicyWorker] | type[ValueWorker]]
     loss_name: ClassVar[str]
 
     def save(self, directory: Path, timeout_s: float) -> PendingCall:
@@ -224,12 +226,12 @@ class RewardGroup(_RoleGroup):
         super().__init__(group)
         self.reward = reward
 
-    def build(self, spec: str | list[dict]) -> PendingCall:
+    def build(self, spec: str | list[dict[str, Any]]) -> PendingCall:
         """Start building the reward source of ``spec`` on every rank."""
         return self.group.submit(RewardWorker.build, spec)
 
     def score(
-        self, prompts: list[Any], responses: list[str], columns: dict[str, list], timeout_s: float
+        self, prompts: list[Any], responses: list[str], columns: dict[str, list[Any]], timeout_s: float
     ) -> PendingScores:
         """Start scoring the responses, a slice of rows per rank, within ``timeout_s``."""
         slices = split_rows(len(responses), self.world_size)
@@ -301,7 +303,10 @@ def engine_for(engine: EngineConfig, batch: int, workers: int, mini_batches: int
 def role_counts(config: PPOConfig) -> dict[Role, int]:
     """The ranks of each role the config needs, in placement order."""
     needed: list[Role] = ["policy", "reward"]
-    needed += ["reference"] * config.needs_reference + ["value"] * config.needs_critic
+    if config.needs_reference:
+        needed.append("reference")
+    if config.needs_critic:
+        needed.append("value")
     return {role: config.roles.workers(role) for role in needed}
 
 
@@ -358,7 +363,7 @@ def build_roles(config: PPOConfig) -> Roles:
         if "value" in groups:
             roles.value = ValueGroup(groups["value"], config.value_engine.micro_batch_size)
         batch, seed, dropout_off = config.rows_per_step, config.train.seed, algorithm.disable_dropout
-        optimizer_steps = config.train.max_steps * algorithm.ppo_epochs * algorithm.mini_batches
+        optimizer_steps = config.steps * algorithm.ppo_epochs * algorithm.mini_batches
         policy_engine = engine_for(config.engine, batch, r.policy_workers, algorithm.mini_batches)
         calls = [
             roles.policy.build(config.policy, policy_engine, optimizer_steps, seed, dropout_off),

@@ -22,6 +22,7 @@ from rlhf.rl.experience import Experience
 if TYPE_CHECKING:
     from rlhf.rl.config import PPOConfig
     from rlhf.rl.roles import PendingScores, Roles
+    from serving.rollout import RolloutClient, Sample
 
 
 STAGES = ("generate", "experience", "train_value", "train_policy", "sync", "checkpoint")
@@ -44,7 +45,9 @@ class StageTimer:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
 
 
-def generate(rollout: Any, prompts: list[dict], config: PPOConfig, seed: int, n: int | None = None) -> list[Any]:
+def generate(
+    rollout: RolloutClient, prompts: list[dict[str, Any]], config: PPOConfig, seed: int, n: int | None = None
+) -> list[Sample]:
     """``group_size`` (or ``n``) samples per prompt from the replicas, prompt-major."""
     r = config.rollout
     return rollout.generate(
@@ -58,7 +61,9 @@ def generate(rollout: Any, prompts: list[dict], config: PPOConfig, seed: int, n:
     )
 
 
-def reward_inputs(samples: list[Any], prompts: list[dict]) -> tuple[list[Any], list[str], dict[str, list]]:
+def reward_inputs(
+    samples: list[Any], prompts: list[dict[str, Any]]
+) -> tuple[list[Any], list[str], dict[str, list[Any]]]:
     """What the reward scores: each sample's prompt as the data holds it (a string or a message list, not the
     policy's chat-template rendering), its response text, and its prompt row's other columns (name -> one value
     per sample)."""
@@ -68,7 +73,7 @@ def reward_inputs(samples: list[Any], prompts: list[dict]) -> tuple[list[Any], l
     return [row["prompt"] for row in rows], [s.text for s in samples], columns
 
 
-def score(roles: Roles, samples: list[Any], prompts: list[dict], config: PPOConfig) -> PendingScores:
+def score(roles: Roles, samples: list[Any], prompts: list[dict[str, Any]], config: PPOConfig) -> PendingScores:
     """Start scoring ``samples`` on the reward ranks; ``.result()`` is ``(scores, components)``."""
     return roles.reward.score(*reward_inputs(samples, prompts), config.reward_timeout_s)
 
@@ -90,7 +95,7 @@ def old_logprobs_in_update(roles: Roles, config: PPOConfig) -> bool:
 
 
 def make_experience(
-    roles: Roles, samples: list[Any], prompts: list[dict], config: PPOConfig, pad_id: int
+    roles: Roles, samples: list[Any], prompts: list[dict[str, Any]], config: PPOConfig, pad_id: int
 ) -> tuple[Experience, dict[str, torch.Tensor]]:
     """The samples' :class:`~rlhf.rl.experience.Experience` with what the groups compute in parallel (log-probs,
     reference log-probs, values, scores), and the reward's components by name.
@@ -125,14 +130,15 @@ def advantages(experience: Experience, config: PPOConfig, kl_coef: float) -> tup
         advantages_and_returns,
         importance_weight_stats,
         logprob_gap,
+        need,
         truncated_importance_weights,
     )
 
-    mask, rollout_logprobs = experience.response_mask, experience.rollout_logprobs
+    mask, rollout_logprobs = experience.response_mask, need(experience.rollout_logprobs, "rollout_logprobs")
     trainer_logprobs = experience.old_logprobs
     adv, returns, metrics = advantages_and_returns(
         config.algorithm.estimator,
-        experience.scores,
+        need(experience.scores, "scores"),
         mask,
         # without a reference model the log-probs only set the dtype here (no KL)
         rollout_logprobs if trainer_logprobs is None else trainer_logprobs,
@@ -145,10 +151,11 @@ def advantages(experience: Experience, config: PPOConfig, kl_coef: float) -> tup
         metrics |= logprob_gap(trainer_logprobs, rollout_logprobs, mask)
     weights = None
     if config.rollout.truncated_is is not None:
-        weights = truncated_importance_weights(trainer_logprobs, rollout_logprobs, mask, config.rollout.truncated_is)
+        trainer = need(trainer_logprobs, "old_logprobs")  # truncated IS computes them before the update
+        weights = truncated_importance_weights(trainer, rollout_logprobs, mask, config.rollout.truncated_is)
         metrics |= importance_weight_stats(weights, mask, config.rollout.truncated_is)
     if returns is not None:
-        metrics["explained_variance"] = explained_variance(experience.values, returns, mask)
+        metrics["explained_variance"] = explained_variance(need(experience.values, "values"), returns, mask)
     experience = replace(experience, advantages=adv, returns=returns, importance_weights=weights)
     return experience, {name: float(value) for name, value in metrics.items()}
 
@@ -187,7 +194,9 @@ def train_policy(
     return roles.policy.update(policy_rows, update_schedule(config), step, objective, config.rollout.temperature)
 
 
-def evaluate(rollout: Any, roles: Roles, prompts: list[dict], config: PPOConfig, seed: int) -> dict[str, float]:
+def evaluate(
+    rollout: RolloutClient, roles: Roles, prompts: list[dict[str, Any]], config: PPOConfig, seed: int
+) -> dict[str, float]:
     """Mean reward and response length of one sample per held-out prompt."""
     samples = generate(rollout, prompts, config, seed, n=1)
     scores, components = score(roles, samples, prompts, config).result()

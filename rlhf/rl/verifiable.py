@@ -50,7 +50,8 @@ def final_answer(response: str) -> str:
     """The answer a response gives (module docstring): tagged, after ``####``, boxed, or the whole text."""
     tagged = _ANSWER_TAG.findall(response)
     if tagged:
-        return tagged[-1].strip()
+        last: str = tagged[-1]  # typeshed types findall's items as Any
+        return last.strip()
     if "####" in response:
         return response.rsplit("####", 1)[1].strip()
     boxed = _boxed(response)

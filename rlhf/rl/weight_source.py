@@ -12,10 +12,13 @@ own, so it is not sent; the replicas refresh it from the embeddings).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from vllm.distributed.weight_transfer.base import ModuleSource, ParamMeta, WeightSource, layerwise_groups
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 class ZeroGatheredSource(WeightSource):
@@ -57,7 +60,7 @@ class MergedLoraSource(WeightSource):
         """``(name, base parameter, LoRA layer or None)`` of every base parameter, adapters' own left out."""
         from peft.tuners.lora import LoraLayer
 
-        base = self._module.get_base_model()
+        base = cast("PeftModel", self._module).get_base_model()  # the module is a peft model (see the class)
         adapted = {name: module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
         for name, param in base.named_parameters():
             owner, _, leaf = name.rpartition(".")

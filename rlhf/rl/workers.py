@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 def causal_logits(model: Any, batch: Experience, temperature: float) -> torch.Tensor:
     """Logits ``[B, T-1, V]`` predicting tokens ``1..T-1``, divided by the sampling temperature."""
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    return out.logits[:, :-1].float() / temperature
+    logits: torch.Tensor = out.logits[:, :-1].float() / temperature
+    return logits
 
 
 def causal_logprobs(model: Any, batch: Experience, temperature: float) -> torch.Tensor:
@@ -119,7 +120,8 @@ class _TrainableWorker(RankWorker):
 
     def load_checkpoint(self, directory: str) -> dict[str, Any]:
         """Restore a checkpoint written by :meth:`save_checkpoint`; return its client state."""
-        return self.engine.load_checkpoint(directory)
+        state: dict[str, Any] = self.engine.load_checkpoint(directory)
+        return state
 
     def export(self, directory: str) -> str | None:
         """The full model in Hugging Face format (ZeRO-3 shards gathered); every rank calls it, rank 0 writes."""
@@ -168,20 +170,20 @@ class PolicyWorker(_TrainableWorker):
         """
         from rlhf.algos import token_logprobs
         from rlhf.algos.objective import policy_objective
-        from rlhf.rl.experience import logprob_gap
+        from rlhf.rl.experience import logprob_gap, need
 
-        def loss_fn(batch: Experience, denominator: dict[str, float]) -> tuple[torch.Tensor, dict]:
+        def loss_fn(batch: Experience, denominator: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             mask = batch.response_mask
             logits = causal_logits(self.engine, batch, temperature)
             logprobs = token_logprobs(logits, batch.input_ids[:, 1:])
             gap: dict[str, torch.Tensor] = {}
             if batch.old_logprobs is None:
-                gap = logprob_gap(logprobs.detach(), batch.rollout_logprobs, mask)
+                gap = logprob_gap(logprobs.detach(), need(batch.rollout_logprobs, "rollout_logprobs"), mask)
                 gap.pop("logprob_gap_max")  # a token-weighted mean over ranks is not a max
             loss, metrics = policy_objective(
                 logits,
                 logprobs,
-                batch.advantages,
+                need(batch.advantages, "advantages"),
                 mask,
                 objective,
                 old_logprobs=batch.old_logprobs,
@@ -257,12 +259,13 @@ class ValueWorker(_TrainableWorker):
     ) -> dict[str, float]:
         """One optimizer step per mini-batch on the clipped value loss (``values`` at rollout time, ``returns``)."""
         from rlhf.algos import value_loss
+        from rlhf.rl.experience import need
 
-        def loss_fn(batch: Experience, denominator: dict[str, float]) -> tuple[torch.Tensor, dict]:
+        def loss_fn(batch: Experience, denominator: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             return value_loss(
                 self._values(self.engine, batch),
-                batch.values,
-                batch.returns,
+                need(batch.values, "values"),
+                need(batch.returns, "returns"),
                 batch.response_mask,
                 clip_range,
                 num_tokens=denominator["num_tokens"],
@@ -283,7 +286,8 @@ class ReferenceWorker(RankWorker):
 
         self.device = _device()
         frozen = load_causal_lm(model, trainable=False)
-        self.model = (frozen if self.device != "cpu" else frozen.float()).to(self.device)
+        # transformers types to() as functools.wraps(Module.to), whose signature takes the module first
+        self.model = (frozen if self.device != "cpu" else frozen.float()).to(self.device)  # type: ignore[arg-type]
 
     def logprobs(self, batches: list[Experience], temperature: float) -> list[torch.Tensor]:
         """Log-probs ``[b, T-1]`` of each batch under the reference model."""
@@ -297,7 +301,7 @@ class RewardWorker(RankWorker):
 
     source: Any = None
 
-    def build(self, spec: str | list[dict]) -> str:
+    def build(self, spec: str | list[dict[str, Any]]) -> str:
         """Create the reward source named by ``spec`` (or the weighted sum of its terms); return its description."""
         from rlhf.rl.rewards import make_reward, make_weighted
 
@@ -306,12 +310,16 @@ class RewardWorker(RankWorker):
         )
         return repr(self.source)
 
-    def score(self, items: tuple, timeout_s: float) -> list[float]:
+    def score(self, items: tuple[Any, ...], timeout_s: float) -> list[float]:
         """Scores of ``(prompts, responses[, columns])``, one float per response, within ``timeout_s``."""
-        return self.source.score(*items[:2], timeout_s, *items[2:])
+        scores: list[float] = self.source.score(*items[:2], timeout_s, *items[2:])
+        return scores
 
-    def score_parts(self, items: tuple, timeout_s: float) -> tuple[list[float], dict[str, list[float]]]:
+    def score_parts(self, items: tuple[Any, ...], timeout_s: float) -> tuple[list[float], dict[str, list[float]]]:
         """The scores of :meth:`score` and, for a weighted sum, each component's (else none)."""
         if hasattr(self.source, "score_parts"):
-            return self.source.score_parts(*items[:2], timeout_s, *items[2:])
+            parts: tuple[list[float], dict[str, list[float]]] = self.source.score_parts(
+                *items[:2], timeout_s, *items[2:]
+            )
+            return parts
         return self.score(items, timeout_s), {}

@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 from rlhf.data.formats import Text
@@ -42,7 +43,7 @@ def _missing_module_hint(missing: str) -> str:
     return f"; did you mean '{near}'?" if near else ""
 
 
-def _import_module(name: str, spec: str) -> Any:
+def _import_module(name: str, spec: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except Exception as exc:
@@ -77,7 +78,7 @@ def import_function(spec: str) -> Callable[..., Any]:
     if match is None:
         raise RewardError(f"config key 'reward': {spec!r} is not of the form package.module:function")
     module_name, attribute_path = match.groups()
-    target = _import_module(module_name, spec)
+    target: object = _import_module(module_name, spec)
     owner_name = module_name
     for attribute in attribute_path.split("."):
         if not hasattr(target, attribute):
@@ -199,7 +200,7 @@ class FunctionReward:
             extra = self.calling.arguments({name: values[row] for name, values in columns.items()}, self._source)
             if self.form == "keywords":
                 given = {"prompt": prompt, "response": response}
-                args: tuple = ()
+                args: tuple[Any, ...] = ()
                 extra |= {name: given[name] for name in self.calling.passed}
             else:
                 args = (response,) if self.form == "response" else (prompt, response)

@@ -27,7 +27,7 @@ def reward_model_config(directory: Path) -> PretrainedConfig:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(directory))
+        config: PretrainedConfig = AutoConfig.from_pretrained(str(directory))
     except Exception as exc:
         raise RewardError(
             f"config key 'reward': cannot read the model config in {directory}: {type(exc).__name__}: {exc}"
@@ -76,7 +76,8 @@ class ModelReward:
         model = load_scalar_model(config, trainable=False)
         if torch.device(device).type == "cpu":
             model = model.float()  # frozen models load in bf16 where CUDA exists; fp32 on the CPU
-        self.model = model.to(device)
+        # transformers types to() as functools.wraps(Module.to), whose signature takes the module first
+        self.model = model.to(device)  # type: ignore[arg-type]
         self.device = device
         self.batch_size = batch_size
         self.limits = LengthLimits(max_length or getattr(hf_config, "max_position_embeddings", None) or 2048)
