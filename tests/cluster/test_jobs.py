@@ -176,7 +176,7 @@ def test_rays_own_job_cli_runs_an_rlhf_command_as_the_docs_say(head: str) -> Non
     env["RAY_AUTH_MODE"] = "token"  # Ray's CLI sends the cluster's token only in this mode
     command = [
         sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", head, "--working-dir", ".",
-        "--", "python", "-m", "rlhf.cli", "plan", "--config", "rlhf/configs/sft.yaml", "--nodes", "1",
+        "--", "python", "-m", "rlhf.cli", "plan", "sft", "--config", "rlhf/configs/sft.yaml", "--nodes", "1",
         "--gpus-per-node", "8", "--gpu-memory", "80GB",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
