@@ -15,10 +15,9 @@ what a deployment of a trained model needs on top:
   an exported config, an application built on a cluster by :func:`app_builder`) is refused
   without API keys unless ``allow_unauthenticated`` says so.
 
-The ingress reuses ``ray.serve.llm``'s own ingress class and FastAPI factory, which are
-internal to Ray; they are used here and nowhere else, and
-``tests/unit/test_serving.py::test_ray_llm_internals_this_module_relies_on`` fails loudly
-when a Ray release moves them.
+The ingress reuses ``ray.serve.llm``'s own ingress class and FastAPI factory (public), with
+Ray's FastAPI app, its routes and its model cards, which are internal to Ray
+(:mod:`serving.ray_internals`).
 """
 
 from __future__ import annotations
@@ -225,26 +224,26 @@ def ingress(config: ServeConfig, base: str) -> tuple[Any, Any]:
     The guard is the outermost middleware, so it sees every request first; FastAPI's own
     errors (an unknown path, a wrong method) get OpenAI-style bodies too.
     """
-    from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, init, make_fastapi_ingress
+    from ray.serve.llm.ingress import make_fastapi_ingress
     from starlette.exceptions import HTTPException
 
     from serving.guard import Guard, http_error
     from serving.ingress import Ingress
+    from serving.ray_internals import openai_fastapi_app, openai_routes
 
-    app = init()
+    app = openai_fastapi_app()
     app.add_exception_handler(HTTPException, http_error)
     app.add_middleware(Guard, keys=api_keys(config), limits=limits(config, (base, *config.adapters)))
-    endpoints = {name: DEFAULT_ENDPOINTS[name] for name in ROUTES}
-    return app, make_fastapi_ingress(Ingress, endpoint_map=endpoints, app=app)
+    return app, make_fastapi_ingress(Ingress, endpoint_map=openai_routes(ROUTES), app=app)
 
 
 def build_app(config: ServeConfig, gpu: bool | None = None) -> Any:
     """The Serve application for ``config``: the model's replicas and the guarded OpenAI ingress."""
     from ray import serve
-    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
+    from ray.serve.llm import build_llm_deployment
 
     from serving.ingress import Ingress
+    from serving.ray_internals import model_card
 
     validate(config)
     llm = llm_config(config, gpu)
@@ -253,7 +252,7 @@ def build_app(config: ServeConfig, gpu: bool | None = None) -> Any:
     options = Ingress.get_deployment_options([llm])
     return serve.deployment(**options)(ingress_cls).bind(
         llm_deployments={base: build_llm_deployment(llm)},
-        model_cards={base: to_model_metadata(base, llm)},
+        model_cards={base: model_card(base, llm)},
         adapters=dict.fromkeys(config.adapters, base),
     )
 

@@ -9,10 +9,8 @@ the distribution they were sampled from (see :mod:`serving.rollout`), and, when 
 with vLLM's weight-transfer backend (:mod:`serving.weight_transfer`). The
 :class:`RolloutDeployment` it returns undoes what it did.
 
-Ray internals used here: the Serve controller's client
-(``ray.serve.context._get_global_client``, also watched by ``tests/serving/test_rollout.py::
-test_ray_internals_this_module_relies_on``) and ``ray.llm``'s ``build_llm_deployment`` (as
-:mod:`serving.app` uses it, watched by ``tests/unit/test_serving.py``).
+Whether Serve runs, the non-blocking deletion of an application and the deployment name
+``build_llm_deployment`` derives from a model are Ray internals, in :mod:`serving.ray_internals`.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from serving.ray_internals import delete_application, llm_deployment_id, serve_controller_running
 from serving.replicas import RolloutError
 
 
@@ -51,7 +50,7 @@ class RolloutDeployment:
 
         if self.how == "reused":
             return
-        serve.delete(self.app_name, _blocking=wait)
+        delete_application(self.app_name, wait)
         others = serve.status().applications  # also makes sure the controller has the deletion before we go on
         if wait and self.how == "started" and not set(others) - {self.app_name}:
             serve.shutdown()
@@ -67,8 +66,7 @@ def deploy(config: Any, app_name: str, timeout_s: float = 600.0, weight_transfer
     ``timeout_s``.
     """
     from ray import serve
-    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
-    from ray.serve.context import _get_global_client
+    from ray.serve.llm import build_llm_deployment
 
     from serving.app import llm_config, validate
     from serving.backends import backend, on_gpu
@@ -76,7 +74,7 @@ def deploy(config: Any, app_name: str, timeout_s: float = 600.0, weight_transfer
     validate(config)
     gpu = on_gpu()
     deployment = RolloutDeployment(app_name, "deployed", backend(gpu))
-    if _get_global_client(raise_if_no_controller_running=False) is None:
+    if not serve_controller_running():
         serve.start(proxy_location="Disabled")
         deployment = RolloutDeployment(app_name, "started", backend(gpu))
     elif app_name in serve.status().applications:
@@ -118,7 +116,7 @@ def _llm_deployment(app_name: str, model: str) -> str:
     if app_name not in applications:
         raise RolloutError(f"no Serve application {app_name!r} is running (running: {sorted(applications)})")
     names = list(applications[app_name].deployments)
-    suffix = ":" + model.replace("/", "--").replace(".", "_")  # how ray.serve.llm names the deployment
+    suffix = ":" + llm_deployment_id(model)
     matches = [name for name in names if name.endswith(suffix)]
     if len(matches) != 1:
         raise RolloutError(f"application {app_name!r} has no single deployment for model {model!r} (has {names})")

@@ -8,25 +8,20 @@ without a timeout and cannot say which replica failed; ``DeploymentHandle.broadc
 RUNNING replicas (:class:`Replica`, as the Serve controller listed them) and calls each
 replica's actor directly (the way ``broadcast`` does), waiting for all of them with what is
 left of one deadline. A replica that fails or does not answer in time is named (id, pid,
-node) in the :class:`RolloutError`; pending calls are cancelled.
-
-Ray internals used here (``tests/serving/test_rollout.py::
-test_ray_internals_this_module_relies_on`` fails loudly when a Ray release moves them):
-``ray.serve._private.common.RequestMetadata`` and the replica actor's ``handle_request``
-and ``handle_request_streaming`` entry points.
+node) in the :class:`RolloutError`; pending calls are cancelled. The call to one replica's actor is
+Ray internals: :func:`serving.ray_internals.call_replica`.
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cluster.errors import UserError
+from serving.ray_internals import call_replica
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -80,7 +75,10 @@ class ReplicaSet:
     ) -> dict[Replica, Any]:
         """``LLMServer.<method>(**kwargs)`` on every replica at once; their results by replica."""
         return self.on_each(
-            lambda replica: _call_replica(replica, self.app_name, method, kwargs=kwargs), method, deadline, timeout_s
+            lambda replica: call_replica(replica.actor_name, self.app_name, method, kwargs=kwargs),
+            method,
+            deadline,
+            timeout_s,
         )
 
     def rpc_each(self, method: str, kwargs_per_replica: list[dict[str, Any]] | dict[str, Any] | None = None) -> None:
@@ -102,7 +100,7 @@ class ReplicaSet:
             # the answer to the engine's next call
             timeout = max(1.0, deadline - time.monotonic()) + RPC_GRACE_S
             rpc = {"method": method, "kwargs": calls[replica], "timeout": timeout}
-            return _call_replica(replica, self.app_name, "collective_rpc", kwargs=rpc)
+            return call_replica(replica.actor_name, self.app_name, "collective_rpc", kwargs=rpc)
 
         self.on_each(send, method, deadline, self.timeout_s)
 
@@ -157,40 +155,6 @@ class ReplicaSet:
                 + "; ".join(failures)
             )
         return results
-
-
-def _actor(replica: Replica) -> Any:
-    import ray
-
-    return ray.get_actor(replica.actor_name, namespace="serve")
-
-
-def _call_replica(
-    replica: Replica,
-    app_name: str,
-    method: str,
-    args: tuple[Any, ...] = (),
-    kwargs: dict[str, Any] | None = None,
-    stream: bool = False,
-) -> Any:
-    """Call ``LLMServer.<method>(*args, **kwargs)`` on this replica, bypassing the router (as ``broadcast`` does).
-
-    Returns an ObjectRef, or for ``stream=True`` (methods that return a generator) an
-    ObjectRefGenerator.
-    """
-    from ray.serve._private.common import RequestMetadata
-
-    request_id = f"rollout-{uuid.uuid4()}"
-    metadata = RequestMetadata(
-        request_id=request_id,
-        internal_request_id=request_id,
-        call_method=method,
-        app_name=app_name,
-        is_streaming=stream,
-    )
-    actor = _actor(replica)
-    entry = actor.handle_request_streaming.options(num_returns="streaming") if stream else actor.handle_request
-    return entry.remote(pickle.dumps(metadata), *args, **(kwargs or {}))
 
 
 def _cancel(responses: Any) -> None:

@@ -60,11 +60,9 @@ replacement, or autoscaling) loads the deployment's original model: compare
 :meth:`RolloutClient.replicas` with the list :meth:`~RolloutClient.sync_weights`
 returned, and sync again when it changed.
 
-Ray internals used here (``tests/serving/test_rollout.py::
-test_ray_internals_this_module_relies_on`` fails loudly when a Ray release moves them):
-the Serve controller's instance details (``ray.serve.context._get_global_client``, also
-used by :mod:`serving.deploy`) and ``ray.serve.llm``'s ``CompletionRequest``; the calls to
-a replica's actor are :mod:`serving.replicas`'.
+The Serve controller's replica list, the call to one replica and the check run in a replica's
+process are Ray internals, in :mod:`serving.ray_internals` (:func:`~serving.ray_internals.serve_instance_details`,
+:func:`~serving.ray_internals.call_replica`, :func:`~serving.ray_internals.run_on_replica_actor`).
 """
 
 from __future__ import annotations
@@ -79,7 +77,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from serving.deploy import _llm_deployment
-from serving.replicas import RPC_GRACE_S, Replica, ReplicaSet, RolloutError, _actor, _call_replica, _cancel, _reason
+from serving.ray_internals import call_replica, run_on_replica_actor, serve_instance_details
+from serving.replicas import RPC_GRACE_S, Replica, ReplicaSet, RolloutError, _cancel, _reason
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentResponseGenerator
@@ -252,7 +251,7 @@ class RolloutClient:
                 # the handle streams (options(stream=True)), which Ray's types cannot tell
                 responses = cast("DeploymentResponseGenerator[Any]", self._handle.completions.remote(request))
             else:
-                responses = _call_replica(replica, self.app_name, "completions", (request,), stream=True)
+                responses = call_replica(replica.actor_name, self.app_name, "completions", (request,), stream=True)
             response = await responses.__anext__()
             if isinstance(response, ray.ObjectRef):
                 response = await response
@@ -300,12 +299,9 @@ class RolloutClient:
 
     def replicas(self) -> list[Replica]:
         """The deployment's RUNNING replicas, as the Serve controller sees them now."""
-        from ray.serve.context import _get_global_client
-
-        client = _get_global_client()
-        if client is None:
+        details = serve_instance_details()
+        if details is None:
             raise RolloutError(f"{self._where}: Serve is not running in this Ray cluster")
-        details = client.get_serve_details()
         try:
             replicas = details["applications"][self.app_name]["deployments"][self.deployment]["replicas"]
         except KeyError:
@@ -331,7 +327,7 @@ class RolloutClient:
         deadline = replicas.deadline(timeout_s)
 
         def check(replica: Replica) -> Any:
-            return _actor(replica).__ray_call__.remote(_weights_problem, weights)
+            return run_on_replica_actor(replica.actor_name, _weights_problem, weights)
 
         problems = replicas.on_each(check, f"checking {weights}", deadline, timeout_s)
         if unreadable := [f"{replica}: {problem}" for replica, problem in problems.items() if problem]:
@@ -383,7 +379,7 @@ def _prompt_logprobs(sequence: list[int], entries: list[Any] | None) -> list[flo
 
 
 def _weights_problem(_actor: Any, directory: str) -> str | None:
-    """Run on a replica's node (through ``__ray_call__``): why it cannot reload weights from ``directory``, or None."""
+    """Run in a replica's process, on its node: why it cannot reload weights from ``directory``, or None."""
     path = Path(directory)
     if not path.is_dir():
         return f"{directory} does not exist or is not a directory on this node"

@@ -427,6 +427,7 @@ def test_a_replica_that_does_not_answer_fails_the_run_within_the_sync_timeout(
     import ray
 
     from rlhf.jobs.ppo import run
+    from serving.ray_internals import run_on_replica_actor
     from serving.replicas import RolloutError
     from serving.rollout import RolloutClient
 
@@ -435,7 +436,7 @@ def test_a_replica_that_does_not_answer_fails_the_run_within_the_sync_timeout(
     # stalled until the run has failed: a stall of a fixed 20 s once ended before the run's first sync, when the
     # roles took longer than that to start, and the run went on ("DID NOT RAISE", 3 December 2026)
     release = tmp_path / "release"
-    stall = ray.get_actor(replica.actor_name, namespace="serve").__ray_call__.remote(_stall, str(release), 300)
+    stall = run_on_replica_actor(replica.actor_name, _stall, str(release), 300)
     try:
         started = time.monotonic()
         with pytest.raises(RolloutError, match="no answer within the 3.0 s timeout") as caught:

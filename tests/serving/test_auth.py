@@ -20,9 +20,11 @@ def registered_routes() -> list[tuple[str, str]]:
     Built from Ray's own factory with all of its routes, a superset of what :mod:`serving.app`
     deploys, so a route Ray adds in a later release is walked too.
     """
-    from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init, make_fastapi_ingress
+    from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
-    app = init()
+    from serving.ray_internals import openai_fastapi_app
+
+    app = openai_fastapi_app()
     make_fastapi_ingress(OpenAiIngress, app=app)
     routes = []
     for route in app.routes:
@@ -53,9 +55,9 @@ def prefixed(endpoint: Endpoint):
     """The endpoint's guarded ingress deployed again under the route prefix /llm (as an edited export would),
     sending to the endpoint's running replicas: no new vLLM replica is started."""
     from ray import serve
-    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
 
     from serving.app import ingress, llm_config
+    from serving.ray_internals import model_card
 
     config = endpoint.config
     base = endpoint.base_model
@@ -63,7 +65,7 @@ def prefixed(endpoint: Endpoint):
     _, ingress_cls = ingress(config, base)
     app = serve.deployment(ingress_cls, name="PrefixedIngress").bind(
         llm_deployments={base: serve.get_deployment_handle(replicas, app_name="rlhf")},
-        model_cards={base: to_model_metadata(base, llm_config(config, gpu=False))},
+        model_cards={base: model_card(base, llm_config(config, gpu=False))},
         adapters={},
     )
     serve.run(app, name="prefixed", route_prefix="/llm", blocking=False)

@@ -77,12 +77,14 @@ def _llm_replica_pids() -> list[int]:
     """PIDs of the live LLMServer replica processes (Serve names its replica actors in the "serve" namespace)."""
     import ray
 
+    from serving.ray_internals import run_on_replica_actor
+
     pids = []
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry["namespace"] == "serve" and "LLMServer" in entry["name"]:
-            actor = ray.get_actor(entry["name"], namespace="serve")
+            ref = run_on_replica_actor(entry["name"], lambda self: os.getpid())
             try:
-                pids.append(ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30))
+                pids.append(ray.get(ref, timeout=30))
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 continue  # dead or not yet started
     return sorted(pids)

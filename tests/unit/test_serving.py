@@ -160,36 +160,6 @@ def test_export_writes_a_serve_deploy_config_whose_builder_builds(
     assert isinstance(app_builder(app.args), Application)
 
 
-def test_ray_llm_internals_this_module_relies_on() -> None:
-    """serving/app.py and serving/ingress.py use these internal pieces of ray.serve.llm; fail loudly if they move."""
-    import inspect
-
-    from ray.llm._internal.serve.core.configs.openai_api_models import (
-        ChatCompletionRequest,
-        ModelCard,
-        OpenAIHTTPException,
-        to_model_metadata,
-    )
-    from ray.llm._internal.serve.core.ingress.ingress import (
-        DEFAULT_ENDPOINTS,
-        OpenAiIngress,
-        init,
-        make_fastapi_ingress,
-    )
-    from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
-    from ray.llm._internal.serve.core.server.builder import build_llm_deployment
-
-    from serving.app import ROUTES
-
-    assert {"_get_configured_serve_handle", "_get_model_id", "model", "models"} <= set(dir(OpenAiIngress))
-    assert {"app", "endpoint_map"} <= set(inspect.signature(make_fastapi_ingress).parameters)
-    assert set(ROUTES) <= set(DEFAULT_ENDPOINTS)
-    assert {"status_code", "message", "type"} <= set(inspect.signature(OpenAIHTTPException).parameters)
-    assert callable(_sanitize_chat_completion_request) and "messages" in ChatCompletionRequest.model_fields
-    assert callable(init) and callable(build_llm_deployment) and callable(to_model_metadata)
-    assert {"id", "object", "owned_by", "permission", "metadata"} <= set(ModelCard.model_fields)
-
-
 def test_serve_cli_errors_are_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "rlhf.cli", "serve", "--adapter", "no-equals-sign", "--export", str(tmp_path / "x")],

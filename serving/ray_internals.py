@@ -1,0 +1,227 @@
+"""The private pieces of Ray that ``rlhf``, ``serving`` and ``cluster`` rely on, each behind one small function.
+
+No other module of the three packages imports from ``ray._private``, ``ray.serve._private`` or
+``ray.llm._internal``, imports a ``_``-prefixed name from Ray, passes a Ray function a ``_``-prefixed
+argument, overrides a private member of a Ray class or calls ``__ray_call__``
+(``tests/unit/test_ray_internals.py::test_only_serving_ray_internals_touches_private_ray_names``).
+What has a public counterpart is used through it where it is needed: ``ray.serve.llm.build_llm_deployment``,
+``ray.serve.llm.ingress.OpenAiIngress`` and ``make_fastapi_ingress``, ``ray.serve.llm.openai_api_models``.
+``tests/unit/test_ray_internals.py`` checks every internal below (names, signatures, fields, what Ray does with
+them) without a Ray cluster, so a Ray release that moves one fails there rather than in a live deployment: the
+replicas' in ``test_the_serve_replica_internals_it_relies_on`` and
+``test_llm_deployment_id_is_how_build_llm_deployment_names_the_deployment``, the ingress's in
+``test_the_openai_ingress_internals_it_relies_on`` and the tests of :class:`~serving.ingress.Ingress` after it.
+
+Serve's replicas (:mod:`serving.replicas`, :mod:`serving.rollout`, :mod:`serving.deploy`):
+
+* :func:`call_replica`: ``ray.serve._private.common.RequestMetadata``, pickled by hand, and the replica
+  actor's ``handle_request`` / ``handle_request_streaming`` (``ray.serve._private.replica.ReplicaActor``).
+  A weight sync must reach every replica, each named when it fails, within one deadline: a handle call
+  reaches one replica the router picks, ``DeploymentHandle.broadcast`` (alpha) returns anonymous results,
+  and ``ray.llm``'s internal ``broadcast`` waits without a timeout (and calls the actors the same way).
+* :func:`replica_actor`: Serve's actor namespace (``ray.serve._private.constants.SERVE_NAMESPACE``), in
+  which the replica actors Serve lists by name live; ``ray.get_actor`` needs it and no public API names it.
+* :func:`run_on_replica_actor`: the actor method ``__ray_call__`` (a DeveloperAPI, not public), which runs a function
+  in the replica's process: a weight sync first checks the directory on each replica's own node, which no
+  ``LLMServer`` method does.
+* :func:`serve_controller_running` and :func:`serve_instance_details`:
+  ``ray.serve.context._get_global_client``, the Serve controller's client. ``serve.status()`` lists no
+  replicas and answers the same whether no controller runs or one runs with no application; the
+  controller's instance details (the public schema ``ray.serve.schema.ServeInstanceDetails``) list each
+  replica's id, actor name, state, pid and node, and otherwise only the dashboard's REST API serves them.
+* :func:`delete_application`: ``serve.delete``'s private ``_blocking`` argument; the public call waits
+  until the application is gone, which a stopped driver about to be killed cannot.
+* :func:`llm_deployment_id`: ``ray.llm._internal.serve.core.server.builder._get_deployment_name``, how
+  ``build_llm_deployment`` names a model's deployment (``<server class>:<this>``); a rollout client finds
+  the deployment of its model in a running application by it, and no public API maps the two.
+
+Ray's OpenAI ingress (:mod:`serving.app`, :mod:`serving.ingress`):
+
+* :func:`openai_fastapi_app`: ``ray.llm._internal.serve.core.ingress.ingress.init``, the FastAPI app with
+  Ray's middleware (OpenAI-style error bodies, request ids, metrics). The public ``make_fastapi_ingress``
+  builds the same app when given none, but then the guard cannot be added to it before Serve wraps it.
+* :func:`openai_routes`: ``DEFAULT_ENDPOINTS`` of the same module, the route (path, method, response
+  model) of each ingress method; the application deploys a subset of them.
+* :func:`model_card`: ``ray.llm._internal.serve.core.configs.openai_api_models.to_model_metadata``, the
+  ``/v1/models`` card of a model; ``build_openai_app`` makes the same cards, but only for a whole
+  application of its own (without the guard, the chosen routes or the adapters by name).
+* :func:`openai_http_error`: ``OpenAIHTTPException`` of the same module, the error that Ray's middleware
+  answers with its status code and an OpenAI-style body.
+* :func:`sanitize_chat_request`: ``ray.llm._internal.serve.core.ingress.utils._sanitize_chat_completion_request``,
+  what Ray's ingress does first with a chat body (pydantic validates message contents lazily); called
+  before Ray does, so that a content that fails validation is a 400 rather than Ray's 500.
+* :class:`AdapterRouting`: overrides ``OpenAiIngress._get_configured_serve_handle`` and ``_get_model_id``
+  and reads ``_model_cards``, so that an adapter's own name routes to its base model's deployment as a
+  plain (load-balanced) request. Ray's ingress reads ``<base>:<adapter>`` as an adapter to load per
+  request (multiplexing) and has no hook for names. Listing each adapter as one more model of the
+  ingress (public) would do without them, but then a request without ``model`` is refused (Ray defaults
+  to the only model, not to the base one) and an adapter name with ``:`` is read as ``<base>:<adapter>``.
+  A mixin, so that this module imports no Ray at import time (``ray.serve.llm.ingress`` imports vLLM).
+"""
+
+from __future__ import annotations
+
+import pickle
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from fastapi import FastAPI
+    from ray import ObjectRef
+    from ray.actor import ActorHandle
+    from ray.serve.llm import LLMConfig
+    from ray.serve.llm.ingress import OpenAiIngress as _IngressBase
+else:
+    _IngressBase = object  # a mixin at run time: listed before OpenAiIngress, it overrides Ray's methods
+
+
+# ---- Serve's replicas -----------------------------------------------------------------------------------------------
+
+
+def replica_actor(actor_name: str) -> ActorHandle[Any]:
+    """The actor of the Serve replica named ``actor_name`` (as the controller lists it); ValueError when it is gone."""
+    import ray
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    return ray.get_actor(actor_name, namespace=SERVE_NAMESPACE)
+
+
+def call_replica(
+    actor_name: str,
+    app_name: str,
+    method: str,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    stream: bool = False,
+) -> Any:
+    """Call ``<deployment class>.<method>(*args, **kwargs)`` on one replica, bypassing the router.
+
+    Returns an ObjectRef, or for ``stream=True`` (methods that return a generator) an
+    ObjectRefGenerator. Raises ValueError when the replica's actor is gone.
+    """
+    from ray.serve._private.common import RequestMetadata
+
+    request_id = f"rollout-{uuid.uuid4()}"
+    metadata = RequestMetadata(
+        request_id=request_id,
+        internal_request_id=request_id,
+        call_method=method,
+        app_name=app_name,
+        is_streaming=stream,
+    )
+    actor = replica_actor(actor_name)
+    entry: Any = actor.handle_request_streaming.options(num_returns="streaming") if stream else actor.handle_request
+    return entry.remote(pickle.dumps(metadata), *args, **(kwargs or {}))
+
+
+def run_on_replica_actor(actor_name: str, function: Callable[..., Any], *args: Any) -> ObjectRef[Any]:
+    """Run ``function(replica_actor_instance, *args)`` in the replica's process; the ObjectRef of its result."""
+    return replica_actor(actor_name).__ray_call__.remote(function, *args)
+
+
+def serve_controller_running() -> bool:
+    """Whether a Serve controller runs in the connected Ray cluster."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client(raise_if_no_controller_running=False) is not None
+
+
+def serve_instance_details() -> dict[str, Any] | None:
+    """The Serve controller's account of every application, deployment and replica; None when no controller runs.
+
+    The JSON form of ``ray.serve.schema.ServeInstanceDetails``: ``["applications"][app]["deployments"]
+    [deployment]["replicas"]`` is a list of ``ReplicaDetails`` (``replica_id``, ``actor_name``, ``state``,
+    ``pid``, ``node_ip``, ...).
+    """
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else client.get_serve_details()
+
+
+def delete_application(app_name: str, wait: bool) -> None:
+    """Delete a Serve application; ``wait=False`` only has the deletion accepted by the controller."""
+    from ray import serve
+
+    serve.delete(app_name, _blocking=wait)
+
+
+def llm_deployment_id(model_id: str) -> str:
+    """The part of the deployment's name ``build_llm_deployment`` derives from ``model_id``.
+
+    The deployment is named ``<server class>:<this>`` (``LLMServer:org--model_v1`` for ``org/model.v1``).
+    """
+    from ray.llm._internal.serve.core.server.builder import _get_deployment_name
+    from ray.serve.llm import LLMConfig
+
+    return _get_deployment_name(LLMConfig(model_loading_config={"model_id": model_id}))
+
+
+# ---- Ray's OpenAI ingress -------------------------------------------------------------------------------------------
+
+
+def openai_fastapi_app() -> FastAPI:
+    """A new FastAPI app with the middleware of Ray's OpenAI ingress (error bodies, request ids, metrics)."""
+    from ray.llm._internal.serve.core.ingress.ingress import init
+
+    return init()
+
+
+def openai_routes(names: Iterable[str]) -> dict[str, Callable[[FastAPI], Any]]:
+    """The route factories of these methods of Ray's OpenAI ingress, for ``make_fastapi_ingress``'s ``endpoint_map``."""
+    from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
+
+    return {name: DEFAULT_ENDPOINTS[name] for name in names}
+
+
+def model_card(model_id: str, llm_config: LLMConfig) -> Any:
+    """The ``/v1/models`` card (Ray's ``ModelCard``) of the model ``model_id`` served with ``llm_config``."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+
+    return to_model_metadata(model_id, llm_config)
+
+
+def openai_http_error(status_code: int, message: str, kind: str) -> Exception:
+    """The exception a route raises to answer ``status_code`` with an OpenAI-style error body (Ray's middleware)."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+
+    return OpenAIHTTPException(status_code=status_code, message=message, type=kind)
+
+
+def sanitize_chat_request(body: Any) -> Any:
+    """``body`` (a ChatCompletionRequest) with its messages' contents materialized, as Ray's ingress does first.
+
+    Raises ValueError when a content fails validation.
+    """
+    from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
+
+    return _sanitize_chat_completion_request(body)
+
+
+class AdapterRouting(_IngressBase):
+    """A mixin for Ray's ``OpenAiIngress`` (listed before it): the names in ``adapter_bases`` are models too.
+
+    A request for an adapter's name goes to its base model's deployment, load-balanced like the base
+    model's requests (every replica holds every adapter); the name stays in the request, so vLLM
+    applies that adapter.
+    """
+
+    adapter_bases: dict[str, str]
+    """Adapter name -> the id of its base model (one of the ingress's models)."""
+
+    def _get_configured_serve_handle(self, model_id: str) -> Any:
+        if model_id in self.adapter_bases:  # plain routing to the base model's deployment, not multiplexing
+            model_id = self.adapter_bases[model_id]
+        return super()._get_configured_serve_handle(model_id)
+
+    async def _get_model_id(self, model: str | None) -> str:
+        if model in self.adapter_bases:
+            return model
+        return await super()._get_model_id(model)
+
+    def base_card(self, model_id: str) -> Any:
+        """The model card (Ray's ``ModelCard``) the ingress was given for the base model ``model_id``."""
+        return self._model_cards[model_id]

@@ -1,0 +1,284 @@
+"""Ray's private pieces stay in :mod:`serving.ray_internals`, and every one it relies on is still where it expects.
+
+Before: private Ray names were spread over five serving modules (``RequestMetadata`` in ``replicas.py``,
+``_get_global_client`` and ``__ray_call__`` in ``rollout.py``, ``ray.llm._internal`` builders and
+``serve.delete(_blocking=...)`` in ``deploy.py`` and ``app.py``, Ray's private ingress methods overridden in
+``ingress.py``), Serve's deployment naming was rebuilt by hand in ``deploy.py``, and the checks that they still
+existed were two tests in two tiers (one only ran with the Ray/vLLM tier), each covering part of them.
+
+Nothing here starts or joins a Ray cluster.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import dataclasses
+import inspect
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("rlhf", "serving", "cluster")
+INTERNALS = ROOT / "serving" / "ray_internals.py"
+
+
+# ---- only serving/ray_internals.py touches private Ray names ---------------------------------------------------------
+
+
+def _is_ray(module: str) -> bool:
+    return module == "ray" or module.startswith("ray.")
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _root(node: ast.expr) -> ast.expr:
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node
+
+
+def _ray_names(tree: ast.AST) -> tuple[set[str], list[str]]:
+    """The names the imports of ``tree`` bind to Ray modules or to things from them, and the private imports."""
+    names: set[str] = set()
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if _is_ray(alias.name):
+                    names.add((alias.asname or alias.name).split(".")[0])
+                    if any(_private(part) for part in alias.name.split(".")):
+                        found.append(f"line {node.lineno}: import {alias.name}")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and _is_ray(node.module):
+            if any(_private(part) for part in node.module.split(".")):
+                found.append(f"line {node.lineno}: from {node.module} import ...")
+            for alias in node.names:
+                names.add(alias.asname or alias.name)
+                if _private(alias.name):
+                    found.append(f"line {node.lineno}: from {node.module} import {alias.name}")
+    return names, found
+
+
+def _private_members(cls: ast.ClassDef) -> list[str]:
+    """A class deriving from a Ray class: the private members of its base it defines, calls on super() or reads."""
+    own = {
+        target.attr
+        for node in ast.walk(cls)
+        if isinstance(node, ast.Assign | ast.AnnAssign)
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self"
+    }
+    found = [f"line {item.lineno}: overrides {cls.name}.{item.name}" for item in cls.body if _is_private_def(item)]
+    for node in ast.walk(cls):
+        if not (isinstance(node, ast.Attribute) and _private(node.attr)):
+            continue
+        value = node.value
+        if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "super":
+            found.append(f"line {node.lineno}: super().{node.attr}")
+        elif isinstance(value, ast.Name) and value.id == "self" and node.attr not in own:
+            found.append(f"line {node.lineno}: self.{node.attr}")
+    return found
+
+
+def _is_private_def(node: ast.stmt) -> bool:
+    return isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and _private(node.name)
+
+
+def private_ray_uses(source: str) -> list[str]:
+    """Where ``source`` touches a private Ray name: an import from a ``_`` module of Ray or of a ``_`` name from
+    Ray, an attribute ``_x`` of a Ray name, a ``_`` keyword argument to a Ray function, ``__ray_call__``, or a
+    private member of a Ray base class (defined, called on ``super()`` or read from ``self``)."""
+    tree = ast.parse(source)
+    ray_names, found = _ray_names(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "__ray_call__":
+            found.append(f"line {node.lineno}: .__ray_call__")
+        elif isinstance(node, ast.Attribute) and _private(node.attr):
+            root = _root(node)
+            if isinstance(root, ast.Name) and root.id in ray_names:
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Call) and isinstance(root := _root(node.func), ast.Name) and root.id in ray_names:
+            found += [f"line {node.lineno}: {kw.arg}=" for kw in node.keywords if kw.arg and _private(kw.arg)]
+        elif isinstance(node, ast.ClassDef) and any(
+            isinstance(root := _root(base), ast.Name) and root.id in ray_names for base in node.bases
+        ):
+            found += _private_members(node)
+    return sorted(set(found), key=lambda text: int(text.split(":")[0].split()[1]))
+
+
+def test_only_serving_ray_internals_touches_private_ray_names() -> None:
+    sources = sorted(path for package in PACKAGES for path in (ROOT / package).rglob("*.py") if path != INTERNALS)
+    uses = {str(p.relative_to(ROOT)): found for p in sources if (found := private_ray_uses(p.read_text()))}
+    assert not uses, f"private Ray names outside serving/ray_internals.py (wrap them there): {uses}"
+
+
+SUBCLASS = "from ray.serve.llm.ingress import OpenAiIngress\nclass I(OpenAiIngress):\n"
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from ray.serve._private.common import RequestMetadata", 1),
+        ("import ray._private.state", 1),
+        ("from ray.llm._internal.serve.core.ingress.ingress import init", 1),
+        ("from ray.serve.context import _get_global_client", 1),
+        ("import ray\nray._private.worker.global_worker", 1),
+        ("from ray import serve\nserve.delete('app', _blocking=False)", 1),
+        ("actor.__ray_call__.remote(f)", 1),
+        (SUBCLASS + "    def _get_model_id(self): ...", 1),
+        (SUBCLASS + "    def f(self):\n        return super()._get_model_id(), self._model_cards", 2),
+        (SUBCLASS + "    def __init__(self):\n        self._mine = 1\n    def f(self):\n        return self._mine", 0),
+        ("import ray\nfrom ray import serve\nray.get(ref, timeout=1)\nserve.status().applications", 0),
+        ("from serving.ray_internals import call_replica\ncall_replica('a', 'b', 'c')", 0),
+        ("class Mine:\n    def _helper(self): ...\nMine()._helper(_flag=1)", 0),
+    ],
+)
+def test_the_check_finds_private_ray_names(source: str, expected: int) -> None:
+    assert len(private_ray_uses(source)) == expected, private_ray_uses(source)
+
+
+# ---- the internals serving/ray_internals.py relies on --------------------------------------------------------------
+
+
+def test_the_serve_replica_internals_it_relies_on() -> None:
+    """call_replica, replica_actor, run_on_replica_actor, serve_controller_running, serve_instance_details,
+    delete_application; and the LLMServer methods they call by name."""
+    from ray import serve
+    from ray.actor import _modify_class
+    from ray.serve._private.client import ServeControllerClient
+    from ray.serve._private.common import RequestMetadata
+    from ray.serve._private.constants import SERVE_NAMESPACE
+    from ray.serve._private.replica import ReplicaActor
+    from ray.serve.context import _get_global_client
+    from ray.serve.llm import LLMServer
+    from ray.serve.llm.openai_api_models import CompletionRequest
+    from ray.serve.schema import ApplicationDetails, DeploymentDetails, ReplicaDetails, ServeInstanceDetails
+
+    fields = {field.name for field in dataclasses.fields(RequestMetadata)}
+    assert {"request_id", "internal_request_id", "call_method", "app_name", "is_streaming"} <= fields
+    for entry in ("handle_request", "handle_request_streaming"):
+        assert list(inspect.signature(getattr(ReplicaActor, entry)).parameters)[1] == "pickled_request_metadata"
+    assert isinstance(SERVE_NAMESPACE, str) and SERVE_NAMESPACE
+    ray_call = inspect.signature(_modify_class(type("Probe", (), {})).__ray_call__)
+    assert [p.kind for p in ray_call.parameters.values()][1:] == [
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_POSITIONAL,
+        inspect.Parameter.VAR_KEYWORD,
+    ]
+    assert "raise_if_no_controller_running" in inspect.signature(_get_global_client).parameters
+    assert callable(ServeControllerClient.get_serve_details)
+    assert "applications" in ServeInstanceDetails.model_fields
+    assert "deployments" in ApplicationDetails.model_fields and "replicas" in DeploymentDetails.model_fields
+    assert {"replica_id", "actor_name", "state", "pid", "node_ip"} <= set(ReplicaDetails.model_fields)
+    assert "_blocking" in inspect.signature(serve.delete).parameters
+    assert {"completions", "pause", "resume", "collective_rpc", "reset_prefix_cache"} <= set(dir(LLMServer))
+    assert {"method", "timeout", "kwargs"} <= set(inspect.signature(LLMServer.collective_rpc).parameters)
+    assert {"return_token_ids", "prompt_logprobs", "logprobs", "seed"} <= set(CompletionRequest.model_fields)
+
+
+def test_llm_deployment_id_is_how_build_llm_deployment_names_the_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rollout client finds its model's deployment by this name (serving.deploy._llm_deployment)."""
+    import ray
+    from ray.llm._internal.serve.core.server.builder import _get_deployment_name
+    from ray.serve.llm import LLMConfig, build_llm_deployment
+
+    from serving.ray_internals import llm_deployment_id
+
+    config = LLMConfig(model_loading_config={"model_id": "org/model.v1"})
+    assert llm_deployment_id("org/model.v1") == _get_deployment_name(config) == "org--model_v1"
+    # building asks Ray for the driver's runtime env, which would start or join a cluster
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(runtime_env={}))
+    name = build_llm_deployment(config)._bound_deployment.name
+    assert name.endswith(":" + llm_deployment_id("org/model.v1")), name
+
+
+def test_the_openai_ingress_internals_it_relies_on() -> None:
+    """openai_fastapi_app, openai_routes, model_card, openai_http_error, sanitize_chat_request, AdapterRouting; and
+    the public names serving uses in their place, which must be Ray's own or subclasses of them."""
+    from fastapi import FastAPI
+    from ray.llm._internal.serve.core.configs import openai_api_models as internal_models
+    from ray.llm._internal.serve.core.ingress import ingress as internal_ingress
+    from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
+    from ray.llm._internal.serve.utils.server_utils import get_response_for_error
+    from ray.serve.llm import LLMConfig, build_llm_deployment
+    from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    from serving.app import ROUTES
+    from serving.ray_internals import model_card, openai_fastapi_app, openai_http_error, openai_routes
+
+    assert make_fastapi_ingress is internal_ingress.make_fastapi_ingress
+    assert {"app", "endpoint_map"} <= set(inspect.signature(make_fastapi_ingress).parameters)
+    assert "llm_config" in inspect.signature(build_llm_deployment).parameters
+    assert issubclass(OpenAiIngress, internal_ingress.OpenAiIngress)
+    # Ray's ingress sanitizes (and routes) a chat body by isinstance with its own class
+    assert issubclass(ChatCompletionRequest, internal_models.ChatCompletionRequest)
+    assert "messages" in ChatCompletionRequest.model_fields and callable(_sanitize_chat_completion_request)
+    assert {"_get_configured_serve_handle", "_get_model_id", "model", "models", "chat"} <= set(dir(OpenAiIngress))
+    assert {"llm_deployments", "model_cards"} <= set(inspect.signature(OpenAiIngress.__init__).parameters)
+    assert set(ROUTES) <= set(internal_ingress.DEFAULT_ENDPOINTS) and set(openai_routes(ROUTES)) == set(ROUTES)
+    assert isinstance(openai_fastapi_app(), FastAPI)
+    card = model_card("tiny", LLMConfig(model_loading_config={"model_id": "tiny"}))
+    assert isinstance(card, internal_models.ModelCard) and card.id == "tiny" and card.object == "model"
+    assert {"id", "object", "owned_by", "permission", "metadata"} <= set(internal_models.ModelCard.model_fields)
+    error = openai_http_error(400, "bad content", "invalid_request_error")
+    assert isinstance(error, internal_models.OpenAIHTTPException)
+    answer = get_response_for_error(error, "request-1").error
+    assert answer.code == 400 and "bad content" in answer.message
+
+
+class _Handle:
+    """A stand-in for a DeploymentHandle: records the options a handle was configured with."""
+
+    def __init__(self, name: str, **options: Any) -> None:
+        self.name = name
+        self.options_given = options
+
+    def options(self, **options: Any) -> _Handle:
+        return _Handle(self.name, **options)
+
+
+def _ingress() -> Any:
+    from ray.serve.llm import LLMConfig
+
+    from serving.ingress import Ingress
+    from serving.ray_internals import model_card
+
+    card = model_card("tiny", LLMConfig(model_loading_config={"model_id": "tiny"}))
+    return Ingress({"tiny": _Handle("tiny")}, {"tiny": card}, adapters={"positive": "tiny", "a:b": "tiny"})
+
+
+def test_an_adapter_is_routed_to_its_base_deployment_without_multiplexing() -> None:
+    """AdapterRouting over Ray's private ingress methods: an adapter's name (even with a ':') is a plain request to
+    the base model's deployment, and a request without a model goes to the base model."""
+    ingress = _ingress()
+    for adapter in ("positive", "a:b"):
+        assert asyncio.run(ingress._get_model_id(adapter)) == adapter
+        handle = ingress._get_configured_serve_handle(adapter)
+        assert handle.name == "tiny" and handle.options_given == {"stream": True}
+    assert asyncio.run(ingress._get_model_id(None)) == "tiny"
+    assert ingress._get_configured_serve_handle("tiny:other").options_given["multiplexed_model_id"] == "tiny:other"
+
+
+def test_models_lists_the_adapters_after_the_base_model() -> None:
+    ingress = _ingress()
+    listing = asyncio.run(ingress.models())
+    assert [card.id for card in listing.data] == ["tiny", "positive", "a:b"]
+    adapter = asyncio.run(ingress.model("positive"))
+    assert (adapter.metadata["base_model"], adapter.metadata["adapter"], adapter.permission) == ("tiny", "positive", [])
+    assert asyncio.run(ingress.model("missing")) is None
+
+
+def test_a_chat_content_that_fails_validation_is_a_400() -> None:
+    from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    body = ChatCompletionRequest(model="tiny", messages=[{"role": "tool", "tool_call_id": "", "content": [{"x": [1]}]}])
+    with pytest.raises(OpenAIHTTPException) as caught:
+        asyncio.run(_ingress().chat(body, None))
+    assert caught.value.status_code == 400 and "content" in caught.value.message
