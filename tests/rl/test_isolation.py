@@ -2,7 +2,8 @@
 
 - A re-run resumes past a checkpoint whose ``state.json`` was cut short, and past a ``final/`` that an
   interrupted export left partial (both used to make every re-run fail or refuse).
-- Two runs at once each deploy a rollout application of their own, and both finish.
+- Two runs at once each deploy a rollout application of their own, and both finish (the longer one is also the
+  REINFORCE++ case with truncated importance sampling on bf16 replicas).
 - A driver stopped the way ``rlhf jobs stop`` stops it (SIGTERM, SIGKILL 3 s later) leaves no Serve
   application behind.
 - A reward URL with a password and a key leaves neither in any file of the run or in its log.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -95,24 +97,55 @@ def test_a_re_run_resumes_past_a_torn_checkpoint_and_a_partial_final(
 # ---- item 15: rollout applications belong to their run ------------------------------------------
 
 
+# The longer of the two runs is also the REINFORCE++ case of the critic-free estimators (RLOO is in test_ppo.py):
+# sampled at temperature 0.7 by replicas in bfloat16, so that truncated importance sampling has a trainer-rollout gap
+# to correct (in float32 it is about 1e-5). The replicas' log-probs are those of the tempered distribution, as the
+# trainer's are (before, they were at temperature 1 and truncated IS was refused at any other temperature). Without a
+# reference model the one on-policy pass takes its "old" log-probs from the update's own forward; truncated IS needs
+# them before the update, from a pass of their own. (A case of its own cost a deployment and a run, about 150 s.)
+REINFORCE_PP_TIS = [
+    "algorithm.estimator=reinforce_pp",
+    "rollout.truncated_is=1.005",
+    "rollout.temperature=0.7",
+    "rollout.dtype=bfloat16",
+]
+
+
+def check_reinforce_pp_with_truncated_is(output_dir: Path) -> None:
+    from .test_ppo import EXPECTED_METRICS, LOGPROB_TOL
+
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    train = [r for r in map(json.loads, lines) if r["kind"] == "train"]
+    assert all(set(r) >= EXPECTED_METRICS and "value_loss" not in r for r in train)
+    assert all(math.isfinite(r["policy_loss"]) and r["grad_norm"] > 0 for r in train)
+    assert all(r["logprob_gap_mean"] < LOGPROB_TOL for r in train)
+    # the replicas' bf16 log-probs differ from the trainer's fp32 ones by about a thousandth per token on average:
+    # weights near 1, a share of them (measured: 6-8%) at a cap this tight
+    weights = [(r["is_weight_mean"], r["is_capped_fraction"]) for r in train]
+    print(f"\ntruncated IS (cap 1.005): mean weight, share capped per step {weights}")
+    assert all(0.98 < mean < 1.005 and 0 < capped < 0.5 for mean, capped in weights)
+    assert all(r["kl"] == 0 for r in train)  # no reference group
+    assert all(r["clip_fraction"] == 0 and r["approx_kl"] == 0 for r in train)  # ratio 1: on-policy
+
+
 def test_two_runs_at_once_each_deploy_their_own_rollout_application_and_both_finish(
     rollout_app: str, ppo_command: Callable[..., list[str]], driver_env: dict[str, str], tmp_path: Path
 ) -> None:
     """Before: both runs took the default application name; the second reused the first's replicas (pushing its
     weights into them) and whichever finished first deleted them under the other."""
-    runs = {"long": 2, "short": 1}
+    runs = {"long": ["train.max_steps=2", *REINFORCE_PP_TIS], "short": ["train.max_steps=1"]}
     # each run's two roles share a half-CPU bundle: with the shared replica and the runs' own two (2 CPUs each:
     # the replica actor and its engine) that is 7 of the 8 CPUs of the test cluster
     fit = ["roles.colocate=all", "roles.cpus_per_worker=0.5"]
     logs = {name: (tmp_path / f"{name}.log").open("w") for name in runs}  # a file: a full pipe would block a driver
     drivers = {
         name: subprocess.Popen(
-            ppo_command(tmp_path / name, f"train.max_steps={steps}", *fit),
+            ppo_command(tmp_path / name, *overrides, *fit),
             env=driver_env,
             stdout=logs[name],
             stderr=subprocess.STDOUT,
         )
-        for name, steps in runs.items()
+        for name, overrides in runs.items()
     }
     seen: set[str] = set()
     deadline = time.monotonic() + 900
@@ -131,6 +164,7 @@ def test_two_runs_at_once_each_deploy_their_own_rollout_application_and_both_fin
     assert train_steps(tmp_path / "long") == [1, 2] and train_steps(tmp_path / "short") == [1]
     assert len(seen) == 2, seen
     assert not set(own_rollout_apps()) & seen  # each run deleted its own at its end
+    check_reinforce_pp_with_truncated_is(tmp_path / "long")
 
 
 @pytest.fixture

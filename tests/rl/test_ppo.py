@@ -182,55 +182,33 @@ def test_grpo_raises_the_reward_without_a_value_group(sft_policy: Path, rollout_
     assert not (tmp_path / "checkpoints" / f"step-{STEPS}" / "value").exists()
 
 
-@pytest.mark.parametrize(
-    ("estimator", "kl", "truncated_is", "temperature"),
-    # without a reference model the one on-policy pass takes its "old" log-probs from the update's own forward;
-    # truncated importance sampling needs them before the update, from a pass of their own. The second run samples
-    # at temperature 0.7: the replicas' log-probs are then those of the tempered distribution, as the trainer's are
-    # (before, they were at temperature 1 and truncated IS was refused at any other temperature)
-    [("rloo", "kl.coefficient=0.02", "null", 1.0), ("reinforce_pp", "kl.coefficient=0", "1.005", 0.7)],
-)
-def test_the_other_estimators_run_on_the_same_loop(
-    estimator: str, kl: str, truncated_is: str, temperature: float, sft_policy: Path, rollout_app: str, tmp_path: Path
+def test_rloo_with_a_reward_of_two_weighted_components_runs_on_the_same_loop(
+    sft_policy: Path, rollout_app: str, tmp_path: Path
 ) -> None:
+    """The other critic-free estimators run on the same loop: RLOO here, REINFORCE++ with truncated importance
+    sampling on bf16 replicas in tests/rl/test_isolation.py (one of the two runs at once, which deploy replicas of
+    their own anyway)."""
     from rlhf.jobs.ppo import run
 
+    source = "rlhf.data.bundled:positive_word_reward"
     overrides = (
-        f"algorithm.estimator={estimator}",
-        kl,
-        f"rollout.truncated_is={truncated_is}",
-        f"rollout.temperature={temperature}",
+        "algorithm.estimator=rloo",
+        "kl.coefficient=0.02",
         "train.max_steps=3",
+        f"rewards=[{{source: '{source}', weight: 0.5, name: a}}, {{source: '{source}', weight: 1.5}}]",
     )
-    if truncated_is != "null":  # replicas of its own in bfloat16: a gap for truncated IS to correct (float32: ~1e-5)
-        overrides += ("rollout.dtype=bfloat16", "rollout.app_name=")
-    if estimator == "rloo":  # the reward as a weighted sum of two components, each logged by name
-        source = "rlhf.data.bundled:positive_word_reward"
-        overrides += (f"rewards=[{{source: '{source}', weight: 0.5, name: a}}, {{source: '{source}', weight: 1.5}}]",)
     summary = run(ppo_config(sft_policy, tmp_path, *overrides))
     assert summary["steps"] == 3
     train = [r for r in records(tmp_path) if r["kind"] == "train"]
     assert all(set(r) >= EXPECTED_METRICS and "value_loss" not in r for r in train)
-    if estimator == "rloo":
-        for r in train:
-            assert r["reward_mean"] == pytest.approx(0.5 * r["reward/a"] + 1.5 * r["reward/positive_word_reward"])
-        evaluated = [r for r in records(tmp_path) if r["kind"] == "eval"]
-        assert evaluated and all("eval_reward/a" in r for r in evaluated)
+    for r in train:  # the reward is the weighted sum of its components, each logged by name
+        assert r["reward_mean"] == pytest.approx(0.5 * r["reward/a"] + 1.5 * r["reward/positive_word_reward"])
+    evaluated = [r for r in records(tmp_path) if r["kind"] == "eval"]
+    assert evaluated and all("eval_reward/a" in r for r in evaluated)
     assert all(math.isfinite(r["policy_loss"]) and r["grad_norm"] > 0 for r in train)
     assert all(r["logprob_gap_mean"] < LOGPROB_TOL for r in train)
-    if truncated_is != "null":
-        # the replicas' bf16 log-probs differ from the trainer's fp32 ones by about a thousandth per token on
-        # average: weights near 1, a share of them (measured: 6-8%) at a cap this tight
-        weights = [(r["is_weight_mean"], r["is_capped_fraction"]) for r in train]
-        print(f"\ntruncated IS (cap {truncated_is}): mean weight, share capped per step {weights}")
-        assert all(0.98 < mean < 1.005 and 0 < capped < 0.5 for mean, capped in weights)
-    else:
-        assert all("is_weight_mean" not in r for r in train)
-    if kl.endswith("=0"):
-        assert all(r["kl"] == 0 for r in train)  # no reference group
-        assert all(r["clip_fraction"] == 0 and r["approx_kl"] == 0 for r in train)  # ratio 1: on-policy
-    else:
-        assert train[-1]["kl"] != 0
+    assert all("is_weight_mean" not in r for r in train)
+    assert train[-1]["kl"] != 0
 
 
 def test_a_zero3_policy_group_of_two_ranks_trains_with_the_kl_as_a_loss_term(
@@ -278,14 +256,31 @@ def role_pids(role_class: str) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize(
-    ("role", "worker"),
-    # the value actor dies and the reward actor beside it does not; the policy actor dies and the replicas,
-    # whose weight transfer it held open, take a new one from its successor
-    [("value", "ValueWorker"), ("policy", "PolicyWorker")],
-)
-def test_a_killed_role_actor_is_recovered_from_the_last_checkpoint(
-    role: str, worker: str, sft_policy: Path, rollout_app: str, tmp_path: Path
+KILLS = (("value", "ValueWorker", 3), ("policy", "PolicyWorker", 6))
+"""Role, worker class, and the step after which its actor is killed, in order, in one run: the value actor dies and
+the reward actor beside it does not; later the policy actor dies and the replicas, whose weight transfer it held
+open, take a new one from its successor. (One run for both: each case cost a run of its own, about 80 s.)"""
+
+
+def kill_role_actors_in_turn(output_dir: Path, running: threading.Thread, deadline_s: float) -> list[int]:
+    """SIGKILL the actor of each role of :data:`KILLS` once the run has logged its step; the pids killed."""
+    killed: list[int] = []
+    deadline = time.monotonic() + deadline_s
+    while len(killed) < len(KILLS) and time.monotonic() < deadline and running.is_alive():
+        _, worker, after_step = KILLS[len(killed)]
+        metrics = output_dir / "metrics.jsonl"
+        log = records(output_dir) if metrics.exists() else []
+        steps = [r["step"] for r in log if r["kind"] == "train"]
+        failures = sum(r["kind"] == "failure" for r in log)
+        if failures == len(killed) and steps and steps[-1] >= after_step and role_pids(worker):
+            killed.append(role_pids(worker)[0])
+            os.kill(killed[-1], signal.SIGKILL)
+        time.sleep(0.05)
+    return killed
+
+
+def test_killed_role_actors_are_recovered_from_the_last_checkpoint(
+    sft_policy: Path, rollout_app: str, tmp_path: Path
 ) -> None:
     from rlhf.jobs.ppo import run
 
@@ -297,6 +292,7 @@ def test_a_killed_role_actor_is_recovered_from_the_last_checkpoint(
         "train.save_every=2",
         "roles.colocate=policy+reference,value+reward",
         "kl.target=0.001",  # adaptive coefficient
+        "data.eval_split=null",
     )
     result: dict = {}
 
@@ -308,28 +304,21 @@ def test_a_killed_role_actor_is_recovered_from_the_last_checkpoint(
 
     thread = threading.Thread(target=target)
     thread.start()
-    killed = None
-    deadline = time.monotonic() + 300
-    while killed is None and time.monotonic() < deadline and thread.is_alive():
-        metrics = tmp_path / "metrics.jsonl"
-        steps = [r["step"] for r in records(tmp_path) if r["kind"] == "train"] if metrics.exists() else []
-        if steps and steps[-1] >= 3 and role_pids(worker):
-            killed = role_pids(worker)[0]
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.05)
+    killed = kill_role_actors_in_turn(tmp_path, thread, deadline_s=400)
     thread.join(timeout=300)
     assert not thread.is_alive(), "the run hung after a role actor was killed"
-    assert killed is not None, "the run ended before the actor could be killed"
+    assert len(killed) == len(KILLS), f"the run ended after {len(killed)} of the kills"
     assert "error" not in result, result.get("error")
     summary = result["summary"]
-    assert summary["steps"] == 8 and summary["failures"] == 1
+    assert summary["steps"] == 8 and summary["failures"] == len(KILLS)
     log = records(tmp_path)
-    failure = next(i for i, r in enumerate(log) if r["kind"] == "failure")
-    assert f"{role} rank 0" in log[failure]["error"] and "died" in log[failure]["error"]
-    resumed = [r["step"] for r in log[failure + 1 :] if r["kind"] == "train"]
-    # resumed from the last checkpoint: a step divisible by 2, at most 2 steps back
-    assert resumed[0] - 1 in (log[failure]["step"] - 1, log[failure]["step"]) and (resumed[0] - 1) % 2 == 0
-    assert resumed[-1] == 8
+    failures = [i for i, r in enumerate(log) if r["kind"] == "failure"]
+    for (role, _, _), failure in zip(KILLS, failures, strict=True):
+        assert f"{role} rank 0" in log[failure]["error"] and "died" in log[failure]["error"]
+        resumed = [r["step"] for r in log[failure + 1 :] if r["kind"] == "train"]
+        # resumed from the last checkpoint: a step divisible by 2, at most 2 steps back
+        assert resumed[0] - 1 in (log[failure]["step"] - 1, log[failure]["step"]) and (resumed[0] - 1) % 2 == 0
+        assert resumed[-1] == 8
     coefficients = [r["kl_coef"] for r in log if r["kind"] == "train"]
     assert coefficients[-1] != coefficients[0]  # the adaptive controller moved it
 
