@@ -15,6 +15,7 @@ losses come from :mod:`rlhf.algos`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,19 +25,27 @@ from rlhf import seeds
 from rlhf.algos.objective import PolicyObjective
 
 if TYPE_CHECKING:
-    from rlhf.engine import EngineConfig
+    from transformers import PreTrainedTokenizerBase
+    from vllm.distributed.weight_transfer.base import TrainerWeightTransferEngine
+
+    from rlhf.engine import EngineConfig, TrainingEngine
     from rlhf.models.config import ModelConfig
     from rlhf.rl.experience import Experience
+    from rlhf.rl.rewards import RewardSource
+    from serving.weight_transfer import ReplicaWeightSync
+
+LossFn = Callable[["Experience", dict[str, float]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""A micro-batch and its mini-batch's global denominators -> (loss, metrics per token)."""
 
 
-def causal_logits(model: Any, batch: Experience, temperature: float) -> torch.Tensor:
+def causal_logits(model: Callable[..., Any], batch: Experience, temperature: float) -> torch.Tensor:
     """Logits ``[B, T-1, V]`` predicting tokens ``1..T-1``, divided by the sampling temperature."""
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     logits: torch.Tensor = out.logits[:, :-1].float() / temperature
     return logits
 
 
-def causal_logprobs(model: Any, batch: Experience, temperature: float) -> torch.Tensor:
+def causal_logprobs(model: Callable[..., Any], batch: Experience, temperature: float) -> torch.Tensor:
     """Log-prob ``[B, T-1]`` of every next token (0 off the response positions)."""
     from rlhf.algos import token_logprobs
 
@@ -71,11 +80,23 @@ def _weighted(metrics: dict[str, torch.Tensor], weight: float, into: dict[str, f
 class _TrainableWorker(RankWorker):
     """Shared by the policy and value workers: an engine, checkpoints, and the no-grad pass over shards."""
 
-    engine: Any = None
-    tokenizer: Any = None
-    model_config: Any = None
+    _engine: TrainingEngine | None = None
+    _tokenizer: PreTrainedTokenizerBase | None = None
+    _model_config: ModelConfig | None = None
 
-    def _no_grad(self, batches: list[Experience], fn: Any) -> list[torch.Tensor]:
+    def _built(self, model: ModelConfig, tokenizer: PreTrainedTokenizerBase, engine: TrainingEngine) -> None:
+        self._model_config, self._tokenizer, self._engine = model, tokenizer, engine
+
+    @property
+    def engine(self) -> TrainingEngine:
+        """This rank's training engine (after :meth:`build`)."""
+        if self._engine is None:
+            raise RuntimeError(f"{type(self).__name__} rank {self.rank}: call build first")
+        return self._engine
+
+    def _no_grad(
+        self, batches: list[Experience], fn: Callable[[TrainingEngine, Experience], torch.Tensor]
+    ) -> list[torch.Tensor]:
         self.engine.eval()
         try:
             with torch.no_grad():
@@ -87,7 +108,7 @@ class _TrainableWorker(RankWorker):
         self,
         mini_batches: list[list[Experience]],
         denominators: list[dict[str, float]],
-        loss_fn: Any,
+        loss_fn: LossFn,
         loss_name: str,
         stat_names: dict[str, str],
     ) -> dict[str, float]:
@@ -125,14 +146,14 @@ class _TrainableWorker(RankWorker):
 
     def export(self, directory: str) -> str | None:
         """The full model in Hugging Face format (ZeRO-3 shards gathered); every rank calls it, rank 0 writes."""
-        path = self.engine.export(directory, self.tokenizer, self.model_config)
+        path = self.engine.export(directory, self._tokenizer, self._model_config)
         return None if path is None else str(path)
 
 
 class PolicyWorker(_TrainableWorker):
     """One rank of the trainable policy."""
 
-    transfer: Any = None
+    transfer: TrainerWeightTransferEngine[Any] | None = None
 
     def build(
         self, model: ModelConfig, engine: EngineConfig, total_steps: int, seed: int, disable_dropout: bool = True
@@ -146,9 +167,8 @@ class PolicyWorker(_TrainableWorker):
         from rlhf.models.loading import load_causal_lm, load_tokenizer
 
         seed_everything(seeds.worker(seed, "policy", self.rank))
-        self.model_config = model
-        self.tokenizer = load_tokenizer(model)
-        self.engine = TrainingEngine(_without_dropout(load_causal_lm(model), disable_dropout), engine, total_steps)
+        model_engine = TrainingEngine(_without_dropout(load_causal_lm(model), disable_dropout), engine, total_steps)
+        self._built(model, load_tokenizer(model), model_engine)
 
     def logprobs(self, batches: list[Experience], temperature: float) -> list[torch.Tensor]:
         """Log-probs ``[b, T-1]`` of each batch under the current weights (no gradients)."""
@@ -196,7 +216,7 @@ class PolicyWorker(_TrainableWorker):
 
         return self._update(mini_batches, denominators, loss_fn, "policy_loss", {"grad_norm": "grad_norm", "lr": "lr"})
 
-    def open_weight_transfer(self, sync: Any, backend: str, timeout_s: float) -> None:
+    def open_weight_transfer(self, sync: ReplicaWeightSync, backend: str, timeout_s: float) -> None:
         """Open the weight transfer to the rollout replicas (every rank together; rank 0 sends)."""
         from rlhf.rl.weight_source import weight_source
         from serving.weight_transfer import open_trainer
@@ -230,16 +250,15 @@ class ValueWorker(_TrainableWorker):
         from rlhf.models.loading import load_scalar_model, load_tokenizer
 
         seed_everything(seeds.worker(seed, "value", self.rank))
-        self.model_config = model
-        self.tokenizer = load_tokenizer(model)
-        self.engine = TrainingEngine(_without_dropout(load_scalar_model(model), disable_dropout), engine, total_steps)
+        model_engine = TrainingEngine(_without_dropout(load_scalar_model(model), disable_dropout), engine, total_steps)
+        self._built(model, load_tokenizer(model), model_engine)
 
     @staticmethod
-    def _values(model: Any, batch: Experience) -> torch.Tensor:
+    def _values(engine: TrainingEngine, batch: Experience) -> torch.Tensor:
         """``[B, T-1]``: the scalar head at position ``t`` is V of the state before token ``t + 1``."""
         from rlhf.models.loading import is_peft
 
-        module = getattr(model, "module", model)
+        module: Any = engine.module  # a transformers model (or its peft wrapper): its heads are not typed
         base = module.get_base_model() if is_peft(module) else module
         hidden = base.model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
@@ -277,7 +296,7 @@ class ValueWorker(_TrainableWorker):
 class ReferenceWorker(RankWorker):
     """One rank of the frozen reference policy (a full copy per rank: it only runs forward passes)."""
 
-    model: Any = None
+    model: Callable[..., Any] | None = None
     device: str = "cpu"
 
     def build(self, model: ModelConfig) -> None:
@@ -291,15 +310,17 @@ class ReferenceWorker(RankWorker):
 
     def logprobs(self, batches: list[Experience], temperature: float) -> list[torch.Tensor]:
         """Log-probs ``[b, T-1]`` of each batch under the reference model."""
-
+        if self.model is None:
+            raise RuntimeError(f"ReferenceWorker rank {self.rank}: call build first")
+        model = self.model
         with torch.no_grad():
-            return [causal_logprobs(self.model, b.to(self.device), temperature).cpu() for b in batches]
+            return [causal_logprobs(model, b.to(self.device), temperature).cpu() for b in batches]
 
 
 class RewardWorker(RankWorker):
     """One rank of the frozen reward: a reward model, a ``module:function``, an HTTP endpoint, or a weighted sum."""
 
-    source: Any = None
+    source: RewardSource | None = None
 
     def build(self, spec: str | list[dict[str, Any]]) -> str:
         """Create the reward source named by ``spec`` (or the weighted sum of its terms); return its description."""
@@ -310,16 +331,27 @@ class RewardWorker(RankWorker):
         )
         return repr(self.source)
 
+    def _built_source(self) -> RewardSource:
+        if self.source is None:
+            raise RuntimeError(f"RewardWorker rank {self.rank}: call build first")
+        return self.source
+
     def score(self, items: tuple[Any, ...], timeout_s: float) -> list[float]:
         """Scores of ``(prompts, responses[, columns])``, one float per response, within ``timeout_s``."""
-        scores: list[float] = self.source.score(*items[:2], timeout_s, *items[2:])
-        return scores
+        prompts, responses, columns = _score_items(items)
+        return self._built_source().score(prompts, responses, timeout_s, columns)
 
     def score_parts(self, items: tuple[Any, ...], timeout_s: float) -> tuple[list[float], dict[str, list[float]]]:
         """The scores of :meth:`score` and, for a weighted sum, each component's (else none)."""
-        if hasattr(self.source, "score_parts"):
-            parts: tuple[list[float], dict[str, list[float]]] = self.source.score_parts(
-                *items[:2], timeout_s, *items[2:]
-            )
-            return parts
+        from rlhf.rl.rewards import WeightedReward
+
+        source = self._built_source()
+        if isinstance(source, WeightedReward):
+            prompts, responses, columns = _score_items(items)
+            return source.score_parts(prompts, responses, timeout_s, columns)
         return self.score(items, timeout_s), {}
+
+
+def _score_items(items: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+    """``(prompts, responses[, columns])`` as three (no columns: None)."""
+    return items[0], items[1], items[2] if len(items) > 2 else None
