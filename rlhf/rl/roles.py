@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from rlhf.engine import EngineConfig
     from rlhf.models.config import ModelConfig
     from rlhf.rl.config import PPOConfig, Role
+    from serving.weight_transfer import ReplicaWeightSync
 
 REWARD_GRACE_S = 30.0
 """How much longer than ``reward_timeout_s`` the driver waits for the reward ranks (which enforce that deadline
@@ -129,7 +130,7 @@ class PolicyGroup(_TrainableGroup):
         """Write the full model in Hugging Face format into ``directory`` (rank 0 writes)."""
         self.group.call(PolicyWorker.export, str(directory), timeout_s=timeout_s)
 
-    def open_weight_transfer(self, sync: Any, backend: str, timeout_s: float, wait_s: float) -> None:
+    def open_weight_transfer(self, sync: ReplicaWeightSync, backend: str, timeout_s: float, wait_s: float) -> None:
         """Open the weight transfer to the replicas of ``sync`` over ``backend``."""
         self.group.call(PolicyWorker.open_weight_transfer, sync, backend, timeout_s, timeout_s=wait_s)
 

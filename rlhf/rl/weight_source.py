@@ -84,7 +84,7 @@ class MergedLoraSource(WeightSource):
                     yield name, (param.detach() + sum(deltas)) if deltas else param.detach()
 
 
-def weight_source(module: torch.nn.Module, zero_stage: int) -> Any:
+def weight_source(module: torch.nn.Module, zero_stage: int) -> WeightSource:
     """The ``WeightSource`` of a training engine's module."""
     from rlhf.models.loading import is_peft
 
