@@ -243,7 +243,7 @@ def build_app(config: ServeConfig, gpu: bool | None = None) -> Any:
     from ray.serve.llm import build_llm_deployment
 
     from serving.ingress import Ingress
-    from serving.ray_internals import model_card
+    from serving.ray_internals import engine_class, model_card
 
     validate(config)
     llm = llm_config(config, gpu)
@@ -251,7 +251,7 @@ def build_app(config: ServeConfig, gpu: bool | None = None) -> Any:
     _, ingress_cls = ingress(config, base)
     options = Ingress.get_deployment_options([llm])
     return serve.deployment(**options)(ingress_cls).bind(
-        llm_deployments={base: build_llm_deployment(llm)},
+        llm_deployments={base: build_llm_deployment(llm, bind_kwargs={"engine_cls": engine_class()})},
         model_cards={base: model_card(base, llm)},
         adapters=dict.fromkeys(config.adapters, base),
     )

@@ -222,3 +222,31 @@ def test_a_replica_that_does_not_answer_fails_within_the_timeout_naming_it(clien
     assert client.sync_weights(endpoint.model_dir, timeout_s=60) == [stalled, healthy]
     for replica in (stalled, healthy):  # both answer again once the stall is over
         assert client.generate([[5, 6, 7]], max_tokens=2, replica=replica, timeout_s=60)
+
+
+def _descendants(_actor) -> list[str]:
+    """Run on a replica's actor: the command lines of its process's descendants."""
+    import psutil
+
+    return [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
+
+
+def test_a_replica_starts_one_engine_process_and_no_node_task(client) -> None:
+    """Starting a replica cost two processes that import vLLM for nothing (a replica of the tiny model: 97 s to
+    start on the 2-core machine, 19 s in Ray's node task and 17 s in the worker's process). Before, Ray ran its
+    model-download task on the replica's node for a local directory (which it returns unchanged), and vLLM's
+    ``mp`` executor, which Ray sets on CPUs, ran the one worker of the engine in a process of its own; now the
+    task is skipped for every source but a bucket and the worker runs in the engine's process."""
+    import ray
+
+    from serving.ray_internals import run_on_replica_actor
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    for replica in running_replicas(client):
+        processes = ray.get(run_on_replica_actor(replica.actor_name, _descendants), timeout=60)
+        engines = [line for line in processes if line.startswith("VLLM::EngineCore")]
+        workers = [line for line in processes if line.startswith("VLLM::Worker")]
+        assert len(engines) == 1 and not workers, processes
+        (log,) = logs.glob(f"replica_*_{replica.replica_id}.log")
+        assert "Started initializing replica" in log.read_text()
+        assert "download model files" not in log.read_text()

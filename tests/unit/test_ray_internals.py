@@ -197,6 +197,35 @@ def test_llm_deployment_id_is_how_build_llm_deployment_names_the_deployment(monk
     assert name.endswith(":" + llm_deployment_id("org/model.v1")), name
 
 
+def test_the_engine_class_runs_one_engine_process_on_cpus_and_skips_the_node_task(tiny_model_dir: Path) -> None:
+    """engine_class: what it overrides is still there, it pickles by reference, and on a CPU config it picks
+    vLLM's ``uni`` executor where Ray's engine picks ``mp`` (the live replicas' processes and logs are checked in
+    tests/serving/test_rollout.py::test_a_replica_starts_one_engine_process_and_no_node_task)."""
+    import pickle
+
+    from ray.llm._internal.common.callbacks.base import CallbackCtx
+    from ray.llm._internal.common.utils.cloud_utils import is_remote_path
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+
+    from serving.app import llm_config
+    from serving.config import ServeConfig
+    from serving.ray_internals import engine_class
+
+    engine_cls = engine_class()
+    assert issubclass(engine_cls, VLLMEngine) and pickle.loads(pickle.dumps(engine_cls)) is engine_cls
+    assert CallbackCtx().run_init_node is True and "callback.ctx.run_init_node" in inspect.getsource(VLLMEngine.start)
+    assert list(inspect.signature(VLLMEngine._prepare_engine_config).parameters) == ["self", "callback_ctx"]
+    assert is_remote_path("s3://bucket/model") and not is_remote_path(str(tiny_model_dir))
+    assert not is_remote_path("HuggingFaceTB/SmolLM2-135M-Instruct")
+
+    config = llm_config(ServeConfig(model=str(tiny_model_dir), max_model_len=256), gpu=False)
+    backends = {}
+    for cls in (VLLMEngine, engine_cls):
+        _, _, vllm_config = cls(config)._prepare_engine_config(CallbackCtx())
+        backends[cls] = vllm_config.parallel_config.distributed_executor_backend
+    assert backends == {VLLMEngine: "mp", engine_cls: "uni"}
+
+
 def test_the_openai_ingress_internals_it_relies_on() -> None:
     """openai_fastapi_app, openai_routes, model_card, openai_http_error, sanitize_chat_request, AdapterRouting; and
     the public names serving uses in their place, which must be Ray's own or subclasses of them."""
