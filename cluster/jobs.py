@@ -55,6 +55,11 @@ EXCLUDES = [".git", ".venv", ".cache", "runs", "**/__pycache__", "*.egg-info", "
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
+AGENT_WAIT_S = 60.0
+"""How long ``submit`` retries while the cluster answers that it has no job agent yet."""
+NO_AGENT = "No available agent to submit job"
+
+
 class JobsError(UserError, RuntimeError):
     """A Jobs API call that failed; the message names the address and the job."""
 
@@ -145,12 +150,18 @@ def submit(
     command_line = entrypoint(command)
     environment = runtime_env(working_dir, env or {}, pip)
     jobs = client(given_address)
-    try:
-        return jobs.submit_job(
-            entrypoint=command_line, runtime_env=environment, submission_id=submission_id, metadata={"rlhf": "1"}
-        )
-    except Exception as exc:
-        raise JobsError(f"{address(given_address)} refused the job: {_reason(exc)}") from None
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return jobs.submit_job(
+                entrypoint=command_line, runtime_env=environment, submission_id=submission_id, metadata={"rlhf": "1"}
+            )
+        except Exception as exc:
+            # a head node answers this until its job agent has started (seconds after `ray start` on a busy machine)
+            if NO_AGENT in str(exc) and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            raise JobsError(f"{address(given_address)} refused the job: {_reason(exc)}") from None
 
 
 def _reason(exc: BaseException) -> str:

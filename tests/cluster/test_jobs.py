@@ -42,7 +42,7 @@ def head() -> Iterator[str]:
 
     import psutil
 
-    from cluster.jobs import client
+    from cluster.jobs import NO_AGENT, client
 
     port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix sockets live under it
@@ -75,6 +75,16 @@ def head() -> Iterator[str]:
                 break
             except Exception:
                 if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(1)
+        # the head lists jobs before its job agent runs, and Ray's own `ray job submit` (one test below) does not
+        # wait for the agent as `rlhf submit` does: a first job, accepted once the agent is there
+        while True:
+            try:
+                client(url).submit_job(entrypoint="true", submission_id="agent-ready")
+                break
+            except RuntimeError as exc:
+                if NO_AGENT not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(1)
         yield url
