@@ -148,6 +148,15 @@ def llm_config(config: ServeConfig, gpu: bool | None = None, weight_transfer: bo
     )
 
 
+def llm_deployment(llm: Any) -> Any:
+    """The Serve application of the model replicas for ``llm`` (an ``LLMConfig``), on the project's engine class."""
+    from ray.serve.llm import build_llm_deployment
+
+    from serving.ray_internals import engine_class
+
+    return build_llm_deployment(llm, bind_kwargs={"engine_cls": engine_class()})
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` is reachable from this machine only (a name other than localhost counts as reachable)."""
     if host == "localhost":
@@ -240,10 +249,9 @@ def ingress(config: ServeConfig, base: str) -> tuple[Any, Any]:
 def build_app(config: ServeConfig, gpu: bool | None = None) -> Any:
     """The Serve application for ``config``: the model's replicas and the guarded OpenAI ingress."""
     from ray import serve
-    from ray.serve.llm import build_llm_deployment
 
     from serving.ingress import Ingress
-    from serving.ray_internals import engine_class, model_card
+    from serving.ray_internals import model_card
 
     validate(config)
     llm = llm_config(config, gpu)
@@ -251,7 +259,7 @@ def build_app(config: ServeConfig, gpu: bool | None = None) -> Any:
     _, ingress_cls = ingress(config, base)
     options = Ingress.get_deployment_options([llm])
     return serve.deployment(**options)(ingress_cls).bind(
-        llm_deployments={base: build_llm_deployment(llm, bind_kwargs={"engine_cls": engine_class()})},
+        llm_deployments={base: llm_deployment(llm)},
         model_cards={base: model_card(base, llm)},
         adapters=dict.fromkeys(config.adapters, base),
     )

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from serving.ray_internals import delete_application, engine_class, llm_deployment_id, serve_controller_running
+from serving.ray_internals import delete_application, llm_deployment_id, serve_controller_running
 from serving.replicas import RolloutError
 
 
@@ -66,9 +66,8 @@ def deploy(config: Any, app_name: str, timeout_s: float = 600.0, weight_transfer
     ``timeout_s``.
     """
     from ray import serve
-    from ray.serve.llm import build_llm_deployment
 
-    from serving.app import llm_config, validate
+    from serving.app import llm_config, llm_deployment, validate
     from serving.backends import backend, on_gpu
 
     validate(config)
@@ -86,12 +85,7 @@ def deploy(config: Any, app_name: str, timeout_s: float = 600.0, weight_transfer
     # a step sends hundreds of requests: no access-log line per request
     llm.deployment_config["logging_config"] = {"enable_access_log": False}
     try:
-        serve.run(
-            build_llm_deployment(llm, bind_kwargs={"engine_cls": engine_class()}),
-            name=app_name,
-            route_prefix=None,
-            blocking=False,
-        )
+        serve.run(llm_deployment(llm), name=app_name, route_prefix=None, blocking=False)
         deadline = time.monotonic() + timeout_s
         status = None
         while time.monotonic() < deadline:
