@@ -1,6 +1,6 @@
 """DPO pairs/s per worker: rlhf's DPO path against TRL's DPOTrainer, and where the time goes.
 
-Same tiny model, same bundled preference pairs, same maximum sequence length, micro-batch,
+Same model (the tiny one, then SmolLM2-135M-Instruct), same bundled preference pairs, same maximum sequence length, micro-batch,
 learning rate, beta and number of steps; sigmoid DPO with reference log-probs precomputed
 once before training on both sides (rlhf: ``preference.reference=precomputed``, TRL:
 ``precompute_ref_log_probs=True``, both in batches of 16 pairs); fp32, no gradient
@@ -299,8 +299,11 @@ def _median_runs(model_dir: str, steps: int, warmup: int, repeats: int) -> list[
     return [sorted(r, key=lambda m: m.pairs_per_second)[len(r) // 2] for r in runs]
 
 
-def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = WARMUP, repeats: int = REPEATS) -> str:
-    """Run both sides and return the markdown section."""
+REAL_STEPS, REAL_WARMUP, REAL_REPEATS = 16, 4, 2  # SmolLM2-135M-Instruct: about a second per step here
+
+
+def _model_section(title: str, model_dir: str, peak_flops: float, steps: int, warmup: int, repeats: int) -> list[str]:
+    """Every configuration on one model: its tables and where the step's time goes."""
     from benchmarks.common import training_flops_per_token
 
     ours, ours_packed, ours_zero2, theirs = _median_runs(model_dir, steps, warmup, repeats)
@@ -320,57 +323,73 @@ def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 
             f"| {m.name} | {m.reference_pairs} | {m.reference_seconds:.2f} | {reference_per_second:,.0f} | "
             f"{reference_mfu:.2%} | {m.reference_seconds / (m.seconds / m.steps):.0f} |"
         )
-    ratio = ours.pairs_per_second / theirs.pairs_per_second
-    rows.append(f"| **ratio rlhf / TRL** | | | **{ratio:.2f}x** | | |")
-    rows.append(
-        f"| **ratio rlhf packed / TRL** | | | **{ours_packed.pairs_per_second / theirs.pairs_per_second:.2f}x** | | |"
-    )
-    rows.append(
-        f"| **ratio rlhf ZeRO-2 / TRL** | | | **{ours_zero2.pairs_per_second / theirs.pairs_per_second:.2f}x** | | |"
-    )
+    for name, side in (("rlhf", ours), ("rlhf packed", ours_packed), ("rlhf ZeRO-2", ours_zero2)):
+        rows.append(f"| **ratio {name} / TRL** | | | **{side.pairs_per_second / theirs.pairs_per_second:.2f}x** | | |")
     reference_ratio = (ours.reference_pairs / ours.reference_seconds) / (
         theirs.reference_pairs / theirs.reference_seconds
     )
     reference_rows.append(f"| **ratio rlhf / TRL** | | | **{reference_ratio:.2f}x** | | |")
+    return [
+        f"### {title}: mean {mean_length} tokens per sequence, {steps} steps ({warmup} warm-up steps not timed), "
+        f"each configuration run {repeats} times, interleaved, and its median run reported",
+        "",
+        "| run | pairs timed | seconds | pairs/s | tokens/s | MFU |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        "Reference log-probs, computed once before training over all training pairs (forward only, no grad; "
+        "TRL's time includes writing them to its datasets cache file). The last column is that time in "
+        "training steps of the same run:",
+        "",
+        "| run | pairs | seconds | pairs/s | MFU | in training steps |",
+        "|---|---:|---:|---:|---:|---:|",
+        *reference_rows,
+        "",
+        "Where the time of a training step goes (ms per timed step, and share of the step):",
+        "",
+        f"| stage | {ours.name} ms | share | {ours_packed.name} ms | share | {ours_zero2.name} ms | share "
+        f"| {theirs.name} ms | share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *_stage_rows([ours, ours_packed, ours_zero2, theirs]),
+        "",
+        _difference(ours, theirs),
+        "",
+        _difference(ours_packed, theirs),
+        "",
+    ]
+
+
+def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = WARMUP, repeats: int = REPEATS) -> str:
+    """Every side on the tiny model and on the real one; the markdown section.
+
+    ``steps``, ``warmup`` and ``repeats`` are the tiny model's; the real model runs ``REAL_STEPS`` (``REAL_WARMUP``
+    not timed) ``REAL_REPEATS`` times, or fewer when the arguments ask for fewer (``--quick``).
+    """
+    from benchmarks.common import describe_model
+    from rlhf.models.loading import resolve
+
+    real = (min(steps, REAL_STEPS), min(warmup, REAL_WARMUP), min(repeats, REAL_REPEATS))
     return "\n".join(
         [
             "## DPO throughput per worker: rlhf vs TRL DPOTrainer",
             "",
-            f"Tiny model, bundled preference pairs (mean {mean_length} tokens per sequence), max length {MAX_LENGTH}, "
-            f"micro-batch {BATCH} pairs, sigmoid DPO with beta {BETA}, {steps} steps ({warmup} warm-up steps not "
-            f"timed; each configuration run {repeats} times, interleaved, and its median run reported), fp32, no gradient checkpointing, one worker on this CPU. Reference log-probs are precomputed "
+            f"Bundled preference pairs, max length {MAX_LENGTH}, micro-batch {BATCH} pairs, sigmoid DPO with beta "
+            f"{BETA}, fp32, no gradient checkpointing, one worker on this CPU, each run in a fresh process. "
+            "Reference log-probs are precomputed "
             f"once before training on both sides (batches of {REFERENCE_BATCH} pairs), so a step is one policy "
             "forward and backward over the chosen and rejected rows of its pairs. rlhf runs its DPO job's own "
             "`PreferenceObjective`, `train_step` and `TrainingEngine` (ZeRO-0 padded; ZeRO-0 with `data.packing`, "
-            "each micro-batch's chosen and rejected sequences in one padding-free row; ZeRO-2 padded); TRL runs `DPOTrainer` with `precompute_ref_log_probs=True`. A timed step "
+            "each micro-batch's chosen and rejected sequences in one padding-free row; ZeRO-2 padded); TRL runs "
+            "`DPOTrainer` with `precompute_ref_log_probs=True`. A timed step "
             "includes fetching and collating its batch. MFU = model FLOPs/s (6 x weights + attention per real "
-            "token; a third of that for the forward-only reference pass) / measured fp32 matmul peak.",
-            "",
-            "| run | pairs timed | seconds | pairs/s | tokens/s | MFU |",
-            "|---|---:|---:|---:|---:|---:|",
-            *rows,
-            "",
-            "Reference log-probs, computed once before training over all training pairs (forward only, no grad; "
-            "TRL's time includes writing them to its datasets cache file). The last column is that time in "
-            "training steps of the same run:",
-            "",
-            "| run | pairs | seconds | pairs/s | MFU | in training steps |",
-            "|---|---:|---:|---:|---:|---:|",
-            *reference_rows,
-            "",
-            "Where the time of a training step goes (ms per timed step, and share of the step). rlhf's stages are "
+            "token; a third of that for the forward-only reference pass) / measured fp32 matmul peak. "
+            "rlhf's stages are "
             "timed around the engine's forward, `backward` and `step` and the objective's `loss`; TRL's around "
             "`compute_loss` and `training_step` (backward = `training_step` - `compute_loss`), its data loader "
             "being the time from the previous step's end to `on_step_begin`, and its optimizer stage the rest of "
             "the step (clipping, optimizer, scheduler, `zero_grad`, token and FLOP counters).",
             "",
-            f"| stage | {ours.name} ms | share | {ours_packed.name} ms | share | {ours_zero2.name} ms | share "
-            f"| {theirs.name} ms | share |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-            *_stage_rows([ours, ours_packed, ours_zero2, theirs]),
-            "",
-            _difference(ours, theirs),
-            "",
-            _difference(ours_packed, theirs),
+            *_model_section(f"Tiny model, {describe_model(model_dir)}", model_dir, peak_flops, steps, warmup, repeats),
+            *_model_section("SmolLM2-135M-Instruct", str(resolve("smollm2-135m-instruct")), peak_flops, *real),
         ]
-    )
+    ).rstrip()

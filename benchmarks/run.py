@@ -1,7 +1,7 @@
 """``make bench``: run every benchmark and write ``benchmarks/RESULTS.md``.
 
 ``python -m benchmarks.run --quick`` runs a few steps of each (a smoke test; its figures mean
-little); ``--only dpo`` (or ``sft``, ``grpo``, ``serve``) runs one benchmark. Either prints the sections
+little); ``--only dpo`` (or ``sft``, ``grpo``, ``serve``, ``scaling``) runs one benchmark. Either prints the sections
 and leaves the results file alone.
 """
 
@@ -11,10 +11,16 @@ import argparse
 import datetime
 import logging
 
-from benchmarks import dpo, grpo, serve, sft
+from benchmarks import dpo, grpo, scaling, serve, sft
 from benchmarks.common import RESULTS, machine, matmul_peak_flops
 
-BENCHMARKS = {"sft": sft.report, "dpo": dpo.report, "grpo": grpo.report, "serve": serve.report}
+BENCHMARKS = {
+    "sft": sft.report,
+    "dpo": dpo.report,
+    "grpo": grpo.report,
+    "serve": serve.report,
+    "scaling": scaling.report,
+}
 QUICK_STEPS, QUICK_WARMUP = 20, 5
 QUICK = {
     "serve": {"seconds": 4.0, "rounds": 1},

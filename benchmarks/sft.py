@@ -1,6 +1,6 @@
 """SFT tokens/s per worker: rlhf's training engine against TRL's SFTTrainer.
 
-Same tiny model, same bundled prompt/completion data, same maximum sequence length,
+Same model (the tiny one, then SmolLM2-135M-Instruct), same bundled prompt/completion data, same maximum sequence length,
 micro-batch, learning rate and number of steps; fp32 and no gradient checkpointing on both
 sides; one worker each, on this machine's CPU, each in a fresh process, one after the other.
 Tokens are the real (non-padding) input tokens. The first WARMUP steps of each are not timed. Each side runs padded and packed
@@ -118,12 +118,15 @@ def run_trl(model_dir: str, packing: bool, steps: int = STEPS, warmup: int = WAR
     return Measurement(f"TRL SFTTrainer{' packed' if packing else ''}", timer.tokens, timer.seconds)
 
 
-def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = WARMUP) -> str:
-    """Run all four configurations and return the markdown section."""
+REAL_STEPS, REAL_WARMUP = 16, 4  # SmolLM2-135M-Instruct: a packed step of 1,024 tokens takes seconds here
+
+
+def _table(model_dir: str, peak_flops: float, steps: int, warmup: int) -> list[str]:
+    """The four configurations of one model, each in a fresh process: the rows and the ratios."""
     from benchmarks.common import isolated, training_flops_per_token
 
     flops_per_token = training_flops_per_token(model_dir, MAX_LENGTH)
-    rows = []
+    rows = ["| run | tokens timed | seconds | tokens/s | MFU |", "|---|---:|---:|---:|---:|"]
     for packing in (False, True):
         ours = isolated(run_rlhf, model_dir, packing, steps, warmup)
         theirs = isolated(run_trl, model_dir, packing, steps, warmup)
@@ -133,17 +136,33 @@ def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 
         rows.append(
             f"| **ratio rlhf / TRL{' (packed)' if packing else ''}** | | | **{ours.tokens_per_second / theirs.tokens_per_second:.2f}x** | |"
         )
+    return rows
+
+
+def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = WARMUP) -> str:
+    """All four configurations on the tiny model and on the real one; the markdown section.
+
+    ``steps`` and ``warmup`` are the tiny model's; the real model runs ``REAL_STEPS`` (``REAL_WARMUP`` not timed),
+    or ``steps`` when that is fewer (``--quick``).
+    """
+    from benchmarks.common import describe_model
+    from rlhf.models.loading import resolve
+
+    real_steps, real_warmup = min(steps, REAL_STEPS), min(warmup, REAL_WARMUP)
     return "\n".join(
         [
             "## SFT throughput per worker: rlhf vs TRL SFTTrainer",
             "",
-            f"Tiny model, bundled prompt/completion data, max length {MAX_LENGTH}, micro-batch {BATCH}, "
-            f"{steps} steps ({warmup} warm-up steps not timed), fp32 and no gradient checkpointing on both sides, "
-            "one worker on this CPU. "
+            f"Bundled prompt/completion data, max length {MAX_LENGTH}, micro-batch {BATCH}, fp32 and no gradient "
+            "checkpointing on both sides, one worker on this CPU, each configuration in a fresh process. "
             "MFU = model FLOPs/s (6 x weights + attention per token) / measured fp32 matmul peak.",
             "",
-            "| run | tokens timed | seconds | tokens/s | MFU |",
-            "|---|---:|---:|---:|---:|",
-            *rows,
+            f"### Tiny model, {describe_model(model_dir)}: {steps} steps ({warmup} warm-up steps not timed)",
+            "",
+            *_table(model_dir, peak_flops, steps, warmup),
+            "",
+            f"### SmolLM2-135M-Instruct: {real_steps} steps ({real_warmup} warm-up steps not timed)",
+            "",
+            *_table(str(resolve("smollm2-135m-instruct")), peak_flops, real_steps, real_warmup),
         ]
     )
