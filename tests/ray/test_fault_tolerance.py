@@ -108,18 +108,19 @@ def _kill_tree(pid: int) -> None:
     psutil.wait_procs(processes, timeout=30)
 
 
-def test_rerun_after_the_driver_is_stopped_resumes(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_rerun_after_the_driver_is_stopped_resumes(
+    ray_cluster, tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first run is ``rlhf sft`` on an embedded cluster of its own, killed with that cluster as if the machine
+    went down; the same config re-run (here, on the session's cluster) resumes from its last checkpoint."""
+    import logging
+
+    from rlhf.jobs import sft
+
     total, stop_after = 14, 6
     out = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "rlhf.cli",
-        "sft",
-        "--config",
-        str(EXAMPLES_DIR / "sft.yaml"),
-        *_overrides(tiny_model_dir, out, total),
-    ]
+    overrides = _overrides(tiny_model_dir, out, total)
+    command = [sys.executable, "-m", "rlhf.cli", "sft", "--config", str(EXAMPLES_DIR / "sft.yaml"), *overrides]
     env = {**os.environ, "RAY_ADDRESS": ""}  # its own embedded cluster (with the fast health check of conftest)
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -130,9 +131,10 @@ def test_rerun_after_the_driver_is_stopped_resumes(tiny_model_dir: Path, tmp_pat
     trained_before = max(_train_steps(out))
     assert trained_before < total
 
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming sft from its checkpoint at step" in second.stderr
+    with caplog.at_level(logging.INFO, logger="rlhf.jobs.runner"):
+        summary = sft.run(configtree.load(SFTConfig, EXAMPLES_DIR / "sft.yaml", overrides))
+    assert "resuming sft from its checkpoint at step" in caplog.text
+    assert summary["steps"] < total  # only what the first run had not checkpointed
     _assert_every_step_once_but_the_replayed(_train_steps(out), total)
 
 

@@ -324,19 +324,26 @@ def test_killed_role_actors_are_recovered_from_the_last_checkpoint(
 
 
 def test_re_running_a_stopped_run_resumes_from_its_last_checkpoint(
-    ray_cluster, sft_policy: Path, rollout_app: str, tmp_path: Path
+    ray_cluster, sft_policy: Path, rollout_app: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """``rlhf ppo`` killed with its process tree after its first checkpoint; the same config re-run (here, in this
+    process) resumes from the last complete checkpoint and writes the final model."""
     import subprocess
     import sys
 
     import psutil
     import ray
 
-    command = [
-        sys.executable, "-m", "rlhf.cli", "ppo", "--config", str(Path("rlhf/configs/ppo.yaml").resolve()),
+    from cluster import configtree
+    from rlhf.jobs.ppo import run
+    from rlhf.rl.config import PPOConfig
+
+    config_file = Path("rlhf/configs/ppo.yaml").resolve()
+    overrides = [
         f"policy.name_or_path={sft_policy}", f"train.output_dir={tmp_path}", f"rollout.app_name={APP_NAME}",
         "algorithm.estimator=grpo", "train.max_steps=6", "train.save_every=2",
     ]  # fmt: skip
+    command = [sys.executable, "-m", "rlhf.cli", "ppo", "--config", str(config_file), *overrides]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -350,9 +357,10 @@ def test_re_running_a_stopped_run_resumes_from_its_last_checkpoint(
     first.wait(timeout=60)
     assert not (tmp_path / "final").exists()
 
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    resumed_from = int(second.stdout.split("resuming from ")[1].split("(step ")[1].split(")")[0])
+    capsys.readouterr()
+    run(configtree.load(PPOConfig, config_file, overrides))
+    printed = capsys.readouterr().out
+    resumed_from = int(printed.split("resuming from ")[1].split("(step ")[1].split(")")[0])
     assert resumed_from >= 2 and resumed_from % 2 == 0
     after = [r["step"] for r in records(tmp_path) if r["kind"] == "train"]
     assert after[-(6 - resumed_from) :] == list(range(resumed_from + 1, 7))

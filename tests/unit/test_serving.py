@@ -137,7 +137,7 @@ def test_undeployable_configs_are_refused_naming_the_key(tiny_model_dir: Path, o
 
 
 def test_export_writes_a_serve_deploy_config_whose_builder_builds(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cluster_context: None
 ) -> None:
     from ray.serve.deployment import Application
     from ray.serve.schema import ServeDeploySchema

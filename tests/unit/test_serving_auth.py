@@ -113,7 +113,7 @@ def test_a_loopback_endpoint_may_run_without_keys(host: str, monkeypatch: pytest
 
 
 def test_export_and_the_cluster_builder_refuse_an_endpoint_without_keys(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cluster_context: None
 ) -> None:
     """Before, ``--export`` wrote a config listening on 0.0.0.0 with no key anywhere, and ``app_builder`` built it
     on the cluster with auth off."""
