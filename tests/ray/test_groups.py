@@ -261,3 +261,44 @@ def test_a_group_that_finds_its_bundles_full_fails_in_time(probes: ActorGroup) -
     assert time.monotonic() - start < 2 + SLACK_S
     assert caught.value.ranks == [0, 1]
     assert probes.call(ProbeWorker.pid, timeout_s=60) == probes.pids  # the owner of the bundles is untouched
+
+
+def reward_that_logs_its_rank(response: str, answer: str, log: str) -> float:
+    """A function reward that takes a while per row and notes which process scored the row, and when."""
+    started = time.time()
+    time.sleep(0.4)
+    with open(log, "a") as sink:
+        sink.write(f"{os.getpid()} {response} {started} {time.time()}\n")
+    return float(response == answer)
+
+
+def test_a_function_reward_scores_its_batch_on_every_reward_rank_at_once(ray_cluster, tmp_path: Path) -> None:
+    """``roles.reward_workers=2``: each reward rank (a Ray actor, off the driver) scores its half of the batch with
+    the rows' own columns, the two halves at the same time, and the scores come back in row order."""
+    from rlhf.rl.roles import RewardGroup
+    from rlhf.rl.workers import RewardWorker
+
+    spec = f"{__name__}:reward_that_logs_its_rank"
+    log = tmp_path / "scored.txt"
+    responses = [str(row) for row in range(8)]
+    answers = [str(row) if row % 3 else "no" for row in range(8)]
+    group = ActorGroup("reward", RewardWorker, num_actors=2, num_cpus_per_actor=0.5, setup_timeout_s=120)
+    try:
+        reward = RewardGroup(group, spec)
+        reward.build(spec).result()
+        columns = {"answer": answers, "log": [str(log)] * 8}
+        scores, components = reward.score(["q"] * 8, responses, columns, timeout_s=60).result()
+    finally:
+        group.kill()
+    assert scores.tolist() == [float(row % 3 != 0) for row in range(8)] and components == {}
+    rows = [line.split() for line in log.read_text().splitlines()]
+    by_pid: dict[str, list[tuple[int, float, float]]] = {}
+    for pid, response, started, ended in rows:
+        by_pid.setdefault(pid, []).append((int(response), float(started), float(ended)))
+    assert sorted(by_pid) == sorted(str(pid) for pid in group.pids)  # two reward actors, none the driver
+    halves = sorted(sorted(row for row, _, _ in scored) for scored in by_pid.values())
+    assert halves == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    (first_start, first_end), (second_start, second_end) = (
+        (min(s for _, s, _ in scored), max(e for _, _, e in scored)) for scored in by_pid.values()
+    )
+    assert first_start < second_end and second_start < first_end, "the two halves were scored one after the other"

@@ -17,10 +17,13 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def no_ray_left_running() -> Iterator[None]:
-    """Fail the test that leaves Ray initialised in this process (and shut it down for the next)."""
+    """Fail the unit test that starts Ray in this process and leaves it running (a Ray tier's session cluster, up
+    before the test, is left alone)."""
+    ray = sys.modules.get("ray")
+    running_before = ray is not None and ray.is_initialized()
     yield
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    if not running_before and ray is not None and ray.is_initialized():
         ray.shutdown()
         pytest.fail("this unit test started Ray in the test process and left it running")
 
