@@ -16,7 +16,6 @@ import asyncio
 import dataclasses
 import inspect
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -181,9 +180,9 @@ def test_the_serve_replica_internals_it_relies_on() -> None:
     assert {"return_token_ids", "prompt_logprobs", "logprobs", "seed"} <= set(CompletionRequest.model_fields)
 
 
-def test_llm_deployment_id_is_how_build_llm_deployment_names_the_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The rollout client finds its model's deployment by this name (serving.deploy._llm_deployment)."""
-    import ray
+def test_llm_deployment_id_is_how_build_llm_deployment_names_the_deployment(cluster_context: None) -> None:
+    """The rollout client finds its model's deployment by this name (serving.deploy._llm_deployment); building
+    asks Ray for the driver's runtime env, which ``cluster_context`` gives without starting a cluster."""
     from ray.llm._internal.serve.core.server.builder import _get_deployment_name
     from ray.serve.llm import LLMConfig, build_llm_deployment
 
@@ -191,8 +190,6 @@ def test_llm_deployment_id_is_how_build_llm_deployment_names_the_deployment(monk
 
     config = LLMConfig(model_loading_config={"model_id": "org/model.v1"})
     assert llm_deployment_id("org/model.v1") == _get_deployment_name(config) == "org--model_v1"
-    # building asks Ray for the driver's runtime env, which would start or join a cluster
-    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(runtime_env={}))
     name = build_llm_deployment(config)._bound_deployment.name
     assert name.endswith(":" + llm_deployment_id("org/model.v1")), name
 
