@@ -1,7 +1,7 @@
 """``make bench``: run every benchmark and write ``benchmarks/RESULTS.md``.
 
 ``python -m benchmarks.run --quick`` runs a few steps of each (a smoke test; its figures mean
-little); ``--only dpo`` (or ``sft``, ``grpo``, ``serve``, ``scaling``) runs one benchmark. Either prints the sections
+little); ``--only dpo`` (or ``sft``, ``grpo``, ``update``, ``serve``, ``scaling``) runs one benchmark. Either prints the sections
 and leaves the results file alone.
 """
 
@@ -11,13 +11,14 @@ import argparse
 import datetime
 import logging
 
-from benchmarks import dpo, grpo, scaling, serve, sft
+from benchmarks import dpo, grpo, policy_update, scaling, serve, sft
 from benchmarks.common import RESULTS, machine, matmul_peak_flops
 
 BENCHMARKS = {
     "sft": sft.report,
     "dpo": dpo.report,
     "grpo": grpo.report,
+    "update": policy_update.report,
     "serve": serve.report,
     "scaling": scaling.report,
 }
@@ -26,6 +27,7 @@ QUICK = {
     "serve": {"seconds": 4.0, "rounds": 1},
     "dpo": {"steps": QUICK_STEPS, "warmup": QUICK_WARMUP, "repeats": 1},
     "grpo": {"steps": 3},
+    "update": {"rounds": 2},
 }  # benchmarks not measured in steps: their own quick arguments
 
 

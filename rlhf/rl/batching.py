@@ -74,7 +74,7 @@ ENGINE_STATS = ("grad_norm", "lr", "value_grad_norm")
 
 def combine(per_rank: list[dict[str, float]], extensive: tuple[str, ...]) -> dict[str, float]:
     """Token-weighted means of the ranks' metric sums (``tokens`` weighs them); ``extensive`` metrics are added up;
-    :data:`ENGINE_STATS` are rank 0's."""
+    :data:`ENGINE_STATS` are rank 0's; times (``time/...``) are the slowest rank's, since the ranks run together."""
     tokens = sum(r["tokens"] for r in per_rank) or 1.0
     combined: dict[str, float] = {}
     for name in per_rank[0]:
@@ -82,6 +82,8 @@ def combine(per_rank: list[dict[str, float]], extensive: tuple[str, ...]) -> dic
             continue
         if name in ENGINE_STATS:
             combined[name] = per_rank[0][name]
+        elif name.startswith("time/"):
+            combined[name] = max(r.get(name, 0.0) for r in per_rank)
         elif name in extensive:
             combined[name] = sum(r.get(name, 0.0) for r in per_rank)
         else:

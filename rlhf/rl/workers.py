@@ -15,6 +15,7 @@ losses come from :mod:`rlhf.algos`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +73,14 @@ def _device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
+def _clock(device: torch.device) -> float:
+    """Seconds on a monotonic clock once the work queued on ``device`` is done (a GPU runs its kernels behind the
+    Python that queued them, so a phase is timed to its end, not to the end of its queueing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _weighted(metrics: dict[str, torch.Tensor], weight: float, into: dict[str, float]) -> None:
     for name, value in metrics.items():
         into[name] = into.get(name, 0.0) + float(value) * weight
@@ -116,18 +125,28 @@ class _TrainableWorker(RankWorker):
 
         ``denominators[i]`` are mini-batch ``i``'s global ``num_tokens`` and ``num_sequences``, so the
         ranks' losses add up to the whole batch's. Returns this rank's sums: each metric x the
-        micro-batch's response tokens, ``tokens``, the summed loss as ``loss_name``, and the last
-        optimizer step's engine stats renamed by ``stat_names``; the driver adds the ranks.
+        micro-batch's response tokens, ``tokens``, the summed loss as ``loss_name``, the last
+        optimizer step's engine stats renamed by ``stat_names``, and the seconds of each phase of the
+        update (``time/<role>_forward``: forward and loss, ``_backward``, ``_optimizer``: clipping, the
+        optimizer and the schedule); the driver adds the ranks.
         """
         from rlhf.algos import masked_count
 
-        sums: dict[str, float] = {"tokens": 0.0}
+        role = loss_name.removesuffix("_loss")
+        phases = {phase: f"time/{role}_{phase}" for phase in ("forward", "backward", "optimizer")}
+        sums: dict[str, float] = {"tokens": 0.0} | dict.fromkeys(phases.values(), 0.0)
         for micro_batches, denominator in zip(mini_batches, denominators, strict=True):
             for batch in micro_batches:
                 batch = batch.to(self.engine.device)
+                started = _clock(batch.input_ids.device)
                 loss, metrics = loss_fn(batch, denominator)
+                forward_done = _clock(batch.input_ids.device)
                 self.engine.backward(loss)
+                backward_done = _clock(batch.input_ids.device)
                 stats = self.engine.step() or {}
+                sums[phases["forward"]] += forward_done - started
+                sums[phases["backward"]] += backward_done - forward_done
+                sums[phases["optimizer"]] += _clock(batch.input_ids.device) - backward_done
                 tokens = float(masked_count(batch.response_mask))
                 sums["tokens"] += tokens
                 _weighted(metrics, tokens, sums)

@@ -32,6 +32,7 @@ EXPECTED_METRICS = {
     "logprob_gap_mean",
     "policy_loss",
     *(f"time/{stage}" for stage in ("generate", "experience", "train_value", "train_policy", "sync", "step")),
+    *(f"time/policy_{phase}" for phase in ("forward", "backward", "optimizer")),
 }
 
 
@@ -82,6 +83,9 @@ def test_a_run_logs_every_metric_and_stage_each_step_and_writes_its_outputs(ppo_
         assert EXPECTED_METRICS | {"value_loss", "explained_variance"} <= set(record), set(record)
         assert all(math.isfinite(record[k]) for k in EXPECTED_METRICS)
         assert record["time/step"] >= sum(record[f"time/{s}"] for s in ("generate", "experience", "sync")) > 0
+        for role in ("policy", "value"):  # the update's phases, timed in the worker, within the driver's stage
+            phases = [record[f"time/{role}_{phase}"] for phase in ("forward", "backward", "optimizer")]
+            assert min(phases) > 0 and sum(phases) <= record[f"time/train_{role}"]
     assert (out / "curves.png").stat().st_size > 10_000
     assert any((out / "tensorboard").iterdir())
     assert (out / "checkpoints" / f"step-{STEPS}" / "state.json").is_file()

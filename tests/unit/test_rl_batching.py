@@ -82,6 +82,17 @@ def test_rank_metrics_combine_token_weighted_losses_summed_and_the_engine_stats_
     assert combined == {"clip_fraction": (1.0 + 9.0) / 40.0, "policy_loss": 0.75, "grad_norm": 2.0}
 
 
+def test_the_update_phase_times_of_the_ranks_combine_as_the_slowest_rank() -> None:
+    """The ranks run their update at the same time, so a phase takes as long as its slowest rank: neither a sum
+    over ranks nor a token-weighted mean."""
+    per_rank = [
+        {"tokens": 10.0, "time/policy_forward": 1.5, "time/policy_backward": 3.0},
+        {"tokens": 30.0, "time/policy_forward": 2.0, "time/policy_backward": 2.5},
+    ]
+    combined = combine(per_rank, extensive=())
+    assert combined == {"time/policy_forward": 2.0, "time/policy_backward": 3.0}
+
+
 def test_each_purpose_draws_its_own_stream_from_the_seeds_it_always_drew() -> None:
     """The seeds moved into rlhf.seeds unchanged (a resumed run of an earlier version draws the same streams)."""
     assert seeds.position(7, 2) == 7 * 1_000_003 + 2
