@@ -11,7 +11,12 @@ rlhf generates with a vLLM replica on Ray Serve and trains on a policy actor (De
 ZeRO-0) given both cores (Ray sets an actor's torch threads to its CPUs), then brings the
 replica the new weights: through vLLM's weight-transfer API (gloo, the default), and in a
 second run through files. TRL generates with transformers' ``generate`` in the trainer's
-process and needs no sync. A timed step is the whole RL step on
+process and needs no sync, and in a second run with vLLM in its process (``vllm_mode="colocate"``,
+which then loads the new weights into that engine every step); when that run fails, its row says how.
+TRL's other vLLM mode (``vllm_mode="server"``) cannot run on a CPU: ``trl vllm-serve`` starts
+``vllm serve`` with ``--weight-transfer-config '{"backend": "nccl"}'``, and its client's
+``VLLMClient.init_communicator`` raises ``NotImplementedError`` on any device but a CUDA one ("Weight
+synchronization runs on vLLM's NCCL weight-transfer engine, which needs a CUDA device"). A timed step is the whole RL step on
 both sides (rlhf: ``time/step`` of its metrics, every stage included; TRL: from one
 ``on_step_end`` to the next). The first step of each side is a warm-up and not timed; start-up
 (Ray, the replica, model loading) is not part of any step.
@@ -99,8 +104,9 @@ def run_rlhf(model_dir: str, steps: int, output_dir: str, overrides: tuple[str, 
     }
 
 
-def run_trl(model_dir: str, steps: int, output_dir: str) -> dict[str, Any]:
-    """TRL's GRPOTrainer with the same settings (see :mod:`benchmarks.trl_grpo`)."""
+def run_trl(model_dir: str, steps: int, output_dir: str, vllm: bool = False) -> dict[str, Any]:
+    """TRL's GRPOTrainer with the same settings (see :mod:`benchmarks.trl_grpo`); ``vllm``: generating with vLLM
+    in its process (``vllm_mode="colocate"``)."""
     from benchmarks.trl_grpo import run_trl_grpo
     from rlhf.data.bundled import bundled_path, positive_word_reward
 
@@ -116,6 +122,7 @@ def run_trl(model_dir: str, steps: int, output_dir: str) -> dict[str, Any]:
         learning_rate=LEARNING_RATE,
         seed=SEED,
         output_dir=output_dir,
+        vllm=vllm,
     )
     timed = result["step_seconds"][1:]
     result["timed_seconds"] = sum(timed)
@@ -140,6 +147,10 @@ def _model_section(title: str, model_dir: str, steps: int) -> list[str]:
         ours = isolated(run_rlhf, model_dir, steps, root + "/transfer", ("rollout.weight_sync=transfer",))
         files = isolated(run_rlhf, model_dir, steps, root + "/files", ("rollout.weight_sync=files",))
         theirs = isolated(run_trl, model_dir, steps, root + "/trl")
+        try:
+            theirs_vllm: dict[str, Any] | str = isolated(run_trl, model_dir, steps, root + "/trl-vllm", vllm=True)
+        except Exception as error:  # the row says what happened (TRL with this vLLM build)
+            theirs_vllm = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     timed = steps - 1
     ratio = theirs["median_step_seconds"] / ours["median_step_seconds"]
     token_ratio = ours["tokens_per_second"] / theirs["tokens_per_second"]
@@ -153,6 +164,20 @@ def _model_section(title: str, model_dir: str, steps: int) -> list[str]:
         f"{m['response_length']:.1f} | {m['rewards'][0]:+.2f} -> {m['rewards'][-1]:+.2f} |"
         for name, m in runs
     ]
+    vllm_name = "TRL GRPOTrainer, generating with vLLM (`vllm_mode=colocate`)"
+    if isinstance(theirs_vllm, str):
+        rows.append(f"| {vllm_name} | did not run: `{theirs_vllm}` | | | |")
+        vllm_ratio = ""
+    else:
+        m = theirs_vllm
+        rows.append(
+            f"| {vllm_name} | {m['median_step_seconds'] * 1000:,.0f} | {m['tokens_per_second']:,.0f} | "
+            f"{m['response_length']:.1f} | {m['rewards'][0]:+.2f} -> {m['rewards'][-1]:+.2f} |"
+        )
+        vllm_ratio = (
+            f"| **rlhf (transfer) / TRL with vLLM** | **{m['median_step_seconds'] / ours['median_step_seconds']:.2f}x** "
+            f"| **{ours['tokens_per_second'] / m['tokens_per_second']:.2f}x** | | |"
+        )
     sync_ms = {name: m["stage_seconds"]["sync"] / timed * 1000 for name, m in (("transfer", ours), ("files", files))}
     return [
         f"### {title}",
@@ -162,6 +187,7 @@ def _model_section(title: str, model_dir: str, steps: int) -> list[str]:
         *rows,
         f"| **rlhf (transfer) / TRL** (steps/s, tokens/s; above 1: rlhf faster) | **{ratio:.2f}x** | "
         f"**{token_ratio:.2f}x** | | |",
+        *([vllm_ratio] if vllm_ratio else []),
         "",
         f"Weight sync per step: {sync_ms['transfer']:,.0f} ms by transfer (gloo, from the policy's memory), "
         f"{sync_ms['files']:,.0f} ms by files (save, then each replica reloads).",
@@ -198,7 +224,11 @@ def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 
             f"{steps} steps each, the first a warm-up, the median of the other {timed} reported. rlhf generates on a "
             "vLLM replica (Ray Serve) and brings it the new weights every step, by default through vLLM's "
             "weight-transfer API (gloo on this CPU), and, in a second run, through files; TRL generates with "
-            "transformers in-process and needs no sync. Each run is its own process on this CPU, one after the "
+            "transformers in-process and needs no sync, and, in a second run, with vLLM in its process "
+            "(`vllm_mode=colocate`; when it fails, its row says how). TRL's server mode cannot run here: "
+            "`trl vllm-serve` starts `vllm serve` with the NCCL weight-transfer backend, and TRL's "
+            "`VLLMClient.init_communicator` refuses any device but a CUDA one (`NotImplementedError`: weight "
+            "synchronization runs on vLLM's NCCL weight-transfer engine). Each run is its own process on this CPU, one after the "
             "other. Two models: the tiny one of the tests, whose steps are so cheap that vLLM's fixed cost per "
             "decoding step dominates, and a larger one where the work per token does, as with real models.",
             "",

@@ -179,7 +179,7 @@ def measure(model_dir: str, prompts_per_batch: int, rounds: int) -> dict[str, An
             "backward": backward_done - forward_done,
             "optimizer": done - backward_done,
             "total": done - started,
-            "loss": float(loss),
+            "loss": float(loss.detach()),
             "grad_norm": float(norm),
         }
 

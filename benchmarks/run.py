@@ -28,6 +28,7 @@ QUICK = {
     "dpo": {"steps": QUICK_STEPS, "warmup": QUICK_WARMUP, "repeats": 1},
     "grpo": {"steps": 3},
     "update": {"rounds": 2},
+    "scaling": {"steps": 2, "warmup": 1},
 }  # benchmarks not measured in steps: their own quick arguments
 
 

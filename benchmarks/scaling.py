@@ -270,14 +270,18 @@ def _gb(value: float) -> str:
 
 
 def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = WARMUP) -> str:
-    """The markdown section (``peak_flops`` is not used; ``steps``/``warmup`` are fixed by the module)."""
+    """The markdown section (``peak_flops`` is not used). ``steps``/``warmup`` are the timed SFT runs'; fewer steps
+    than :data:`STEPS` (``--quick``) also shorten the PPO runs to 2 steps and count the ZeRO stages in bf16 only
+    (the predictions need those)."""
     from benchmarks.common import describe_model
     from rlhf.models.loading import resolve
 
+    quick = steps < STEPS
+    ppo_steps = 2 if quick else PPO_STEPS
     real_dir = str(resolve("smollm2-135m-instruct"))
     stages = [  # counts are the same every step: 3 steps, 1 not counted
         {"zero_stage": stage, "accumulation": 4, "precision": precision, "steps": 3, "warmup": 1}
-        for precision in ("fp32", "bf16")
+        for precision in (("bf16",) if quick else ("fp32", "bf16"))
         for stage in (0, 1, 2, 3)
     ]
     # on SmolLM2: the tiny model's tensors are all below ZeRO-3's persistence threshold (1e5 elements), so ZeRO-3
@@ -288,8 +292,10 @@ def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 
         (f"Tiny model, {describe_model(model_dir)}", model_dir),
         ("SmolLM2-135M-Instruct", real_dir),
     ):
-        one = measure(directory, 1, [{"zero_stage": 0, "accumulation": 1, "micro_batch": 2 * MICRO_BATCH}])[0]
-        two = measure(directory, 2, [{"zero_stage": 0, "accumulation": 1}])[0]  # the same global batch
+        length = {"steps": steps, "warmup": warmup}
+        one = measure(directory, 1, [{"zero_stage": 0, "accumulation": 1, "micro_batch": 2 * MICRO_BATCH} | length])
+        two = measure(directory, 2, [{"zero_stage": 0, "accumulation": 1} | length])  # the same global batch
+        one, two = one[0], two[0]
         share = two["collective_seconds_per_step"] / two["step_seconds"]
         scaling_rows.append(
             f"| {title} | {one['tokens_per_second']:,.0f} | {two['tokens_per_second']:,.0f} | "
@@ -301,7 +307,7 @@ def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 
 
     with tempfile.TemporaryDirectory() as root:
         ppo = {
-            colocate: isolated(run_ppo, model_dir, PPO_STEPS, f"{root}/{colocate}", colocate)
+            colocate: isolated(run_ppo, model_dir, ppo_steps, f"{root}/{colocate}", colocate)
             for colocate in ("none", "all")
         }
     ppo_rows = [
@@ -339,7 +345,7 @@ def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 
             "",
             f"The same SFT (bundled prompt/completion data, {2 * MICRO_BATCH} sequences per optimizer step, ZeRO-0, "
             f"fp32) on 1 rank (micro-batch {2 * MICRO_BATCH}, both cores) and on 2 gloo ranks of this machine "
-            f"(micro-batch {MICRO_BATCH} each, a core each); {STEPS} steps, {WARMUP} not timed. The ranks share "
+            f"(micro-batch {MICRO_BATCH} each, a core each); {steps} steps, {warmup} not timed. The ranks share "
             "the machine's 2 cores, so 2 ranks cannot compute faster here; the figures say what data parallelism "
             "adds to the compute (the collectives' share of a step, and their payload).",
             "",
@@ -349,7 +355,7 @@ def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 
             *scaling_rows,
             "",
             f"PPO with separate and colocated roles: rlhf/configs/ppo.yaml (policy, reference and value groups of "
-            f"one rank each, the toy rule reward, one vLLM replica) on the tiny model, {PPO_STEPS} steps, the first "
+            f"one rank each, the toy rule reward, one vLLM replica) on the tiny model, {ppo_steps} steps, the first "
             "not timed; `roles.colocate=none` gives each role a bundle (a CPU) of its own, `all` puts the three "
             "in one bundle. Median step and mean stage times in ms:",
             "",

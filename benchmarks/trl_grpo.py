@@ -55,14 +55,22 @@ def _trl_reward(reward_fn: Callable[[str], float]) -> Callable[..., list[float]]
 
 
 def grpo_config_arguments(
-    *, group_size: int, prompts_per_step: int, max_new_tokens: int, steps: int, learning_rate: float, seed: int
+    *,
+    group_size: int,
+    prompts_per_step: int,
+    max_new_tokens: int,
+    steps: int,
+    learning_rate: float,
+    seed: int,
+    vllm: bool = False,
 ) -> dict[str, Any]:
     """The ``GRPOConfig`` arguments of the benchmark (``output_dir`` aside).
 
     The whole step is one micro-batch: ``per_device_train_batch_size = prompts_per_step x group_size``
     with ``gradient_accumulation_steps = 1``, so ``steps_per_generation`` defaults to 1 and
     ``generation_batch_size`` to the same number of completions: each optimizer step generates
-    its own batch and trains on it once.
+    its own batch and trains on it once. ``vllm``: generate with vLLM in the trainer's process (TRL's
+    ``vllm_mode="colocate"``) instead of transformers' ``generate``.
     """
     completions = prompts_per_step * group_size
     return {
@@ -76,7 +84,8 @@ def grpo_config_arguments(
         "temperature": 1.0,
         "top_p": 1.0,
         "top_k": 0,
-        "use_vllm": False,
+        "use_vllm": vllm,
+        **({"vllm_mode": "colocate", "vllm_max_model_length": 256} if vllm else {}),
         "beta": 0.0,
         "num_iterations": 1,
         "epsilon": 0.2,
@@ -103,6 +112,7 @@ def run_trl_grpo(
     learning_rate: float,
     seed: int,
     output_dir: str,
+    vllm: bool = False,
 ) -> dict:
     """Train ``steps`` GRPO steps with TRL's ``GRPOTrainer`` on CPU and return their timings.
 
@@ -163,6 +173,7 @@ def run_trl_grpo(
             steps=steps,
             learning_rate=learning_rate,
             seed=seed,
+            vllm=vllm,
         ),
     )
     if config.steps_per_generation != 1 or config.generation_batch_size != completions:
