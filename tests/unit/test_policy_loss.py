@@ -16,7 +16,7 @@ import torch
 from rlhf.algos import token_logprobs
 from rlhf.algos.objective import PolicyObjective, policy_objective
 from rlhf.rl.experience import Experience, sequence_batch
-from rlhf.rl.workers import causal_logprobs, first_response_position, policy_loss
+from rlhf.rl.policy_loss import causal_logprobs, first_response_position, policy_loss
 
 TEMPERATURE = 0.7
 
