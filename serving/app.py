@@ -29,7 +29,7 @@ from typing import Any
 
 from cluster import configtree
 from cluster.errors import UserError
-from serving.backends import backend, on_gpu
+from serving.backends import ENGINE_THREADS_ENV, backend, on_gpu
 from serving.config import ServeConfig
 
 API_KEYS_ENV = "RLHF_API_KEYS"
@@ -124,28 +124,38 @@ def llm_config(config: ServeConfig, gpu: bool | None = None, weight_transfer: bo
         engine["tensor_parallel_size"] = config.tensor_parallel_size
     if weight_transfer:
         engine["weight_transfer_config"] = {"backend": backend(gpu)}
-    if config.min_replicas == config.max_replicas:
-        scaling: dict[str, Any] = {"num_replicas": config.min_replicas}
-    else:
-        scaling = {
-            "autoscaling_config": {
-                "min_replicas": config.min_replicas,
-                "max_replicas": config.max_replicas,
-                "target_ongoing_requests": config.target_ongoing_requests,
-                "upscale_delay_s": config.upscale_delay_s,
-                "downscale_delay_s": config.downscale_delay_s,
-            }
+    env = (
+        {}
+        if gpu
+        else {
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            ENGINE_THREADS_ENV: str(config.engine_threads),
         }
-    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")} if not gpu else {}
+    )
     return LLMConfig(
         model_loading_config={"model_id": model_name(config), "model_source": str(source)},
         engine_kwargs=engine,
         # pydantic validates the dict into Ray's CPU accelerator config (whose class is not public API)
         accelerator_config=None if gpu else {"kind": "cpu"},  # type: ignore[arg-type]
-        deployment_config={"max_ongoing_requests": 64, "health_check_period_s": 2, **scaling},
+        deployment_config={"max_ongoing_requests": 64, "health_check_period_s": 2, **scaling(config)},
         runtime_env={"env_vars": env} if env else None,
         log_engine_metrics=False,
     )
+
+
+def scaling(config: ServeConfig) -> dict[str, Any]:
+    """The replica count of ``config`` as Serve's deployment options: a fixed count, or its autoscaling."""
+    if config.min_replicas == config.max_replicas:
+        return {"num_replicas": config.min_replicas}
+    return {
+        "autoscaling_config": {
+            "min_replicas": config.min_replicas,
+            "max_replicas": config.max_replicas,
+            "target_ongoing_requests": config.target_ongoing_requests,
+            "upscale_delay_s": config.upscale_delay_s,
+            "downscale_delay_s": config.downscale_delay_s,
+        }
+    }
 
 
 def llm_deployment(llm: Any) -> Any:
@@ -193,7 +203,14 @@ def validate(config: ServeConfig) -> None:
         raise ServeError(
             f"max_tokens_limit={config.max_tokens_limit} must be in 1..max_model_len ({config.max_model_len})"
         )
-    lowest = {"default_max_tokens": 1, "max_n": 1, "max_logprobs": 0, "max_stop": 0, "max_prompts": 1}
+    lowest = {
+        "default_max_tokens": 1,
+        "max_n": 1,
+        "max_logprobs": 0,
+        "max_stop": 0,
+        "max_prompts": 1,
+        "engine_threads": 0,
+    }
     for key, low in lowest.items():
         if getattr(config, key) < low:
             raise ServeError(f"{key}={getattr(config, key)} is below {low}")

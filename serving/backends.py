@@ -1,6 +1,12 @@
-"""What kind of device the replicas run on, and what follows from it: the weight-transfer backend, the CPU tiles."""
+"""What kind of device the replicas run on, and what follows from it: the weight-transfer backend, the CPU tiles,
+the engine's threads on CPUs."""
 
 from __future__ import annotations
+
+import os
+
+ENGINE_THREADS_ENV = "RLHF_ENGINE_THREADS"
+"""Carries ``engine_threads`` of the config into a CPU replica's environment (see :func:`use_cpu_engine_threads`)."""
 
 
 def on_gpu() -> bool:
@@ -26,3 +32,22 @@ def allow_cpu_tiles() -> None:
     import torch
 
     torch.cpu._init_amx()
+
+
+def cpu_engine_threads(configured: int, cores: int) -> int:
+    """The threads a CPU replica's engine computes on: ``configured``, or for 0 every one of the ``cores`` the
+    replica may run on."""
+    return configured or cores
+
+
+def use_cpu_engine_threads() -> int:
+    """Give the vLLM engine this CPU replica is about to start the threads of its config; how many.
+
+    Ray sets ``OMP_NUM_THREADS`` of an actor to its logical CPUs, 1 for a replica, and vLLM's engine process,
+    which the replica starts, inherits it: the engine then generated on one core of the machine whatever its
+    size, while ``vllm serve`` and transformers compute on all of them. The engine process reads the variable
+    when it starts, so this runs in the replica before.
+    """
+    threads = cpu_engine_threads(int(os.environ.get(ENGINE_THREADS_ENV, "0")), len(os.sched_getaffinity(0)))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return threads

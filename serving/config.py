@@ -32,6 +32,18 @@ def dtype_field() -> Any:
     )
 
 
+def engine_threads_field() -> Any:
+    """The CPU threads of a replica's vLLM engine (``serving.backends.cpu_engine_threads``), in the serve and rollout
+    sections alike."""
+    return field(
+        default=0,
+        metadata={
+            "help": "threads of each replica's vLLM engine on CPUs (0: every core the replica may run on, as "
+            "torch and `vllm serve` take; with several replicas on one machine, give each its share). No effect on GPUs"
+        },
+    )
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """An OpenAI-compatible Ray Serve endpoint hosting vLLM replicas."""
@@ -65,6 +77,7 @@ class ServeConfig:
     max_model_len: int = field(default=1024, metadata={"help": "context length of the replicas"})
     compilation: Compilation = compilation_field()  # noqa: RUF009 (a dataclasses.field)
     dtype: EngineDtype = dtype_field()  # noqa: RUF009 (a dataclasses.field)
+    engine_threads: int = engine_threads_field()
     max_tokens_limit: int = field(default=1024, metadata={"help": "largest max_tokens a request may ask for"})
     default_max_tokens: int = field(
         default=256, metadata={"help": "max_tokens of a request that sets none (at most max_tokens_limit)"}

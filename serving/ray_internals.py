@@ -44,7 +44,8 @@ Serve's replicas (:mod:`serving.replicas`, :mod:`serving.rollout`, :mod:`serving
   ``s3://``/``gs://`` source (a hub id is fetched by vLLM itself, a directory needs nothing), so it is
   skipped for other sources (``CallbackCtx.run_init_node``); and on CPUs Ray sets vLLM's executor to
   ``mp``, which starts one more process for the one worker of a single-process engine, where vLLM's
-  ``uni`` executor runs that worker in the engine's own process.
+  ``uni`` executor runs that worker in the engine's own process. On CPUs it also gives the engine process the
+  threads of ``engine_threads`` before it starts (:func:`serving.backends.use_cpu_engine_threads`).
 
 Ray's OpenAI ingress (:mod:`serving.app`, :mod:`serving.ingress`):
 
@@ -181,8 +182,11 @@ def engine_class() -> type[Any]:
     from ray.llm._internal.common.utils.cloud_utils import is_remote_path
     from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 
+    from serving.backends import use_cpu_engine_threads
+
     class LeanVLLMEngine(VLLMEngine):
-        """Ray's vLLM engine without the node task for local sources and with one process on CPUs."""
+        """Ray's vLLM engine without the node task for local sources and, on CPUs, with one process computing on
+        the configured threads."""
 
         async def start(self) -> None:
             engine_config: Any = self.llm_config.get_engine_config()
@@ -196,8 +200,10 @@ def engine_class() -> type[Any]:
         def _prepare_engine_config(self, callback_ctx: Any) -> Any:
             engine_args, frontend_args, vllm_config = super()._prepare_engine_config(callback_ctx)
             parallel = vllm_config.parallel_config
-            if vllm_config.device_config.device_type == "cpu" and parallel.world_size == 1:
-                parallel.distributed_executor_backend = "uni"
+            if vllm_config.device_config.device_type == "cpu":
+                use_cpu_engine_threads()
+                if parallel.world_size == 1:
+                    parallel.distributed_executor_backend = "uni"
             return engine_args, frontend_args, vllm_config
 
     # pickled by reference (replicas import it from this module, through __getattr__ below)

@@ -44,6 +44,12 @@ class WorkerExtension:
         """:func:`refresh_tied_output_layers` on this worker's model."""
         return refresh_tied_output_layers(self.model_runner.get_model())
 
+    def torch_threads(self) -> int:
+        """The threads torch computes on in this worker (on CPUs, the engine's: ``engine_threads``)."""
+        import torch
+
+        return torch.get_num_threads()
+
 
 QUALNAME = f"{__name__}.{WorkerExtension.__name__}"
 """What ``worker_extension_cls`` is set to."""

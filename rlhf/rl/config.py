@@ -12,7 +12,7 @@ from rlhf.config import TrainConfig
 from rlhf.data.config import DataConfig
 from rlhf.engine import EngineConfig
 from rlhf.models.config import ModelConfig
-from serving.config import Compilation, EngineDtype, compilation_field, dtype_field
+from serving.config import Compilation, EngineDtype, compilation_field, dtype_field, engine_threads_field
 
 if TYPE_CHECKING:
     from rlhf.algos.estimators import EstimatorSettings
@@ -45,6 +45,7 @@ class RolloutConfig:
     max_model_len: int = field(default=1024, metadata={"help": "context length of the replicas"})
     compilation: Compilation = compilation_field()  # noqa: RUF009 (a dataclasses.field)
     dtype: EngineDtype = dtype_field()  # noqa: RUF009 (a dataclasses.field)
+    engine_threads: int = engine_threads_field()
     timeout_s: float = field(default=300.0, metadata={"help": "deadline of one step's generation"})
     sync_timeout_s: float = field(default=300.0, metadata={"help": "deadline of one weight sync to every replica"})
     weight_sync: Literal["transfer", "files"] = field(

@@ -33,6 +33,7 @@ def deploy_rollouts(config: PPOConfig, app_name: str) -> RolloutDeployment:
         max_tokens_limit=r.max_model_len,
         compilation=r.compilation,
         dtype=r.dtype,
+        engine_threads=r.engine_threads,
     )
     weight_transfer = r.weight_sync == "transfer"
     return deploy(serve_config, app_name, timeout_s=config.roles.call_timeout_s, weight_transfer=weight_transfer)

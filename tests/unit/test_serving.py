@@ -185,3 +185,31 @@ def test_the_engine_mode_is_eager_float32_without_chunked_prefill_on_cpus_and_vl
         ServeConfig(model="/models/m", compilation="compiled", dtype="bfloat16"), gpu=False
     ).engine_kwargs
     assert (engine["enforce_eager"], engine["dtype"], engine["enable_chunked_prefill"]) == (False, "bfloat16", False)
+
+
+def test_a_cpu_replica_engine_takes_the_threads_of_its_config_and_every_core_by_default(monkeypatch) -> None:
+    """``engine_threads`` reaches a CPU replica's environment and, in the replica, ``OMP_NUM_THREADS``, which the
+    engine process inherits (Ray's value for a replica, 1, is replaced); GPUs are left alone; a negative value is
+    refused naming the key."""
+    import os
+
+    from serving.app import ServeError, llm_config, validate
+    from serving.backends import ENGINE_THREADS_ENV, cpu_engine_threads, use_cpu_engine_threads
+
+    assert llm_config(ServeConfig(model="/models/m"), gpu=False).runtime_env["env_vars"][ENGINE_THREADS_ENV] == "0"
+    assert llm_config(ServeConfig(model="/m", engine_threads=3), gpu=False).runtime_env["env_vars"] == {
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        ENGINE_THREADS_ENV: "3",
+    }
+    assert not llm_config(ServeConfig(model="/m", engine_threads=3), gpu=True).runtime_env
+    assert (cpu_engine_threads(0, 16), cpu_engine_threads(3, 16)) == (16, 3)
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what Ray gives the replica's actor
+    monkeypatch.setenv(ENGINE_THREADS_ENV, "0")
+    assert use_cpu_engine_threads() == len(os.sched_getaffinity(0))
+    assert os.environ["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
+    monkeypatch.setenv(ENGINE_THREADS_ENV, "5")
+    assert use_cpu_engine_threads() == 5 and os.environ["OMP_NUM_THREADS"] == "5"
+
+    with pytest.raises(ServeError, match="engine_threads=-1 is below 0"):
+        validate(ServeConfig(engine_threads=-1))
