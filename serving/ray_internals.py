@@ -5,12 +5,12 @@ No other module of the three packages imports from ``ray._private``, ``ray.serve
 argument, overrides a private member of a Ray class or calls ``__ray_call__``
 (``tests/unit/test_ray_internals.py::test_only_serving_ray_internals_touches_private_ray_names``).
 What has a public counterpart is used through it where it is needed: ``ray.serve.llm.build_llm_deployment``,
-``ray.serve.llm.ingress.OpenAiIngress`` and ``make_fastapi_ingress``, ``ray.serve.llm.openai_api_models``.
+``ray.serve.llm.LLMServer``, ``serve.ingress``.
 ``tests/unit/test_ray_internals.py`` checks every internal below (names, signatures, fields, what Ray does with
 them) without a Ray cluster, so a Ray release that moves one fails there rather than in a live deployment: the
 replicas' in ``test_the_serve_replica_internals_it_relies_on`` and
 ``test_llm_deployment_id_is_how_build_llm_deployment_names_the_deployment``, the ingress's in
-``test_the_openai_ingress_internals_it_relies_on`` and the tests of :class:`~serving.ingress.Ingress` after it.
+``test_the_replica_app_internals_it_relies_on``.
 
 Serve's replicas (:mod:`serving.replicas`, :mod:`serving.rollout`, :mod:`serving.deploy`):
 
@@ -47,28 +47,10 @@ Serve's replicas (:mod:`serving.replicas`, :mod:`serving.rollout`, :mod:`serving
   ``uni`` executor runs that worker in the engine's own process. On CPUs it also gives the engine process the
   threads of ``engine_threads`` before it starts (:func:`serving.backends.use_cpu_engine_threads`).
 
-Ray's OpenAI ingress (:mod:`serving.app`, :mod:`serving.ingress`):
-
-* :func:`openai_fastapi_app`: ``ray.llm._internal.serve.core.ingress.ingress.init``, the FastAPI app with
-  Ray's middleware (OpenAI-style error bodies, request ids, metrics). The public ``make_fastapi_ingress``
-  builds the same app when given none, but then the guard cannot be added to it before Serve wraps it.
-* :func:`openai_routes`: ``DEFAULT_ENDPOINTS`` of the same module, the route (path, method, response
-  model) of each ingress method; the application deploys a subset of them.
-* :func:`model_card`: ``ray.llm._internal.serve.core.configs.openai_api_models.to_model_metadata``, the
-  ``/v1/models`` card of a model; ``build_openai_app`` makes the same cards, but only for a whole
-  application of its own (without the guard, the chosen routes or the adapters by name).
-* :func:`openai_http_error`: ``OpenAIHTTPException`` of the same module, the error that Ray's middleware
-  answers with its status code and an OpenAI-style body.
-* :func:`sanitize_chat_request`: ``ray.llm._internal.serve.core.ingress.utils._sanitize_chat_completion_request``,
-  what Ray's ingress does first with a chat body (pydantic validates message contents lazily); called
-  before Ray does, so that a content that fails validation is a 400 rather than Ray's 500.
-* :class:`AdapterRouting`: overrides ``OpenAiIngress._get_configured_serve_handle`` and ``_get_model_id``
-  and reads ``_model_cards``, so that an adapter's own name routes to its base model's deployment as a
-  plain (load-balanced) request. Ray's ingress reads ``<base>:<adapter>`` as an adapter to load per
-  request (multiplexing) and has no hook for names. Listing each adapter as one more model of the
-  ingress (public) would do without them, but then a request without ``model`` is refused (Ray defaults
-  to the only model, not to the base one) and an adapter name with ``:`` is read as ``<base>:<adapter>``.
-  A mixin, so that this module imports no Ray at import time (``ray.serve.llm.ingress`` imports vLLM).
+The endpoint's ingress (:mod:`serving.ingress`) subclasses the public ``ray.serve.llm.LLMServer`` and relies on
+two things of the engine that replica runs which ``ray.serve.llm`` does not document: its ``engine`` attribute
+and that engine's ``build_asgi_app()``, vLLM's own OpenAI app over the running engine (what Ray's direct-streaming
+mode serves); ``tests/unit/test_ray_internals.py::test_the_replica_app_internals_it_relies_on`` checks both.
 """
 
 from __future__ import annotations
@@ -82,15 +64,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
-    from fastapi import FastAPI
     from ray import ObjectRef
     from ray.actor import ActorHandle
-    from ray.serve.llm import LLMConfig
-    from ray.serve.llm.ingress import OpenAiIngress as _IngressBase
-else:
-    _IngressBase = object  # a mixin at run time: listed before OpenAiIngress, it overrides Ray's methods
 
 
 # ---- Serve's replicas -----------------------------------------------------------------------------------------------
@@ -215,70 +190,3 @@ def __getattr__(name: str) -> Any:  # the engine class by name, for pickle, with
     if name == "LeanVLLMEngine":
         return engine_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# ---- Ray's OpenAI ingress -------------------------------------------------------------------------------------------
-
-
-def openai_fastapi_app() -> FastAPI:
-    """A new FastAPI app with the middleware of Ray's OpenAI ingress (error bodies, request ids, metrics)."""
-    from ray.llm._internal.serve.core.ingress.ingress import init
-
-    return init()
-
-
-def openai_routes(names: Iterable[str]) -> dict[str, Callable[[FastAPI], Any]]:
-    """The route factories of these methods of Ray's OpenAI ingress, for ``make_fastapi_ingress``'s ``endpoint_map``."""
-    from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
-
-    return {name: DEFAULT_ENDPOINTS[name] for name in names}
-
-
-def model_card(model_id: str, llm_config: LLMConfig) -> Any:
-    """The ``/v1/models`` card (Ray's ``ModelCard``) of the model ``model_id`` served with ``llm_config``."""
-    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-
-    return to_model_metadata(model_id, llm_config)
-
-
-def openai_http_error(status_code: int, message: str, kind: str) -> Exception:
-    """The exception a route raises to answer ``status_code`` with an OpenAI-style error body (Ray's middleware)."""
-    from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
-
-    return OpenAIHTTPException(status_code=status_code, message=message, type=kind)
-
-
-def sanitize_chat_request(body: Any) -> Any:
-    """``body`` (a ChatCompletionRequest) with its messages' contents materialized, as Ray's ingress does first.
-
-    Raises ValueError when a content fails validation.
-    """
-    from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
-
-    return _sanitize_chat_completion_request(body)
-
-
-class AdapterRouting(_IngressBase):
-    """A mixin for Ray's ``OpenAiIngress`` (listed before it): the names in ``adapter_bases`` are models too.
-
-    A request for an adapter's name goes to its base model's deployment, load-balanced like the base
-    model's requests (every replica holds every adapter); the name stays in the request, so vLLM
-    applies that adapter.
-    """
-
-    adapter_bases: dict[str, str]
-    """Adapter name -> the id of its base model (one of the ingress's models)."""
-
-    def _get_configured_serve_handle(self, model_id: str) -> Any:
-        if model_id in self.adapter_bases:  # plain routing to the base model's deployment, not multiplexing
-            model_id = self.adapter_bases[model_id]
-        return super()._get_configured_serve_handle(model_id)
-
-    async def _get_model_id(self, model: str | None) -> str:
-        if model in self.adapter_bases:
-            return model
-        return await super()._get_model_id(model)
-
-    def base_card(self, model_id: str) -> Any:
-        """The model card (Ray's ``ModelCard``) the ingress was given for the base model ``model_id``."""
-        return self._model_cards[model_id]

@@ -1,4 +1,4 @@
-"""Auth on the live endpoint: every route the ingress can register needs a key, and an application deployed under
+"""Auth on the live endpoint: every route vLLM's app can register needs a key, and an application deployed under
 a route prefix keeps its keys and limits."""
 
 from __future__ import annotations
@@ -10,36 +10,19 @@ import httpx
 import pytest
 
 from tests.serving.conftest import API_KEY, LIMITS, Endpoint
+from tests.vllm_routes import vllm_app, walk
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-def registered_routes() -> list[tuple[str, str]]:
-    """(method, path) of every route Ray's OpenAI ingress registers, FastAPI's docs routes included.
-
-    Built from Ray's own factory with all of its routes, a superset of what :mod:`serving.app`
-    deploys, so a route Ray adds in a later release is walked too.
-    """
-    from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
-
-    from serving.ray_internals import openai_fastapi_app
-
-    app = openai_fastapi_app()
-    make_fastapi_ingress(OpenAiIngress, app=app)
-    routes = []
-    for route in app.routes:
-        path = re.sub(r"\{[^}]+\}", "tiny", route.path)
-        routes += [(method, path) for method in sorted(getattr(route, "methods", None) or {"GET"}) if method != "HEAD"]
-    return routes
 
 
 def test_every_route_needs_a_key(endpoint: Endpoint) -> None:
     """Before, only /v1 routes needed a key: /tokenize, /detokenize, /docs, /redoc and /openapi.json answered
     anyone."""
-    routes = registered_routes()
-    assert {("POST", "/tokenize"), ("GET", "/docs"), ("GET", "/openapi.json")} <= set(routes), routes
+    routes = walk(vllm_app())  # every route vLLM's app registers: the endpoint's and those it removes
+    assert {("POST", "/tokenize"), ("GET", "/docs"), ("GET", "/openapi.json"), ("POST", "/v1/responses")} <= set(routes)
     opened = []
-    for method, path in [*routes, ("GET", "/no/such/path")]:
+    for method, path in [*routes, ("GET", "/v1/models/tiny"), ("GET", "/no/such/path")]:
+        path = re.sub(r"\{[^}]+\}", "tiny", path)
         for headers in ({}, {"Authorization": "Bearer wrong-key"}):
             response = httpx.request(method, f"{endpoint.url}{path}", json={}, headers=headers, timeout=30)
             if response.status_code != 401 or response.json()["error"]["type"] != "authentication_error":
@@ -52,23 +35,16 @@ def test_every_route_needs_a_key(endpoint: Endpoint) -> None:
 
 @pytest.fixture
 def prefixed(endpoint: Endpoint):
-    """The endpoint's guarded ingress deployed again under the route prefix /llm (as an edited export would),
-    sending to the endpoint's running replicas: no new vLLM replica is started."""
+    """The endpoint's application deployed again under the route prefix /llm (as an edited export would), with one
+    replica of its own."""
+    import dataclasses
+
     from ray import serve
 
-    from serving.app import ingress, llm_config
-    from serving.ray_internals import model_card
+    from serving.app import build_app
 
-    config = endpoint.config
-    base = endpoint.base_model
-    replicas = next(name for name in serve.status().applications["rlhf"].deployments if name.startswith("LLMServer"))
-    _, ingress_cls = ingress(config, base)
-    app = serve.deployment(ingress_cls, name="PrefixedIngress").bind(
-        llm_deployments={base: serve.get_deployment_handle(replicas, app_name="rlhf")},
-        model_cards={base: model_card(base, llm_config(config, gpu=False))},
-        adapters={},
-    )
-    serve.run(app, name="prefixed", route_prefix="/llm", blocking=False)
+    config = dataclasses.replace(endpoint.config, adapters={}, min_replicas=1, max_replicas=1)
+    serve.run(build_app(config, gpu=False), name="prefixed", route_prefix="/llm", blocking=False)
     url = f"{endpoint.url}/llm"
     deadline = time.monotonic() + 300
     while httpx.get(f"{url}/v1/models", headers=AUTH, timeout=30).status_code != 200:

@@ -151,3 +151,15 @@ def test_auth_401_without_a_valid_key_200_with_it(endpoint: Endpoint) -> None:
         unauthenticated.models.list()
     ok = httpx.get(f"{endpoint.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
     assert ok.status_code == 200
+
+
+def test_the_proxy_sends_requests_straight_to_the_model_replicas(endpoint: Endpoint) -> None:
+    """Before, every request went proxy -> an ingress deployment's replica -> a model replica: a process and a hop
+    more than the proxy -> model replica path here, on the CPU cores the engine computes on."""
+    from ray import serve
+
+    from serving.server import APP_NAME
+
+    application = serve.status().applications[APP_NAME]
+    assert list(application.deployments) == ["LLMServer:tiny"]
+    assert application.deployments["LLMServer:tiny"].replica_states == {"RUNNING": 2}

@@ -12,11 +12,9 @@ Nothing here starts or joins a Ray cluster.
 from __future__ import annotations
 
 import ast
-import asyncio
 import dataclasses
 import inspect
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -223,88 +221,21 @@ def test_the_engine_class_runs_one_engine_process_on_cpus_and_skips_the_node_tas
     assert backends == {VLLMEngine: "mp", engine_cls: "uni"}
 
 
-def test_the_openai_ingress_internals_it_relies_on() -> None:
-    """openai_fastapi_app, openai_routes, model_card, openai_http_error, sanitize_chat_request, AdapterRouting; and
-    the public names serving uses in their place, which must be Ray's own or subclasses of them."""
-    from fastapi import FastAPI
-    from ray.llm._internal.serve.core.configs import openai_api_models as internal_models
-    from ray.llm._internal.serve.core.ingress import ingress as internal_ingress
-    from ray.llm._internal.serve.core.ingress.utils import _sanitize_chat_completion_request
-    from ray.llm._internal.serve.utils.server_utils import get_response_for_error
-    from ray.serve.llm import LLMConfig, build_llm_deployment
-    from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
-    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+def test_the_replica_app_internals_it_relies_on() -> None:
+    """What :class:`serving.ingress.GuardedLLMServer` relies on beyond ``ray.serve.llm``'s public names: the replica's
+    ``engine`` (set by ``LLMServer``'s constructor, which starts it) and the engine's ``build_asgi_app``; and the
+    public names it uses in their place."""
+    from ray import serve
+    from ray.llm._internal.serve.core.server.llm_server import LLMServer as InternalLLMServer
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+    from ray.serve.llm import LLMServer, build_llm_deployment
 
-    from serving.app import ROUTES
-    from serving.ray_internals import model_card, openai_fastapi_app, openai_http_error, openai_routes
+    from serving.ingress import GuardedLLMServer
 
-    assert make_fastapi_ingress is internal_ingress.make_fastapi_ingress
-    assert {"app", "endpoint_map"} <= set(inspect.signature(make_fastapi_ingress).parameters)
-    assert "llm_config" in inspect.signature(build_llm_deployment).parameters
-    assert issubclass(OpenAiIngress, internal_ingress.OpenAiIngress)
-    # Ray's ingress sanitizes (and routes) a chat body by isinstance with its own class
-    assert issubclass(ChatCompletionRequest, internal_models.ChatCompletionRequest)
-    assert "messages" in ChatCompletionRequest.model_fields and callable(_sanitize_chat_completion_request)
-    assert {"_get_configured_serve_handle", "_get_model_id", "model", "models", "chat"} <= set(dir(OpenAiIngress))
-    assert {"llm_deployments", "model_cards"} <= set(inspect.signature(OpenAiIngress.__init__).parameters)
-    assert set(ROUTES) <= set(internal_ingress.DEFAULT_ENDPOINTS) and set(openai_routes(ROUTES)) == set(ROUTES)
-    assert isinstance(openai_fastapi_app(), FastAPI)
-    card = model_card("tiny", LLMConfig(model_loading_config={"model_id": "tiny"}))
-    assert isinstance(card, internal_models.ModelCard) and card.id == "tiny" and card.object == "model"
-    assert {"id", "object", "owned_by", "permission", "metadata"} <= set(internal_models.ModelCard.model_fields)
-    error = openai_http_error(400, "bad content", "invalid_request_error")
-    assert isinstance(error, internal_models.OpenAIHTTPException)
-    answer = get_response_for_error(error, "request-1").error
-    assert answer.code == 400 and "bad content" in answer.message
-
-
-class _Handle:
-    """A stand-in for a DeploymentHandle: records the options a handle was configured with."""
-
-    def __init__(self, name: str, **options: Any) -> None:
-        self.name = name
-        self.options_given = options
-
-    def options(self, **options: Any) -> _Handle:
-        return _Handle(self.name, **options)
-
-
-def _ingress() -> Any:
-    from ray.serve.llm import LLMConfig
-
-    from serving.ingress import Ingress
-    from serving.ray_internals import model_card
-
-    card = model_card("tiny", LLMConfig(model_loading_config={"model_id": "tiny"}))
-    return Ingress({"tiny": _Handle("tiny")}, {"tiny": card}, adapters={"positive": "tiny", "a:b": "tiny"})
-
-
-def test_an_adapter_is_routed_to_its_base_deployment_without_multiplexing() -> None:
-    """AdapterRouting over Ray's private ingress methods: an adapter's name (even with a ':') is a plain request to
-    the base model's deployment, and a request without a model goes to the base model."""
-    ingress = _ingress()
-    for adapter in ("positive", "a:b"):
-        assert asyncio.run(ingress._get_model_id(adapter)) == adapter
-        handle = ingress._get_configured_serve_handle(adapter)
-        assert handle.name == "tiny" and handle.options_given == {"stream": True}
-    assert asyncio.run(ingress._get_model_id(None)) == "tiny"
-    assert ingress._get_configured_serve_handle("tiny:other").options_given["multiplexed_model_id"] == "tiny:other"
-
-
-def test_models_lists_the_adapters_after_the_base_model() -> None:
-    ingress = _ingress()
-    listing = asyncio.run(ingress.models())
-    assert [card.id for card in listing.data] == ["tiny", "positive", "a:b"]
-    adapter = asyncio.run(ingress.model("positive"))
-    assert (adapter.metadata["base_model"], adapter.metadata["adapter"], adapter.permission) == ("tiny", "positive", [])
-    assert asyncio.run(ingress.model("missing")) is None
-
-
-def test_a_chat_content_that_fails_validation_is_a_400() -> None:
-    from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
-    from ray.serve.llm.openai_api_models import ChatCompletionRequest
-
-    body = ChatCompletionRequest(model="tiny", messages=[{"role": "tool", "tool_call_id": "", "content": [{"x": [1]}]}])
-    with pytest.raises(OpenAIHTTPException) as caught:
-        asyncio.run(_ingress().chat(body, None))
-    assert caught.value.status_code == 400 and "content" in caught.value.message
+    assert issubclass(LLMServer, InternalLLMServer)
+    assert inspect.iscoroutinefunction(LLMServer.__init__) and inspect.iscoroutinefunction(VLLMEngine.build_asgi_app)
+    assert {"llm_config", "engine_cls"} <= set(inspect.signature(LLMServer.__init__).parameters)
+    assert "self.engine = " in inspect.getsource(InternalLLMServer)
+    assert {"deployment_cls", "name_prefix", "bind_kwargs"} <= set(inspect.signature(build_llm_deployment).parameters)
+    assert "__serve_build_asgi_app__" in vars(GuardedLLMServer)
+    serve.ingress()(GuardedLLMServer)  # a late-bound ingress: Serve asks the class for its app

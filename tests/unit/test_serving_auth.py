@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 from serving.config import ServeConfig
 from serving.guard import Guard, route_path
 from tests.unit.guard_limits import LIMITS
+from tests.vllm_routes import vllm_app, walk
 
 KEY = "k"
 
@@ -30,27 +31,31 @@ def concrete(path: str) -> str:
 
 def test_every_route_the_app_registers_needs_a_key() -> None:
     """Before, the guard checked keys only under /v1: /tokenize, /detokenize, /docs, /redoc and /openapi.json
-    answered anyone (and vLLM's tokenizer routes reached the replicas)."""
-    from serving.app import ingress
+    answered anyone (and vLLM's tokenizer routes reached the replicas). Every route vLLM's app registers is walked,
+    so a route a later vLLM adds is walked too; only the endpoint's own routes answer with the key."""
+    from serving.ingress import MODEL_ROUTE, ROUTES, guard_app
 
-    app, _ = ingress(ServeConfig(model="tiny", model_name="tiny", api_keys=(KEY,)), "tiny")
+    registered = walk(vllm_app())
+    app = guard_app(vllm_app(), (KEY,), LIMITS)
+    # what vLLM registers today and the endpoint must not serve: other generation routes would skip the limits
+    assert {("POST", "/v1/responses"), ("POST", "/scale_elastic_ep"), ("GET", "/metrics")} <= set(registered)
+    assert set(walk(app)) == ROUTES | {("GET", MODEL_ROUTE)}
     client = TestClient(app, raise_server_exceptions=False)
-    walked = []
-    for route in app.routes:
-        for method in sorted(getattr(route, "methods", None) or {"GET"}):
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
-                response = client.request(method, concrete(route.path), json={}, headers=headers)
-                assert response.status_code == 401, (method, route.path, headers, response.text)
-                if method != "HEAD":
-                    assert response.json()["error"]["type"] == "authentication_error"
-            walked.append(f"{method} {route.path}")
-    # what Ray's ingress and FastAPI register today; a new route joins the walk by itself
-    expected = {"GET /v1/models", "POST /v1/chat/completions", "POST /tokenize", "GET /docs", "GET /openapi.json"}
-    assert expected <= set(walked), walked
-    assert client.get("/no/such/path").status_code == 401
-    assert client.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
-    unknown = client.get("/no/such/path", headers={"Authorization": f"Bearer {KEY}"})
-    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "http_404", unknown.text
+    for method, path in [*registered, ("GET", MODEL_ROUTE), ("GET", "/no/such/path")]:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            response = client.request(method, concrete(path), json={}, headers=headers)
+            assert response.status_code == 401, (method, path, headers, response.text)
+            assert response.json()["error"]["type"] == "authentication_error"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert client.get("/openapi.json", headers=auth).status_code == 200
+    published = {path for path in client.get("/openapi.json", headers=auth).json()["paths"]}
+    assert published == {path for _, path in ROUTES if not path.startswith(("/docs", "/redoc", "/openapi"))} | {
+        "/v1/models/{model}"
+    }
+    for method, path in [(m, p) for m, p in registered if (m, p) not in ROUTES] + [("GET", "/no/such/path")]:
+        unknown = client.request(method, concrete(path), json={}, headers=auth)
+        assert unknown.status_code in (404, 405), (method, path, unknown.text)
+        assert unknown.json()["error"]["code"] == f"http_{unknown.status_code}", unknown.text
 
 
 def _echo_app() -> Starlette:
