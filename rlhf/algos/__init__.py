@@ -13,7 +13,13 @@ from rlhf.algos.advantages import (
     token_rewards_with_kl,
 )
 from rlhf.algos.kl import adaptive_kl_coefficient, kl_estimate
-from rlhf.algos.logprobs import entropy_from_logits, packed_sequence_logprobs, sequence_logprobs, token_logprobs
+from rlhf.algos.logprobs import (
+    entropy_from_logits,
+    packed_sequence_logprobs,
+    scored_positions,
+    sequence_logprobs,
+    token_logprobs,
+)
 from rlhf.algos.masking import (
     divide_by_denominator,
     masked_count,
@@ -59,6 +65,7 @@ __all__ = [
     "reduction_dtype",
     "reinforce_plus_plus_returns",
     "rloo_advantages",
+    "scored_positions",
     "sequence_logprobs",
     "sft_loss",
     "simpo_loss",

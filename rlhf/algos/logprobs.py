@@ -61,6 +61,7 @@ def packed_sequence_logprobs(
     num_sequences: int,
     average: bool = False,
     ignore_index: int = IGNORE_INDEX,
+    shifted: bool = False,
 ) -> torch.Tensor:
     """:func:`sequence_logprobs` of sequences packed into one row (no padding).
 
@@ -71,15 +72,19 @@ def packed_sequence_logprobs(
         num_sequences: number of sequences in the row.
         average: per-token mean instead of the sum (see :func:`sequence_logprobs`).
         ignore_index: label value of unscored tokens.
+        shifted: `logits[0, k]` already predicts `labels[0, k]`, and `sequence_ids[k]` is that label's sequence (the
+            caller took the logits at the predicting positions only: :func:`scored_positions`).
 
     Returns:
         [num_sequences] log-probabilities, at least float32.
     """
-    shifted_labels = labels[0, 1:]
-    label_mask = shifted_labels != ignore_index
-    per_token = token_logprobs(logits[0, :-1], shifted_labels)
+    if shifted:
+        logits, targets, owners = logits[0], labels[0], sequence_ids
+    else:  # the logits at t predict the label at t + 1, which belongs to sequence_ids[t + 1]
+        logits, targets, owners = logits[0, :-1], labels[0, 1:], sequence_ids[1:]
+    label_mask = targets != ignore_index
+    per_token = token_logprobs(logits, targets)
     per_token = torch.where(label_mask, per_token, torch.zeros_like(per_token))
-    owners = sequence_ids[1:]  # the sequence of each predicted token
     summed = per_token.new_zeros(num_sequences).index_add(0, owners, per_token)
     if not average:
         return summed
@@ -88,7 +93,11 @@ def packed_sequence_logprobs(
 
 
 def sequence_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, average: bool = False, ignore_index: int = IGNORE_INDEX
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    average: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+    shifted: bool = False,
 ) -> torch.Tensor:
     """Summed (or per-token averaged) log-probability of each sequence's labelled tokens.
 
@@ -100,14 +109,32 @@ def sequence_logprobs(
         average: divide each sum by the number of scored tokens of that sequence (at least 1), as the
             length-normalised log-probabilities of IPO, SimPO and ORPO.
         ignore_index: label value of unscored tokens.
+        shifted: `logits[:, k]` already predicts `labels[:, k]` (the caller took the logits at the predicting
+            positions only: :func:`scored_positions`).
 
     Returns:
         [B] log-probabilities in the dtype of `logits`, but at least float32.
     """
-    shifted_labels = labels[:, 1:]
-    label_mask = shifted_labels != ignore_index
-    per_token = token_logprobs(logits[:, :-1], shifted_labels)
+    logits, targets = (logits, labels) if shifted else (logits[:, :-1], labels[:, 1:])
+    label_mask = targets != ignore_index
+    per_token = token_logprobs(logits, targets)
     summed = masked_sum(per_token, label_mask, dim=-1)
     if not average:
         return summed
     return summed / masked_count(label_mask, dim=-1, dtype=summed.dtype).clamp(min=1)
+
+
+def scored_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The positions whose logits any row needs: the t in 0..T-2 at which some row's next label is scored.
+
+    A causal LM's output layer and softmax need to run only there (not on the prompt, nor on padding past every
+    row's end): the logits at these positions, with ``labels[:, positions + 1]`` and ``shifted=True``, give the
+    functions above what the logits of every position give them.
+
+    Args:
+        labels: [B, T], aligned with the input ids, `ignore_index` where not scored.
+
+    Returns:
+        [K] increasing int64 positions, on the device of `labels`.
+    """
+    return (labels[:, 1:] != ignore_index).any(dim=0).nonzero().squeeze(-1)

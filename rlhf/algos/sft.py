@@ -22,6 +22,7 @@ def sft_loss(
     labels: torch.Tensor,
     num_tokens: Denominator = None,
     ignore_index: int = IGNORE_INDEX,
+    shifted: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Masked next-token negative log-likelihood, summed and divided by a (global) token count.
 
@@ -30,14 +31,16 @@ def sft_loss(
         labels: [B, T], aligned with the input ids, `ignore_index` where not scored.
         num_tokens: global number of scored (shifted) label tokens; None uses the local count.
         ignore_index: label value of unscored tokens.
+        shifted: `logits[:, k]` already predicts `labels[:, k]` (the logits at the predicting positions only,
+            :func:`rlhf.algos.logprobs.scored_positions`).
 
     Returns:
         loss: 0-dim tensor (float32 for 16-bit logits).
         metrics: "nll_sum" (summed NLL of this shard) and "num_tokens" (scored tokens of this shard), detached 0-dim.
     """
-    shifted_labels = labels[:, 1:]
-    label_mask = shifted_labels != ignore_index
-    per_token = token_logprobs(logits[:, :-1], shifted_labels)
+    logits, targets = (logits, labels) if shifted else (logits[:, :-1], labels[:, 1:])
+    label_mask = targets != ignore_index
+    per_token = token_logprobs(logits, targets)
     nll_sum = -masked_sum(per_token, label_mask)
     local_tokens = masked_count(label_mask, dtype=per_token.dtype)
     loss = divide_by_denominator(nll_sum, num_tokens, local_tokens)

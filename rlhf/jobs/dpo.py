@@ -70,15 +70,17 @@ class PreferenceObjective:
     def _logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Response log-probs [2B] (chosen rows first) under ``model``."""
         from rlhf.algos import packed_sequence_logprobs, sequence_logprobs
+        from rlhf.models.logits import label_logits
 
         if "sequence_ids" in batch:  # packed: no mask, restarting positions keep attention per sequence
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+            logits, targets, positions = label_logits(model, inputs, batch["labels"])
+            owners = batch["sequence_ids"][positions + 1]  # the sequence of each predicted label
             count = 2 * self.count(batch)
-            return packed_sequence_logprobs(
-                logits.float(), batch["labels"], batch["sequence_ids"], count, average=self.average
-            )
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return sequence_logprobs(logits.float(), batch["labels"], average=self.average)
+            return packed_sequence_logprobs(logits.float(), targets, owners, count, average=self.average, shifted=True)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        logits, targets, _ = label_logits(model, inputs, batch["labels"])
+        return sequence_logprobs(logits.float(), targets, average=self.average, shifted=True)
 
     def prepare(self, model: torch.nn.Module, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Reference log-probs of every pair from the initial policy (once, before training)."""

@@ -141,11 +141,11 @@ class UnpairedObjective:
     def _logps(self, model: Any, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
         """Summed completion log-probs [B] of the matched (``prefix=""``) or mismatched (``"kl_"``) rows."""
         from rlhf.algos import sequence_logprobs
+        from rlhf.models.logits import label_logits
 
-        logits = model(
-            input_ids=batch[f"{prefix}input_ids"], attention_mask=batch[f"{prefix}attention_mask"], use_cache=False
-        ).logits
-        return sequence_logprobs(logits.float(), batch[f"{prefix}labels"])
+        inputs = {"input_ids": batch[f"{prefix}input_ids"], "attention_mask": batch[f"{prefix}attention_mask"]}
+        logits, targets, _ = label_logits(model, inputs, batch[f"{prefix}labels"])
+        return sequence_logprobs(logits.float(), targets, shifted=True)
 
     def _reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs [B] of the matched and the mismatched rows: precomputed, or from the live model."""

@@ -55,11 +55,15 @@ class SFTObjective:
     def loss(self, model: Any, batch: dict[str, torch.Tensor], denominator: float) -> tuple[torch.Tensor, dict]:
         """This micro-batch's NLL sum over the global token count."""
         from rlhf.algos import sft_loss
+        from rlhf.models.logits import label_logits
 
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        # no KV cache: transformers detects packed rows (restarting position_ids) only without one
-        logits = model(**inputs, use_cache=False).logits
-        loss, _ = sft_loss(logits, batch["labels"], num_tokens=denominator)
+        inputs: dict[str, torch.Tensor] = {
+            k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch
+        }
+        # no KV cache (label_logits passes use_cache=False): transformers detects packed rows (restarting
+        # position_ids) only without one
+        logits, targets, _ = label_logits(model, inputs, batch["labels"])
+        loss, _ = sft_loss(logits, targets, num_tokens=denominator, shifted=True)
         return loss, {}
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlhf.algos.objective import PolicyObjective
+from rlhf.models.logits import takes_logits_to_keep
 
 if TYPE_CHECKING:
     from rlhf.rl.experience import Experience
@@ -25,17 +26,6 @@ def first_response_position(batch: Experience) -> int:
     return int(columns[0]) if len(columns) else 0
 
 
-def _takes_logits_to_keep(model: Callable[..., Any]) -> bool:
-    """Whether the causal LM under ``model`` (a DeepSpeed engine, a PEFT wrapper, or the model) can compute the
-    logits of its last positions only (transformers' ``logits_to_keep``)."""
-    import inspect
-
-    module: Any = getattr(model, "module", model)
-    base = getattr(module, "get_base_model", None)
-    module = base() if callable(base) else module
-    return "logits_to_keep" in inspect.signature(module.forward).parameters
-
-
 def causal_logits(model: Callable[..., Any], batch: Experience, temperature: float, start: int = 0) -> torch.Tensor:
     """Logits ``[B, T-1-start, V]`` predicting tokens ``start+1..T-1``, divided by the sampling temperature.
 
@@ -44,7 +34,7 @@ def causal_logits(model: Callable[..., Any], batch: Experience, temperature: flo
     logits and the softmaxes over them are a large part of the update's work.
     """
     width = batch.input_ids.shape[1]
-    keep = {"logits_to_keep": width - start} if start and _takes_logits_to_keep(model) else {}
+    keep = {"logits_to_keep": width - start} if start and takes_logits_to_keep(model) else {}
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **keep)
     logits: torch.Tensor = out.logits[:, -(width - start) : -1].float() / temperature
     return logits
