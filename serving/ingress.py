@@ -4,8 +4,8 @@ Serve's HTTP proxy sends a request straight to a model replica (``LLMServer``, o
 whose ASGI app is the one ``vllm serve`` runs (built by Ray's engine once the engine has started,
 ``LLMServer.__serve_build_asgi_app__``), with what :func:`guard_app` adds. There is no ingress
 deployment in between: one process and one hop less per request than an ingress replica that
-forwards to the model replicas through a deployment handle (measured on 2 CPU cores, SmolLM2 at
-32 clients: 9.1 and 7.6 requests/s against 6.5; ``benchmarks/RESULTS.md``).
+forwards to the model replicas through a deployment handle (SmolLM2 on 2 CPU cores at 32 clients:
+9.0 requests/s against 6.5 through such an ingress, and 10.6 from ``vllm serve``; ``benchmarks/RESULTS.md``).
 
 vLLM's app does the protocol: adapters (vLLM's static LoRA modules, loaded by every replica at
 start) are addressed and listed by their own names, a request without ``model`` goes to the base
