@@ -155,13 +155,20 @@ def scaling(config: ServeConfig) -> dict[str, Any]:
     }
 
 
-def llm_deployment(llm: Any) -> Any:
-    """The Serve application of the model replicas for ``llm`` (an ``LLMConfig``), on the project's engine class."""
+def llm_deployment(llm: Any, server_cls: Any = None, **server_kwargs: Any) -> Any:
+    """The Serve application of the model replicas for ``llm`` (an ``LLMConfig``), on the project's engine class.
+
+    ``server_cls`` replaces ``LLMServer`` as the replicas' class (named ``LLMServer:<model>`` all the same, the name a
+    rollout client finds a model's deployment by), ``server_kwargs`` go to its constructor.
+    """
     from ray.serve.llm import build_llm_deployment
 
     from serving.ray_internals import engine_class
 
-    return build_llm_deployment(llm, bind_kwargs={"engine_cls": engine_class()})
+    bind_kwargs = {"engine_cls": engine_class(), **server_kwargs}
+    if server_cls is None:
+        return build_llm_deployment(llm, bind_kwargs=bind_kwargs)
+    return build_llm_deployment(llm, name_prefix="LLMServer:", bind_kwargs=bind_kwargs, deployment_cls=server_cls)
 
 
 def is_loopback(host: str) -> bool:
@@ -238,20 +245,13 @@ def limits(config: ServeConfig, models: tuple[str, ...]) -> Any:
 def build_app(config: ServeConfig, gpu: bool | None = None) -> Any:
     """The Serve application for ``config``: the model's replicas, each the guarded ingress (:mod:`serving.ingress`)."""
     from ray import serve
-    from ray.serve.llm import build_llm_deployment
 
     from serving.ingress import GuardedLLMServer
-    from serving.ray_internals import engine_class
 
     validate(config)
     llm = llm_config(config, gpu)
-    guard = {"keys": api_keys(config), "limits": limits(config, (llm.model_id, *config.adapters))}
-    return build_llm_deployment(
-        llm,
-        name_prefix="LLMServer:",  # the name a rollout client finds a model's deployment by
-        bind_kwargs={"engine_cls": engine_class(), **guard},
-        deployment_cls=serve.ingress()(GuardedLLMServer),
-    )
+    keys, guard_limits = api_keys(config), limits(config, (llm.model_id, *config.adapters))
+    return llm_deployment(llm, serve.ingress()(GuardedLLMServer), keys=keys, limits=guard_limits)
 
 
 def app_builder(args: dict[str, Any]) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -18,3 +19,8 @@ def walk(app: Any) -> list[tuple[str, str]]:
     """(method, path) of every route of ``app``, HEAD left out."""
     routes = [(sorted(getattr(route, "methods", None) or {"GET"}), route.path) for route in app.routes]
     return [(method, path) for methods, path in routes for method in methods if method != "HEAD"]
+
+
+def concrete(path: str) -> str:
+    """A request path for a route template: each ``{param}`` or ``{param:path}`` filled with ``tiny``."""
+    return re.sub(r"\{[^}]+\}", "tiny", path)

@@ -3,14 +3,13 @@ a route prefix keeps its keys and limits."""
 
 from __future__ import annotations
 
-import re
 import time
 
 import httpx
 import pytest
 
 from tests.serving.conftest import API_KEY, LIMITS, Endpoint
-from tests.vllm_routes import vllm_app, walk
+from tests.vllm_routes import concrete, vllm_app, walk
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -22,7 +21,7 @@ def test_every_route_needs_a_key(endpoint: Endpoint) -> None:
     assert {("POST", "/tokenize"), ("GET", "/docs"), ("GET", "/openapi.json"), ("POST", "/v1/responses")} <= set(routes)
     opened = []
     for method, path in [*routes, ("GET", "/v1/models/tiny"), ("GET", "/no/such/path")]:
-        path = re.sub(r"\{[^}]+\}", "tiny", path)
+        path = concrete(path)
         for headers in ({}, {"Authorization": "Bearer wrong-key"}):
             response = httpx.request(method, f"{endpoint.url}{path}", json={}, headers=headers, timeout=30)
             if response.status_code != 401 or response.json()["error"]["type"] != "authentication_error":

@@ -19,14 +19,9 @@ from starlette.testclient import TestClient
 from serving.config import ServeConfig
 from serving.guard import Guard, route_path
 from tests.unit.guard_limits import LIMITS
-from tests.vllm_routes import vllm_app, walk
+from tests.vllm_routes import concrete, vllm_app, walk
 
 KEY = "k"
-
-
-def concrete(path: str) -> str:
-    """A request path for a route template: each ``{param}`` or ``{param:path}`` filled with ``tiny``."""
-    return re.sub(r"\{[^}]+\}", "tiny", path)
 
 
 def test_every_route_the_app_registers_needs_a_key() -> None:
