@@ -106,6 +106,111 @@ class StageTimer:
         optimizer.register_step_post_hook(after)
 
 
+def step_stages(loss: str) -> list[tuple[str, str]]:
+    """The stages of one training step, in report order: (key, label); ``loss`` labels the objective's loss call.
+
+    Not every side has every stage (TRL's has no separate forward or all-reduce)."""
+    return [
+        ("data", "data: sample + collate"),
+        ("forward+loss", loss),
+        ("forward", "  of which the model's forward"),
+        ("backward", "backward"),
+        ("all-reduce", "  of which DeepSpeed's `allreduce_gradients` (runs on 1 rank too)"),
+        ("optimizer", "optimizer step (clip, AdamW, schedule)"),
+        ("adamw", "  of which AdamW's step()"),
+        ("other", "other (metric reductions, bookkeeping)"),
+    ]
+
+
+class TimedEngine:
+    """A ``TrainingEngine`` whose forward, backward and optimizer step are timed; otherwise the same.
+
+    Inside them, AdamW's ``step()`` (through torch's optimizer hooks) and DeepSpeed's gradient
+    all-reduce, which runs in ``backward`` even on a single rank, are timed too.
+    """
+
+    def __init__(self, engine: Any, timer: StageTimer) -> None:
+        self.engine = engine
+        self.timer = timer
+        self.device = engine.device
+        timer.time_optimizer_steps(engine.optimizer, "adamw")
+        deepspeed_engine = engine.engine
+        all_reduce = deepspeed_engine.allreduce_gradients
+
+        def timed_all_reduce(*args: Any, **kwargs: Any) -> Any:
+            with timer("all-reduce"):
+                return all_reduce(*args, **kwargs)
+
+        # an instance attribute: DeepSpeed's backward looks the method up on the engine object
+        deepspeed_engine.allreduce_gradients = timed_all_reduce
+
+    @property
+    def module(self) -> Any:
+        """The model, as the engine's: what the objectives inspect (``rlhf.models.logits.takes_logits_to_keep``)."""
+        return self.engine.module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.timer("forward"):
+            return self.engine(*args, **kwargs)
+
+    def backward(self, loss: Any) -> None:
+        with self.timer("backward"):
+            self.engine.backward(loss)
+
+    def step(self) -> dict[str, float] | None:
+        with self.timer("optimizer"):
+            return self.engine.step()
+
+
+class TimedObjective:
+    """A job's objective whose ``loss`` (forward, loss, metrics) is timed as ``forward+loss``; otherwise the same."""
+
+    def __init__(self, objective: Any, timer: StageTimer) -> None:
+        self.objective = objective
+        self.timer = timer
+
+    def count(self, batch: dict) -> int:
+        return int(self.objective.count(batch))
+
+    def loss(self, model: Any, batch: dict, denominator: float) -> tuple[Any, dict]:
+        with self.timer("forward+loss"):
+            return self.objective.loss(model, batch, denominator)  # type: ignore[no-any-return]
+
+
+def other_seconds(seconds: float, stages: dict[str, float]) -> float:
+    """The step's time outside its top-level stages."""
+    return seconds - sum(stages.get(key, 0.0) for key in ("data", "forward+loss", "backward", "optimizer"))
+
+
+def stage_rows(stages: list[tuple[str, str]], sides: list[Any]) -> list[str]:
+    """Table rows: ms per timed step of each stage, and its share of the step, for each side (``name``, ``seconds``,
+    ``steps``, ``stages``); a dash where a side has no such stage, no row for a stage no side has."""
+    rows = []
+    for key, label in [*stages, ("total", "**whole step**")]:
+        if key != "total" and all(key not in m.stages for m in sides):
+            continue
+        cells = []
+        for m in sides:
+            seconds = m.seconds if key == "total" else m.stages.get(key)
+            if seconds is None:
+                cells += ["–", ""]
+            else:
+                cells += [f"{1000 * seconds / m.steps:.2f}", f"{seconds / m.seconds:.0%}"]
+        rows.append(f"| {label} | {' | '.join(cells)} |")
+    return rows
+
+
+def stage_difference(stages: list[tuple[str, str]], ours: Any, theirs: Any) -> str:
+    """Per-step difference of each stage both sides have, in ms (positive: ours spends longer)."""
+    parts = []
+    for key, label in stages:
+        if key in ours.stages and key in theirs.stages:
+            delta = 1000 * (ours.stages[key] / ours.steps - theirs.stages[key] / theirs.steps)
+            parts.append(f"{label.strip()} {delta:+.2f} ms")
+    total = 1000 * (ours.seconds / ours.steps - theirs.seconds / theirs.steps)
+    return f"Per step, {ours.name} minus {theirs.name}: " + ", ".join(parts) + f"; whole step {total:+.2f} ms."
+
+
 def trl_training_args() -> dict[str, Any]:
     """TRL trainer settings shared by the benchmarks: like for like with rlhf on this CPU.
 

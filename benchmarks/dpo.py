@@ -26,7 +26,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.common import StageTimer
+from benchmarks.common import (
+    StageTimer,
+    TimedEngine,
+    TimedObjective,
+    other_seconds,
+    stage_difference,
+    stage_rows,
+    step_stages,
+)
 
 STEPS = 120
 WARMUP = 10
@@ -37,17 +45,7 @@ LEARNING_RATE = 5e-4
 BETA = 0.1
 REFERENCE_BATCH = 16  # pairs per reference forward; rlhf's PreferenceObjective.prepare uses 16
 
-# Stages of one step, in report order: (key, label). Not every side has every stage.
-STAGES = [
-    ("data", "data: sample + collate"),
-    ("forward+loss", "forward + log-probs + DPO loss + metrics"),
-    ("forward", "  of which the model's forward"),
-    ("backward", "backward"),
-    ("all-reduce", "  of which DeepSpeed's `allreduce_gradients` (runs on 1 rank too)"),
-    ("optimizer", "optimizer step (clip, AdamW, schedule)"),
-    ("adamw", "  of which AdamW's step()"),
-    ("other", "other (metric reductions, bookkeeping)"),
-]
+STAGES = step_stages("forward + log-probs + DPO loss + metrics")
 
 
 @dataclass
@@ -71,56 +69,6 @@ class Measurement:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds
-
-
-class _TimedEngine:
-    """A ``TrainingEngine`` whose forward, backward and optimizer step are timed; otherwise the same.
-
-    Inside them, AdamW's ``step()`` (through torch's optimizer hooks) and DeepSpeed's gradient
-    all-reduce, which runs in ``backward`` even on a single rank, are timed too.
-    """
-
-    def __init__(self, engine: Any, timer: StageTimer) -> None:
-        self.engine = engine
-        self.timer = timer
-        self.device = engine.device
-        timer.time_optimizer_steps(engine.optimizer, "adamw")
-        deepspeed_engine = engine.engine
-        all_reduce = deepspeed_engine.allreduce_gradients
-
-        def timed_all_reduce(*args: Any, **kwargs: Any) -> Any:
-            with timer("all-reduce"):
-                return all_reduce(*args, **kwargs)
-
-        # an instance attribute: DeepSpeed's backward looks the method up on the engine object
-        deepspeed_engine.allreduce_gradients = timed_all_reduce
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with self.timer("forward"):
-            return self.engine(*args, **kwargs)
-
-    def backward(self, loss: Any) -> None:
-        with self.timer("backward"):
-            self.engine.backward(loss)
-
-    def step(self) -> dict[str, float] | None:
-        with self.timer("optimizer"):
-            return self.engine.step()
-
-
-class _TimedObjective:
-    """A ``PreferenceObjective`` whose loss (forward, log-probs, DPO loss, metrics) is timed."""
-
-    def __init__(self, objective: Any, timer: StageTimer) -> None:
-        self.objective = objective
-        self.timer = timer
-
-    def count(self, batch: dict) -> int:
-        return self.objective.count(batch)
-
-    def loss(self, model: Any, batch: dict, denominator: float) -> tuple[Any, dict]:
-        with self.timer("forward+loss"):
-            return self.objective.loss(model, batch, denominator)
 
 
 def run_rlhf(
@@ -163,8 +111,8 @@ def run_rlhf(
         lr_scheduler="constant",
     )
     timer = StageTimer()
-    engine = _TimedEngine(TrainingEngine(model, config, total_steps=steps), timer)
-    timed_objective = _TimedObjective(objective, timer)
+    engine = TimedEngine(TrainingEngine(model, config, total_steps=steps), timer)
+    timed_objective = TimedObjective(objective, timer)
     for step in range(steps):
         timer.enabled = step >= warmup
         started = time.perf_counter()
@@ -180,9 +128,7 @@ def run_rlhf(
                 result.pairs += len(pairs)
                 result.tokens += sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in pairs)
     result.stages = dict(timer.seconds)
-    result.stages["other"] = result.seconds - sum(
-        result.stages[k] for k in ("data", "forward+loss", "backward", "optimizer")
-    )
+    result.stages["other"] = other_seconds(result.seconds, result.stages)
     return result
 
 
@@ -251,34 +197,9 @@ def run_trl(model_dir: str, steps: int = STEPS, warmup: int = WARMUP) -> Measure
     result.seconds, result.steps = sum(timed), len(timed)
     stages = dict(timer.seconds)
     stages["backward"] = stages.pop("training_step") - stages["forward+loss"]  # training_step = loss + backward
-    stages["other"] = result.seconds - sum(stages[k] for k in ("data", "forward+loss", "backward", "optimizer"))
+    stages["other"] = other_seconds(result.seconds, stages)
     result.stages = stages
     return result
-
-
-def _stage_rows(sides: list[Measurement]) -> list[str]:
-    rows = []
-    for key, label in [*STAGES, ("total", "**whole step**")]:
-        cells = []
-        for m in sides:
-            seconds = m.seconds if key == "total" else m.stages.get(key)
-            if seconds is None:
-                cells += ["–", ""]
-            else:
-                cells += [f"{1000 * seconds / m.steps:.2f}", f"{seconds / m.seconds:.0%}"]
-        rows.append(f"| {label} | {' | '.join(cells)} |")
-    return rows
-
-
-def _difference(ours: Measurement, theirs: Measurement) -> str:
-    """Per-step difference of each stage both sides have, in ms (positive: rlhf spends longer)."""
-    parts = []
-    for key, label in STAGES:
-        if key in ours.stages and key in theirs.stages:
-            delta = 1000 * (ours.stages[key] / ours.steps - theirs.stages[key] / theirs.steps)
-            parts.append(f"{label.strip()} {delta:+.2f} ms")
-    total = 1000 * (ours.seconds / ours.steps - theirs.seconds / theirs.steps)
-    return f"Per step, {ours.name} minus {theirs.name}: " + ", ".join(parts) + f"; whole step {total:+.2f} ms."
 
 
 def _median_runs(model_dir: str, steps: int, warmup: int, repeats: int) -> list[Measurement]:
@@ -350,11 +271,11 @@ def _model_section(title: str, model_dir: str, peak_flops: float, steps: int, wa
         f"| stage | {ours.name} ms | share | {ours_packed.name} ms | share | {ours_zero2.name} ms | share "
         f"| {theirs.name} ms | share |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *_stage_rows([ours, ours_packed, ours_zero2, theirs]),
+        *stage_rows(STAGES, [ours, ours_packed, ours_zero2, theirs]),
         "",
-        _difference(ours, theirs),
+        stage_difference(STAGES, ours, theirs),
         "",
-        _difference(ours_packed, theirs),
+        stage_difference(STAGES, ours_packed, theirs),
         "",
     ]
 

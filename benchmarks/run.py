@@ -26,6 +26,7 @@ QUICK_STEPS, QUICK_WARMUP = 20, 5
 QUICK = {
     "serve": {"seconds": 4.0, "rounds": 1},
     "dpo": {"steps": QUICK_STEPS, "warmup": QUICK_WARMUP, "repeats": 1},
+    "sft": {"steps": QUICK_STEPS, "warmup": QUICK_WARMUP, "repeats": 1},
     "grpo": {"steps": 3},
     "update": {"rounds": 2},
     "scaling": {"steps": 2, "warmup": 1},
