@@ -196,6 +196,18 @@ def other_seconds(seconds: float, stages: dict[str, float]) -> float:
     return seconds - sum(stages.get(key, 0.0) for key in ("data", "forward+loss", "backward", "optimizer"))
 
 
+def trainer_stages(timer: StageTimer, step_seconds: list[float], warmup: int) -> tuple[float, int, dict[str, float]]:
+    """A timed transformers ``Trainer`` run (``trainer_step_timing``, ``forward+loss`` timed around
+    ``compute_loss``): the seconds and number of its timed steps, and their stages, the backward being
+    ``training_step`` less ``compute_loss``."""
+    timed = step_seconds[warmup:]
+    seconds = sum(timed)
+    stages = dict(timer.seconds)
+    stages["backward"] = stages.pop("training_step") - stages["forward+loss"]  # training_step = loss + backward
+    stages["other"] = other_seconds(seconds, stages)
+    return seconds, len(timed), stages
+
+
 def stage_rows(stages: list[tuple[str, str]], sides: list[Any]) -> list[str]:
     """Table rows: ms per timed step of each stage, and its share of the step, for each side (``name``, ``seconds``,
     ``steps``, ``stages``); a dash where a side has no such stage, no row for a stage no side has."""

@@ -28,6 +28,7 @@ from benchmarks.common import (
     stage_difference,
     stage_rows,
     step_stages,
+    trainer_stages,
 )
 
 STEPS = 120
@@ -157,12 +158,7 @@ def run_trl(model_dir: str, packing: bool, steps: int = STEPS, warmup: int = WAR
             callbacks=[timing],
         )
         trainer.train()
-    timed = timing.step_seconds[warmup:]
-    result.seconds, result.steps = sum(timed), len(timed)
-    stages = dict(timer.seconds)
-    stages["backward"] = stages.pop("training_step") - stages["forward+loss"]  # training_step = loss + backward
-    stages["other"] = other_seconds(result.seconds, stages)
-    result.stages = stages
+    result.seconds, result.steps, result.stages = trainer_stages(timer, timing.step_seconds, warmup)
     return result
 
 
