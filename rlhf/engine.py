@@ -170,6 +170,28 @@ def load_rng_state(path: Path) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def keep_freed_memory() -> bool:
+    """Keep the memory this process frees for its own next allocations, as torch's caching allocator does on a GPU.
+
+    On the CPU, glibc's malloc gives each large block (a step's activations, logits, gradients) a mapping of its own
+    and unmaps it when the block is freed, so every step faults all its pages in again. Where steps follow one
+    another closely, that costs little; where other work runs between them (generation between the PPO policy's
+    updates), the pages are gone and the faults cost more than the arithmetic (measured: a 57.4M-parameter
+    policy's forward took 5.6 s in its actor, 6.3 s of it system time over 600k page faults, against 2.2 s with
+    the memory kept). Here large blocks come from the heap (``M_MMAP_MAX`` 0) and the heap is never trimmed
+    (``M_TRIM_THRESHOLD`` -1): the process stays at its peak resident memory, as a GPU process does. Called by every
+    process that trains or scores on the CPU; returns whether it applied (glibc only; elsewhere nothing changes).
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
+
+
 def _quiet_deepspeed() -> None:
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -226,7 +248,11 @@ class TrainingEngine:
             config=deepspeed_config(config, self.world_size),
             dist_init_required=False,
         )
+        # from_pretrained returns the model in eval mode, where transformers skips gradient checkpointing and dropout
+        self.engine.train()
         self.device = self.engine.device
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if self.world_size == 1 and config.zero_stage == 0:
             self.engine.enable_backward_allreduce = False  # averaging over one rank only copies gradients
 

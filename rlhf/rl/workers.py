@@ -284,9 +284,12 @@ class ReferenceWorker(RankWorker):
 
     def build(self, model: ModelConfig) -> None:
         """Load the frozen reference model (bf16 on a GPU, fp32 on the CPU)."""
+        from rlhf.engine import keep_freed_memory
         from rlhf.models.loading import load_causal_lm
 
         self.device = _device()
+        if self.device == "cpu":
+            keep_freed_memory()  # its forwards run between the other roles' work, as the policy's do
         frozen = load_causal_lm(model, trainable=False)
         # transformers types to() as functools.wraps(Module.to), whose signature takes the module first
         self.model = (frozen if self.device != "cpu" else frozen.float()).to(self.device)  # type: ignore[arg-type]
