@@ -179,8 +179,10 @@ def keep_freed_memory() -> bool:
     updates), the pages are gone and the faults cost more than the arithmetic (measured: a 57.4M-parameter
     policy's forward took 5.6 s in its actor, 6.3 s of it system time over 600k page faults, against 2.2 s with
     the memory kept). Here large blocks come from the heap (``M_MMAP_MAX`` 0) and the heap is never trimmed
-    (``M_TRIM_THRESHOLD`` -1): the process stays at its peak resident memory, as a GPU process does. Called by every
-    process that trains or scores on the CPU; returns whether it applied (glibc only; elsewhere nothing changes).
+    (``M_TRIM_THRESHOLD`` -1): the process stays at its peak resident memory, as a GPU process does. A thread other
+    than the main one (a Ray Train worker's training loop) allocates from an arena of its own, where glibc still maps
+    blocks above 64 MiB on their own; smaller ones are kept there too. Called by every process that trains or scores
+    on the CPU; returns whether it applied (glibc only; elsewhere nothing changes).
     """
     import ctypes
 
