@@ -182,7 +182,8 @@ def keep_freed_memory() -> bool:
     (``M_TRIM_THRESHOLD`` -1): the process stays at its peak resident memory, as a GPU process does. A thread other
     than the main one (a Ray Train worker's training loop) allocates from an arena of its own, where glibc still maps
     blocks above 64 MiB on their own; smaller ones are kept there too. Called by every process that trains or scores
-    on the CPU; returns whether it applied (glibc only; elsewhere nothing changes).
+    on the CPU; returns whether it applied (glibc only; elsewhere nothing changes). CPU replicas keep theirs through
+    the same settings in their environment (``serving.backends.KEEP_FREED_MEMORY_ENV``).
     """
     import ctypes
 

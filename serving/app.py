@@ -26,7 +26,7 @@ from typing import Any
 
 from cluster import configtree
 from cluster.errors import UserError
-from serving.backends import ENGINE_THREADS_ENV, backend, on_gpu
+from serving.backends import ENGINE_THREADS_ENV, KEEP_FREED_MEMORY_ENV, backend, on_gpu
 from serving.config import ServeConfig
 
 API_KEYS_ENV = "RLHF_API_KEYS"
@@ -127,6 +127,7 @@ def llm_config(config: ServeConfig, gpu: bool | None = None, weight_transfer: bo
         else {
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
             ENGINE_THREADS_ENV: str(config.engine_threads),
+            **KEEP_FREED_MEMORY_ENV,
         }
     )
     return LLMConfig(

@@ -310,11 +310,13 @@ class RewardWorker(RankWorker):
 
     def build(self, spec: str | list[dict[str, Any]]) -> str:
         """Create the reward source named by ``spec`` (or the weighted sum of its terms); return its description."""
+        from rlhf.engine import keep_freed_memory
         from rlhf.rl.rewards import make_reward, make_weighted
 
-        self.source = (
-            make_reward(spec, device=_device()) if isinstance(spec, str) else make_weighted(spec, device=_device())
-        )
+        device = _device()
+        if device == "cpu":
+            keep_freed_memory()  # a reward model's forwards run between the other roles' work, as the policy's do
+        self.source = make_reward(spec, device=device) if isinstance(spec, str) else make_weighted(spec, device=device)
         return repr(self.source)
 
     def _built_source(self) -> RewardSource:

@@ -217,12 +217,13 @@ def test_a_cpu_replica_engine_takes_the_threads_of_its_config_and_every_core_by_
     import os
 
     from serving.app import ServeError, llm_config, validate
-    from serving.backends import ENGINE_THREADS_ENV, cpu_engine_threads, use_cpu_engine_threads
+    from serving.backends import ENGINE_THREADS_ENV, KEEP_FREED_MEMORY_ENV, cpu_engine_threads, use_cpu_engine_threads
 
     assert llm_config(ServeConfig(model="/models/m"), gpu=False).runtime_env["env_vars"][ENGINE_THREADS_ENV] == "0"
     assert llm_config(ServeConfig(model="/m", engine_threads=3), gpu=False).runtime_env["env_vars"] == {
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         ENGINE_THREADS_ENV: "3",
+        **KEEP_FREED_MEMORY_ENV,
     }
     assert not llm_config(ServeConfig(model="/m", engine_threads=3), gpu=True).runtime_env
     assert (cpu_engine_threads(0, 16), cpu_engine_threads(3, 16)) == (16, 3)
