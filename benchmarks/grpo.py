@@ -20,7 +20,9 @@ TRL's other vLLM mode (``vllm_mode="server"``) cannot run on a CPU: ``trl vllm-s
 synchronization runs on vLLM's NCCL weight-transfer engine, which needs a CUDA device"). A timed step is the whole RL step on
 both sides (rlhf: ``time/step`` of its metrics, every stage included; TRL: from one
 ``on_step_end`` to the next). The first step of each side is a warm-up and not timed; start-up
-(Ray, the replica, model loading) is not part of any step.
+(Ray, the replica, model loading) is not part of any step. rlhf by transfer and TRL with transformers, the
+headline pair, run ``ROUNDS`` times, taking turns; their figures are the median of the rounds with the range, and
+their stage tables add up every round's timed steps.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from statistics import median
 from typing import Any
 
 STEPS = 13  # the first is a warm-up
+ROUNDS = 2  # of the headline pair (rlhf by transfer, TRL with transformers), taking turns
 GROUP_SIZE = 8
 PROMPTS_PER_STEP = 8
 MAX_NEW_TOKENS = 64
@@ -139,29 +142,65 @@ def _share_rows(seconds: dict[str, float], labels: list[tuple[str, str]], total:
     ]
 
 
-def _model_section(title: str, model_dir: str, steps: int) -> list[str]:
-    """rlhf (weights by transfer, then by files) and TRL on one model, each in a fresh process; the table rows."""
+def pooled(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runs of one side as one: the median of the rounds' median step and tokens/s with their range
+    (``*_range``), the stage seconds and timed seconds of every round added, the first round's rewards and the
+    mean response length."""
+    steps, tokens = ([r[key] for r in rounds] for key in ("median_step_seconds", "tokens_per_second"))
+    return {
+        "rounds": len(rounds),
+        "median_step_seconds": median(steps),
+        "median_step_seconds_range": (min(steps), max(steps)),
+        "tokens_per_second": median(tokens),
+        "tokens_per_second_range": (min(tokens), max(tokens)),
+        "response_length": sum(r["response_length"] for r in rounds) / len(rounds),
+        "rewards": rounds[0]["rewards"],
+        "stage_seconds": {key: sum(r["stage_seconds"][key] for r in rounds) for key in rounds[0]["stage_seconds"]},
+        "timed_seconds": sum(r["timed_seconds"] for r in rounds),
+    }
+
+
+def _figure(result: dict[str, Any], key: str, scale: float) -> str:
+    """``key`` of a run (x ``scale``), with the range of the rounds where there are several."""
+    value = f"{result[key] * scale:,.0f}"
+    if result.get("rounds", 1) < 2:
+        return value
+    low, high = result[f"{key}_range"]
+    return f"{value} ({low * scale:,.0f}-{high * scale:,.0f})"
+
+
+def _model_section(title: str, model_dir: str, steps: int, rounds: int) -> list[str]:
+    """rlhf (weights by transfer, then by files) and TRL on one model, each in a fresh process; the table rows.
+    rlhf by transfer and TRL run ``rounds`` times, taking turns."""
     from benchmarks.common import isolated
     from benchmarks.trl_grpo import STAGES as TRL_STAGES
 
+    ours_rounds, theirs_rounds = [], []
     with tempfile.TemporaryDirectory() as root:
-        ours = isolated(run_rlhf, model_dir, steps, root + "/transfer", ("rollout.weight_sync=transfer",))
+        for turn in range(rounds):
+            transfer = ("rollout.weight_sync=transfer",)
+            ours_rounds.append(isolated(run_rlhf, model_dir, steps, f"{root}/transfer-{turn}", transfer))
+            theirs_rounds.append(isolated(run_trl, model_dir, steps, f"{root}/trl-{turn}"))
         files = isolated(run_rlhf, model_dir, steps, root + "/files", ("rollout.weight_sync=files",))
-        theirs = isolated(run_trl, model_dir, steps, root + "/trl")
         try:
             theirs_vllm: dict[str, Any] | str = isolated(run_trl, model_dir, steps, root + "/trl-vllm", vllm=True)
         except Exception as error:  # the row says what happened (TRL with this vLLM build)
             theirs_vllm = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    ours, theirs = pooled(ours_rounds), pooled(theirs_rounds)
     timed = steps - 1
     ratio = theirs["median_step_seconds"] / ours["median_step_seconds"]
     token_ratio = ours["tokens_per_second"] / theirs["tokens_per_second"]
+    turn_ratios = ", ".join(
+        f"{t['median_step_seconds'] / o['median_step_seconds']:.2f}x"
+        for o, t in zip(ours_rounds, theirs_rounds, strict=True)
+    )
     runs = (
         ("rlhf ppo (grpo), weights by transfer (default)", ours),
         ("rlhf ppo (grpo), weights by files", files),
         ("TRL GRPOTrainer", theirs),
     )
     rows = [
-        f"| {name} | {m['median_step_seconds'] * 1000:,.0f} | {m['tokens_per_second']:,.0f} | "
+        f"| {name} | {_figure(m, 'median_step_seconds', 1000)} | {_figure(m, 'tokens_per_second', 1)} | "
         f"{m['response_length']:.1f} | {m['rewards'][0]:+.2f} -> {m['rewards'][-1]:+.2f} |"
         for name, m in runs
     ]
@@ -179,7 +218,10 @@ def _model_section(title: str, model_dir: str, steps: int) -> list[str]:
             f"| **rlhf (transfer) / TRL with vLLM** | **{m['median_step_seconds'] / ours['median_step_seconds']:.2f}x** "
             f"| **{ours['tokens_per_second'] / m['tokens_per_second']:.2f}x** | | |"
         )
-    sync_ms = {name: m["stage_seconds"]["sync"] / timed * 1000 for name, m in (("transfer", ours), ("files", files))}
+    sync_ms = {
+        name: m["stage_seconds"]["sync"] / (timed * m.get("rounds", 1)) * 1000
+        for name, m in (("transfer", ours), ("files", files))
+    }
     return [
         f"### {title}",
         "",
@@ -190,25 +232,27 @@ def _model_section(title: str, model_dir: str, steps: int) -> list[str]:
         f"**{token_ratio:.2f}x** | | |",
         *([vllm_ratio] if vllm_ratio else []),
         "",
+        f"Step ratio of each round (rlhf by transfer / TRL, in the order they ran): {turn_ratios}.",
+        "",
         f"Weight sync per step: {sync_ms['transfer']:,.0f} ms by transfer (gloo, from the policy's memory), "
         f"{sync_ms['files']:,.0f} ms by files (save, then each replica reloads).",
         "",
-        "Where rlhf's step goes (transfer; ms per timed step, share of the timed steps):",
+        "Where rlhf's step goes (transfer; ms per timed step of every round, share of the timed steps):",
         "",
         "| stage | ms | share |",
         "|---|---:|---:|",
-        *_share_rows(ours["stage_seconds"], OUR_STAGES, ours["timed_seconds"], timed),
+        *_share_rows(ours["stage_seconds"], OUR_STAGES, ours["timed_seconds"], timed * rounds),
         "",
         "Where TRL's step goes:",
         "",
         "| stage | ms | share |",
         "|---|---:|---:|",
-        *_share_rows(theirs["stage_seconds"], TRL_STAGES, theirs["timed_seconds"], timed),
+        *_share_rows(theirs["stage_seconds"], TRL_STAGES, theirs["timed_seconds"], timed * rounds),
         "",
     ]
 
 
-def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 1) -> str:
+def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 1, rounds: int = ROUNDS) -> str:
     """Run every side on the tiny model and on a larger one; the markdown section (``peak_flops`` and ``warmup``
     are not used here)."""
     from benchmarks.common import describe_model, small_model
@@ -222,7 +266,9 @@ def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 
             f"Bundled prompts, rule-based reward, {PROMPTS_PER_STEP} prompts x {GROUP_SIZE} samples per step, up to "
             f"{MAX_NEW_TOKENS} new tokens at temperature 1, no KL (no reference model on either side), one clipped "
             "pass per batch, one optimizer step per generation round over one micro-batch, fp32; "
-            f"{steps} steps each, the first a warm-up, the median of the other {timed} reported. rlhf generates on a "
+            f"{steps} steps each, the first a warm-up, the median of the other {timed} taken; rlhf by transfer and "
+            f"TRL with transformers run {rounds} times, taking turns, and their rows give the median of the rounds "
+            "with the range in brackets. rlhf generates on a "
             "vLLM replica (Ray Serve) and brings it the new weights every step, by default through vLLM's "
             "weight-transfer API (gloo on this CPU), and, in a second run, through files; TRL generates with "
             "transformers in-process and needs no sync, and, in a second run, with vLLM in its process "
@@ -233,7 +279,7 @@ def report(model_dir: str, peak_flops: float, steps: int = STEPS, warmup: int = 
             "other. Two models: the tiny one of the tests, whose steps are so cheap that vLLM's fixed cost per "
             "decoding step dominates, and a larger one where the work per token does, as with real models.",
             "",
-            *_model_section(f"Tiny model, {describe_model(model_dir)}", model_dir, steps),
-            *_model_section(f"Small model, {small}", small_dir, steps),
+            *_model_section(f"Tiny model, {describe_model(model_dir)}", model_dir, steps, rounds),
+            *_model_section(f"Small model, {small}", small_dir, steps, rounds),
         ]
     ).rstrip()

@@ -27,7 +27,7 @@ QUICK = {
     "serve": {"seconds": 4.0, "rounds": 1},
     "dpo": {"steps": QUICK_STEPS, "warmup": QUICK_WARMUP, "repeats": 1},
     "sft": {"steps": QUICK_STEPS, "warmup": QUICK_WARMUP, "repeats": 1},
-    "grpo": {"steps": 3},
+    "grpo": {"steps": 3, "rounds": 1},
     "update": {"rounds": 2},
     "scaling": {"steps": 2, "warmup": 1},
 }  # benchmarks not measured in steps: their own quick arguments
