@@ -59,17 +59,47 @@ def _device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-def _clock(device: torch.device) -> float:
-    """Seconds on a monotonic clock once the work queued on ``device`` is done (a GPU runs its kernels behind the
-    Python that queued them, so a phase is timed to its end, not to the end of its queueing)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+class _PhaseClock:
+    """The seconds of an update's phases on the device that runs them, read once when the update is done.
+
+    A GPU runs its kernels behind the Python that queued them, so a phase ends when its last kernel does. On a GPU
+    each boundary is a CUDA event, read at the end: waiting for the device at every boundary would drain its queue
+    there and leave it idle while Python queues the next phase. On the CPU the work is done when the call returns,
+    and each boundary is a reading of the clock.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[str, Any, Any]] = []
+
+    def now(self) -> Any:
+        """A boundary: a recorded CUDA event, or the clock's seconds."""
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        event.record()
+        return event
+
+    def add(self, phase: str, start: Any, end: Any) -> None:
+        """Count the time between two boundaries to ``phase``."""
+        self.spans.append((phase, start, end))
+
+    def seconds(self) -> dict[str, float]:
+        """Each phase's seconds, added over its spans (on a GPU, once its last kernel is done)."""
+        if self.cuda and self.spans:
+            self.spans[-1][2].synchronize()
+        totals: dict[str, float] = {}
+        for phase, start, end in self.spans:
+            totals[phase] = totals.get(phase, 0.0) + (start.elapsed_time(end) / 1000 if self.cuda else end - start)
+        return totals
 
 
-def _weighted(metrics: dict[str, torch.Tensor], weight: float, into: dict[str, float]) -> None:
-    for name, value in metrics.items():
-        into[name] = into.get(name, 0.0) + float(value) * weight
+def _on_host(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Device scalars as floats, copied in one transfer (each ``float()`` of a GPU tensor waits for the device)."""
+    if not sums:
+        return {}
+    values = torch.stack([value.detach().double().reshape(()) for value in sums.values()]).tolist()
+    return dict(zip(sums, values, strict=True))
 
 
 class _TrainableWorker(RankWorker):
@@ -120,25 +150,28 @@ class _TrainableWorker(RankWorker):
 
         role = loss_name.removesuffix("_loss")
         phases = {phase: f"time/{role}_{phase}" for phase in ("forward", "backward", "optimizer")}
-        sums: dict[str, float] = {"tokens": 0.0} | dict.fromkeys(phases.values(), 0.0)
+        clock = _PhaseClock(torch.device(self.engine.device))
+        sums: dict[str, float] = {"tokens": 0.0}
+        on_device: dict[str, torch.Tensor] = {}  # the metrics stay on the device until the update is done
         for micro_batches, denominator in zip(mini_batches, denominators, strict=True):
             for batch in micro_batches:
+                tokens = float(masked_count(batch.response_mask))  # counted on the host, before the copy
                 batch = batch.to(self.engine.device)
-                started = _clock(batch.input_ids.device)
+                started = clock.now()
                 loss, metrics = loss_fn(batch, denominator)
-                forward_done = _clock(batch.input_ids.device)
+                forward_done = clock.now()
                 self.engine.backward(loss)
-                backward_done = _clock(batch.input_ids.device)
+                backward_done = clock.now()
                 stats = self.engine.step() or {}
-                sums[phases["forward"]] += forward_done - started
-                sums[phases["backward"]] += backward_done - forward_done
-                sums[phases["optimizer"]] += _clock(batch.input_ids.device) - backward_done
-                tokens = float(masked_count(batch.response_mask))
+                clock.add(phases["forward"], started, forward_done)
+                clock.add(phases["backward"], forward_done, backward_done)
+                clock.add(phases["optimizer"], backward_done, clock.now())
                 sums["tokens"] += tokens
-                _weighted(metrics, tokens, sums)
-                sums[loss_name] = sums.get(loss_name, 0.0) + float(loss.detach())
+                for name, value in metrics.items():
+                    on_device[name] = on_device.get(name, 0.0) + value.detach().double() * tokens
+                on_device[loss_name] = on_device.get(loss_name, 0.0) + loss.detach().double()
                 sums |= {name: stats[key] for key, name in stat_names.items() if key in stats}
-        return sums
+        return sums | _on_host(on_device) | dict.fromkeys(phases.values(), 0.0) | clock.seconds()
 
     def save_checkpoint(self, directory: str, client_state: dict[str, Any] | None = None) -> None:
         """Write this rank's part of a resumable checkpoint (weights, optimizer, schedule, RNG)."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benchmarks.common import isolated
 
 
@@ -138,3 +140,43 @@ def test_a_cpu_reward_model_keeps_the_memory_its_scoring_frees(tiny_model_dir: P
     faulted its pages in again. Here the 256 MiB block went back whole: 268,439,552 bytes."""
     size, returned = isolated(memory_returned_after_a_reward_model, str(tiny_model_dir), str(tmp_path / "rm"))
     assert returned < size / 10, (returned, size)
+
+
+def update_sums(model_dir: str) -> tuple[dict[str, float], dict[str, float]]:
+    """The policy worker's update over one mini-batch of two micro-batches with a loss whose metric is known: the
+    sums it returns, and the sums computed here from the same micro-batches."""
+    import torch
+
+    from rlhf.engine import EngineConfig
+    from rlhf.models.config import ModelConfig
+    from rlhf.rl.experience import Experience
+    from rlhf.rl.workers import PolicyWorker
+
+    worker = PolicyWorker()
+    worker.build(ModelConfig(name_or_path=model_dir), EngineConfig(gradient_accumulation_steps=2), 1, seed=0)
+    micro_batches = []
+    for rows, responses in ((2, 3), (3, 5)):
+        ids = torch.randint(3, 100, (rows, 8))
+        mask = torch.zeros(rows, 7)
+        mask[:, -responses:] = 1
+        micro_batches.append(Experience(input_ids=ids, attention_mask=torch.ones_like(ids), response_mask=mask))
+    losses: list[float] = []
+
+    def loss_fn(batch: Experience, denominator: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = worker.engine(input_ids=batch.input_ids).logits.float().pow(2).mean()
+        losses.append(float(loss))
+        return loss, {"rows": torch.tensor(float(len(batch)))}
+
+    sums = worker._update([micro_batches], [{"num_tokens": 21.0, "num_sequences": 5.0}], loss_fn, "policy_loss", {})
+    expected = {"tokens": 2 * 3 + 3 * 5.0, "rows": 2 * 6 + 3 * 15.0, "policy_loss": sum(losses)}
+    return sums, expected
+
+
+def test_the_update_adds_its_metrics_on_the_device_and_times_each_phase(tiny_model_dir: Path) -> None:
+    """The update's sums (each metric x the micro-batch's response tokens, the losses, the tokens) stay on the
+    device until the update is done and come to the host in one copy; on a GPU the phases are timed by events read
+    once at the end. On the CPU: the same sums as counted here, and every phase timed."""
+    sums, expected = isolated(update_sums, str(tiny_model_dir))
+    assert {key: sums[key] for key in expected} == pytest.approx(expected, rel=1e-9), sums
+    phases = [sums[f"time/policy_{phase}"] for phase in ("forward", "backward", "optimizer")]
+    assert all(seconds > 0 for seconds in phases) and all(isinstance(value, float) for value in sums.values()), sums
