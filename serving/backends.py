@@ -10,14 +10,16 @@ ENGINE_THREADS_ENV = "RLHF_ENGINE_THREADS"
 
 KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 """glibc's settings, in a CPU replica's environment, that keep the memory a process frees for its own next
-allocations: large blocks come from the heap and the heap is not trimmed below its peak (1 TiB). The replica's
-process starts with them and its engine process inherits them.
+allocations: large blocks come from the heap, and the heap is trimmed only once 1 TiB at its top is free (that is,
+never), so the process stays at its peak resident memory. The replica's process starts with them and its engine
+process inherits them.
 
 On the CPU glibc otherwise unmaps each large freed block, so every weight sync and every batch of generation
 faults its pages in again; on a VM whose kernel hands free pages back to the host (``page_reporting``) that fault
-is expensive. Measured on a 2-core VM, the GRPO benchmark's 57.4M-parameter policy (one 230 MB bucket): the sync's
-broadcast took 0.46-0.75 s a step with the memory returned, 0.29-0.30 s with it kept. The CPU training engine keeps
-its memory the same way, from inside its process (``rlhf.engine.keep_freed_memory``).
+is expensive. Measured on a 2-core VM, the GRPO benchmark's 57.4M-parameter policy (one 230 MB bucket), 6 steps
+each way side by side: the sync's transfer took 0.61-0.98 s a step with the memory returned, 0.28-0.30 s with it
+kept. The CPU training engine keeps its memory the same way, from inside its process
+(``rlhf.engine.keep_freed_memory``).
 """
 
 
