@@ -64,8 +64,9 @@ class _PhaseClock:
 
     A GPU runs its kernels behind the Python that queued them, so a phase ends when its last kernel does. On a GPU
     each boundary is a CUDA event, read at the end: waiting for the device at every boundary would drain its queue
-    there and leave it idle while Python queues the next phase. On the CPU the work is done when the call returns,
-    and each boundary is a reading of the clock.
+    there and leave it idle while Python queues the next phase. The events mark the current stream: work DeepSpeed
+    runs on streams of its own (ZeRO's overlapped gradient reductions) counts to the phase that waits for it. On the
+    CPU the work is done when the call returns, and each boundary is a reading of the clock.
     """
 
     def __init__(self, device: torch.device) -> None:
